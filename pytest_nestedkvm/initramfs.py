@@ -1,0 +1,281 @@
+"""The built-in guest's boot initramfs: busybox, a module closure and an init.
+
+The init mounts the host root read-only over virtio-9p, puts tmpfs where a guest
+must write, builds a complete /dev, loads kvm with nested=1 and starts a root
+shell on each virtio-serial command port. The archive is content-addressed and
+built once per content, under a file lock, in the user cache directory (not
+/tmp: the guest hides /tmp behind a tmpfs, and deeper levels boot from this file).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from .errors import HostError
+
+FORMAT_VERSION = "1"
+ROOT_TAG = "hostroot"
+# virtio-serial port names the init starts a shell on (see channel.py).
+COMMAND_PORT = "nestedkvm.cmd"
+CONTROL_PORT = "nestedkvm.ctl"
+
+# Drivers the guest cannot boot without, and ones it uses when the kernel has them.
+REQUIRED_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p")
+OPTIONAL_MODULES = ("kvm_amd", "kvm_intel", "virtio_net", "pvpanic_pci")
+MODULE_PARAMS = {"kvm_amd": "nested=1", "kvm_intel": "nested=1"}
+# Writable places on top of the read-only host root.
+TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/var/log", "/mnt")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    path: Path
+    release: str
+    modules_dir: Path
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pytest-nestedkvm"
+
+
+def kernel_release(path: Path) -> str:
+    """Read the version string a bzImage carries in its setup header."""
+    with path.open("rb") as f:
+        head = f.read(0x10000)
+    if head[0x202:0x206] == b"HdrS":
+        offset = int.from_bytes(head[0x20E:0x210], "little") + 0x200
+        version = head[offset : offset + 256].split(b"\0", 1)[0].decode("ascii", "replace")
+        if version:
+            return version.split()[0]
+    match = re.match(r"vmlinuz-(.+)$", path.name)
+    if match:
+        return match.group(1)
+    raise HostError(f"{path} is not a Linux bzImage (no setup header): pass a kernel built for x86 "
+                    "(arch/x86/boot/bzImage) with --nested-kernel")
+
+
+def find_kernel(override: Path | None = None, modules: Path | None = None, root: Path = Path("/")) -> Kernel:
+    """The kernel to boot: the given one, else the running one, else the newest with modules."""
+    if override is not None:
+        release = kernel_release(override)
+        modules_dir = modules or root / "lib/modules" / release
+        if not (modules_dir / "modules.dep").is_file():
+            raise HostError(f"no modules for kernel {override} (looked for {modules_dir}/modules.dep): "
+                            "pass --nested-modules DIR (e.g. the INSTALL_MOD_PATH of `make modules_install`)")
+        return Kernel(override, release, modules_dir)
+    candidates = [root / "boot" / f"vmlinuz-{os.uname().release}"]
+    candidates += sorted((root / "boot").glob("vmlinuz-*"), key=_version_key, reverse=True)
+    for path in candidates:
+        release = path.name.removeprefix("vmlinuz-")
+        modules_dir = root / "lib/modules" / release
+        if path.is_file() and (modules_dir / "modules.dep").is_file():
+            if not os.access(path, os.R_OK):
+                raise HostError(f"{path} is not readable by this user: run as root, or "
+                                f"`sudo chmod a+r {path}`, or pass --nested-kernel")
+            return Kernel(path, release, modules_dir)
+    raise HostError("no kernel in /boot has a matching /lib/modules/<version>: "
+                    "apt-get install linux-image-amd64, or pass --nested-kernel and --nested-modules")
+
+
+def _version_key(path: Path) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", path.name)]
+
+
+def module_closure(modules_dir: Path, wanted: tuple[str, ...], required: tuple[str, ...] = ()) -> list[Path]:
+    """Module files for `wanted` plus their dependencies, each after what it needs.
+
+    Names in `required` must exist as a module or be built in; others are skipped
+    when absent.
+    """
+    deps: dict[str, tuple[str, list[str]]] = {}
+    for line in (modules_dir / "modules.dep").read_text().splitlines():
+        if ":" not in line:
+            continue
+        path, _, needs = line.partition(":")
+        deps[module_name(path)] = (path, needs.split())
+    builtin = _builtin_names(modules_dir)
+    missing = [name for name in required if name not in deps and name not in builtin]
+    if missing:
+        raise HostError(f"kernel {modules_dir.name} lacks the drivers {', '.join(missing)} "
+                        "(neither modules nor built in): enable CONFIG_VIRTIO_PCI, CONFIG_VIRTIO_CONSOLE, "
+                        "CONFIG_NET_9P_VIRTIO and CONFIG_9P_FS")
+    ordered: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name not in deps:
+            return
+        seen.add(name)
+        path, needs = deps[name]
+        for need in needs:
+            visit(module_name(need))
+        ordered.append(modules_dir / path)
+
+    for name in wanted:
+        visit(name)
+    return ordered
+
+
+def module_name(path: str) -> str:
+    """kernel/arch/x86/kvm/kvm-amd.ko.xz -> kvm_amd (the name the kernel uses)."""
+    base = path.rsplit("/", 1)[-1]
+    return base.split(".ko", 1)[0].replace("-", "_")
+
+
+def _builtin_names(modules_dir: Path) -> set[str]:
+    builtin = modules_dir / "modules.builtin"
+    if not builtin.is_file():
+        return set()
+    return {module_name(line) for line in builtin.read_text().split()}
+
+
+def read_module(path: Path) -> bytes:
+    """Module bytes, decompressed: busybox insmod loads plain ELF only."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".zst"):
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise HostError(f"{path} is zstd-compressed and `zstd` is not installed: apt-get install zstd")
+        return subprocess.run([zstd, "-dc", str(path)], check=True, capture_output=True).stdout
+    return data
+
+
+def find_busybox() -> Path:
+    for candidate in (shutil.which("busybox"), "/bin/busybox", "/usr/bin/busybox"):
+        if candidate and Path(candidate).is_file():
+            path = Path(candidate)
+            if b"libc.so" in path.read_bytes()[:65536]:
+                continue  # a dynamic busybox cannot run before the root is mounted
+            return path
+    raise HostError("busybox (static) not found: apt-get install busybox-static")
+
+
+def init_script(modules: list[tuple[str, str]]) -> str:
+    """The guest's /init (busybox sh): mount, load drivers, switch to the host root."""
+    loads = "\n".join(f"load {name} {params}".rstrip() for name, params in modules)
+    tmpfs = " ".join(TMPFS_DIRS)
+    return f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+say() {{ echo "nestedkvm: $*" > /dev/console; }}
+fail() {{ say "FATAL: $*"; echo c > /proc/sysrq-trigger; }}
+vendor_ok() {{
+  case $1 in
+    kvm_amd) grep -qw svm /proc/cpuinfo ;;
+    kvm_intel) grep -qw vmx /proc/cpuinfo ;;
+    *) true ;;
+  esac
+}}
+load() {{
+  name=$1; shift
+  vendor_ok $name || return 0
+  insmod /modules/$name.ko "$@" || say "insmod $name failed"
+}}
+{loads}
+mkdir -p /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 {ROOT_TAG} /newroot || fail "cannot mount the host root over 9p"
+for d in {tmpfs}; do mount -t tmpfs -o mode=1777 tmpfs /newroot$d; done
+chmod 755 /newroot/run
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+ln -sf /proc/self/fd /dev/fd
+ln -sf /proc/self/fd/0 /dev/stdin
+ln -sf /proc/self/fd/1 /dev/stdout
+ln -sf /proc/self/fd/2 /dev/stderr
+mkdir -p /newroot/run/nestedkvm
+for p in /sys/class/virtio-ports/*; do
+  [ -e "$p/name" ] && ln -sf /dev/${{p##*/}} /newroot/run/nestedkvm/port.$(cat $p/name)
+done
+cp /stage2 /newroot/run/nestedkvm/stage2
+for m in proc sys dev; do mount --move /$m /newroot/$m; done
+exec switch_root /newroot /bin/sh /run/nestedkvm/stage2
+"""
+
+
+def stage2_script() -> str:
+    """PID 1 on the host root (dash): a shell on each command port, respawned on EOF."""
+    return f"""#!/bin/sh
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp TERM=dumb LANG=C.UTF-8
+echo 1 > /proc/sys/kernel/sysrq
+cd /
+for port in {COMMAND_PORT} {CONTROL_PORT}; do
+  dev=/run/nestedkvm/port.$port
+  [ -e $dev ] || continue
+  (while :; do /bin/sh <>$dev >&0 2>/dev/console; sleep 0.2; done) &
+done
+echo "nestedkvm: stage2 up" > /dev/console
+while :; do wait; sleep 60; done
+"""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    mode: int
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+def _cpio_newc(entries: list[_Entry]) -> bytes:
+    out = bytearray()
+
+    def pad() -> None:
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, entry in enumerate([*entries, _Entry("TRAILER!!!", 0)], start=1):
+        name = entry.name.encode() + b"\0"
+        fields = (ino, entry.mode, 0, 0, 1, 0, len(entry.data), 0, 0, entry.rdev[0], entry.rdev[1], len(name), 0)
+        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields))
+        out.extend(name)
+        pad()
+        out.extend(entry.data)
+        pad()
+    return bytes(out)
+
+
+def build_initramfs(kernel: Kernel, busybox: Path | None = None, cache: Path | None = None) -> Path:
+    """Return the cached initramfs for `kernel`, building it once if needed."""
+    busybox = busybox or find_busybox()
+    module_files = module_closure(kernel.modules_dir, REQUIRED_MODULES + OPTIONAL_MODULES, REQUIRED_MODULES)
+    wanted = [(module_name(str(p)), MODULE_PARAMS.get(module_name(str(p)), "")) for p in module_files]
+    files = [_Entry("init", 0o100755, init_script(wanted).encode()),
+             _Entry("stage2", 0o100755, stage2_script().encode()),
+             _Entry("bin/busybox", 0o100755, busybox.read_bytes())]
+    files += [_Entry(f"modules/{module_name(str(p))}.ko", 0o100644, read_module(p)) for p in module_files]
+    digest = hashlib.sha256(FORMAT_VERSION.encode())
+    for entry in files:
+        digest.update(entry.name.encode() + b"\0" + hashlib.sha256(entry.data).digest())
+    cache = cache or cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"initramfs-{kernel.release}-{digest.hexdigest()[:16]}.cpio"
+    with FileLock(str(target) + ".lock"):
+        if target.exists():
+            return target
+        dirs = [_Entry(d, 0o040755) for d in ("bin", "dev", "proc", "sys", "newroot", "modules")]
+        archive = _cpio_newc([*dirs, _Entry("dev/console", 0o020600, rdev=(5, 1)), *files])
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".initramfs-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(archive)
+        os.chmod(tmp, 0o644)  # deeper levels read it through the shared root
+        os.replace(tmp, target)
+    return target

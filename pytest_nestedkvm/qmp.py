@@ -1,0 +1,38 @@
+"""QMP through the QEMU project's own library (qemu.qmp), synchronous facade."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+# qemu.qmp logs every negotiation at INFO; keep it out of test reports.
+logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+
+
+class Qmp:
+    """One QMP connection to a running QEMU's control socket."""
+
+    def __init__(self, socket_path: Path, timeout: float = 10.0) -> None:
+        self._qmp = QEMUMonitorProtocol(str(socket_path))
+        self._qmp.connect()
+        self._qmp.settimeout(timeout)
+
+    def command(self, name: str, **arguments: Any) -> Any:
+        return self._qmp.cmd(name, **arguments)
+
+    def query_kvm(self) -> dict[str, bool]:
+        """{'enabled': ..., 'present': ...}: whether this QEMU really runs on KVM."""
+        result = self.command("query-kvm")
+        return {"enabled": bool(result["enabled"]), "present": bool(result["present"])}
+
+    def events(self) -> list[dict[str, Any]]:
+        return list(self._qmp.get_events(wait=False))
+
+    def quit(self) -> None:
+        self.command("quit")
+
+    def close(self) -> None:
+        self._qmp.close()

@@ -1,0 +1,264 @@
+"""Settings: one frozen object built from CLI > environment > ini > default.
+
+Every option is declared once in OPTIONS; the plugin registers the CLI flag and
+the ini key from that table, and `Settings.from_sources` parses and validates
+every value once, naming where a bad value came from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+MAX_LEVELS = 4
+ACCELS = ("auto", "kvm", "tcg")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: `--nested-<name>`, ini `nested_<name>`, env `NESTEDKVM_<NAME>`."""
+
+    name: str
+    help: str
+    metavar: str = "VALUE"
+    flag: bool = False  # a CLI switch without a value
+
+    @property
+    def cli(self) -> str:
+        return "--nested-" + self.name.replace("_", "-")
+
+    @property
+    def ini(self) -> str:
+        return "nested_" + self.name
+
+    @property
+    def env(self) -> str:
+        return "NESTEDKVM_" + self.name.upper()
+
+    @property
+    def dest(self) -> str:
+        return "nested_" + self.name
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("levels", "deepest guest level to provide: 0 = host check only, 1 = L1, 2 = L2 inside L1, "
+           f"up to {MAX_LEVELS} (default 1)", "N"),
+    Option("accel", "accelerator for L1: auto (KVM when it can run an ordinary guest, else TCG), kvm, tcg "
+           "(default auto)", "auto|kvm|tcg"),
+    Option("cpu", "-cpu model for L1 (default: host with KVM, max with TCG)", "MODEL"),
+    Option("kernel", "kernel image for the built-in guest (default: a /boot/vmlinuz-* whose modules exist)",
+           "PATH"),
+    Option("modules", "modules directory matching --nested-kernel (default: /lib/modules/<its version>)",
+           "DIR"),
+    Option("append", "extra kernel command line for the built-in guest", "ARGS"),
+    Option("memory", "guest memory in MiB; a comma list sets L1,L2,... (default 2048 for L1, shrinking with "
+           "depth)", "MIB[,MIB...]"),
+    Option("smp", "guest vCPUs; a comma list sets L1,L2,... (default 2 for L1, 1 deeper)", "N[,N...]"),
+    Option("l1_image", "disk image (qcow2/raw) to boot as L1 instead of the built-in guest", "PATH"),
+    Option("l2_image", "disk image (qcow2/raw) to boot as L2 instead of the built-in guest", "PATH"),
+    Option("boot_timeout", "seconds a guest may take to answer its first command (default scales with "
+           "accelerator and depth)", "S"),
+    Option("command_timeout", "default seconds a guest command may run (default 120)", "S"),
+    Option("artifacts", "directory that keeps consoles and QEMU command lines of failed tests", "DIR"),
+    Option("enable", "try to reload kvm_intel/kvm_amd with nested=1 when it is off (needs root)", flag=True),
+)
+
+OPTION_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    levels: int = 1
+    accel: str = "auto"
+    cpu: str | None = None
+    kernel: Path | None = None
+    modules: Path | None = None
+    append: str = ""
+    memory: tuple[int, ...] = ()
+    smp: tuple[int, ...] = ()
+    l1_image: Path | None = None
+    l2_image: Path | None = None
+    boot_timeout: float | None = None
+    command_timeout: float = 120.0
+    artifacts: Path | None = None
+    enable: bool = False
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_sources(
+        cls,
+        cli: Mapping[str, str | None],
+        env: Mapping[str, str] | None = None,
+        ini: Mapping[str, str | None] | None = None,
+        *,
+        host_memory_mib: int | None = None,
+    ) -> Settings:
+        """Take each option from the first source that sets it and validate it.
+
+        `cli` and `ini` are keyed by option name; `env` is the process environment.
+        """
+        env = os.environ if env is None else env
+        ini = ini or {}
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for option in OPTIONS:
+            raw, source = _pick(option, cli, env, ini)
+            if raw is None:
+                continue
+            try:
+                values[option.name] = _PARSERS[option.name](raw)
+            except ValueError as exc:
+                raise ConfigError(f"{option.cli}={raw!r} (from {source}): {exc}") from None
+            sources[option.name] = source
+        settings = cls(**values, sources=sources)
+        settings._check_memory(host_memory_mib)
+        return settings
+
+    def describe_source(self, name: str) -> str:
+        return self.sources.get(name, "default")
+
+    def memory_for(self, level: int) -> int:
+        """MiB for a guest at `level`: explicit value, else a default that halves with depth."""
+        return _per_level(self.memory, level, lambda lv: max(2048 >> (lv - 1), 256))
+
+    def smp_for(self, level: int) -> int:
+        return _per_level(self.smp, level, lambda lv: 2 if lv == 1 else 1)
+
+    def _check_memory(self, host_memory_mib: int | None) -> None:
+        if host_memory_mib is None or not self.memory:
+            return
+        if self.memory[0] > host_memory_mib:
+            raise ConfigError(
+                f"--nested-memory={self.memory[0]} (from {self.describe_source('memory')}): the host has only "
+                f"{host_memory_mib} MiB; give L1 less memory"
+            )
+        for level, (outer, inner) in enumerate(zip(self.memory, self.memory[1:]), start=2):
+            if inner >= outer:
+                raise ConfigError(
+                    f"--nested-memory: L{level} gets {inner} MiB but its parent L{level - 1} has only {outer} MiB; "
+                    "each level must be smaller than the one that runs it"
+                )
+
+
+def _pick(
+    option: Option, cli: Mapping[str, str | None], env: Mapping[str, str], ini: Mapping[str, str | None]
+) -> tuple[str | None, str]:
+    value = cli.get(option.name)
+    if value is not None:
+        return value, "command line"
+    if env.get(option.env, "") != "":
+        return env[option.env], f"env {option.env}"
+    value = ini.get(option.name)
+    if value not in (None, ""):
+        return value, f"ini {option.ini}"
+    return None, "default"
+
+
+def _per_level(values: tuple[int, ...], level: int, default: Callable[[int], int]) -> int:
+    return values[level - 1] if level <= len(values) else default(level)
+
+
+def _int_in(low: int, high: int | None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"must be {bound}")
+        return value
+
+    return parse
+
+
+def _levels(raw: str) -> int:
+    value = _int_in(0, None)(raw)
+    if value > MAX_LEVELS:
+        raise ValueError(
+            f"at most {MAX_LEVELS} levels are supported (each level runs inside the one above; "
+            f"L{MAX_LEVELS + 1} would need hours under TCG)"
+        )
+    return value
+
+
+def _int_list(low: int) -> Callable[[str], tuple[int, ...]]:
+    def parse(raw: str) -> tuple[int, ...]:
+        parts = [p for p in raw.replace(" ", "").split(",")]
+        if not all(parts):
+            raise ValueError("expected one number per level, separated by commas (e.g. 2048,1024)")
+        one = _int_in(low, None)
+        return tuple(one(p) for p in parts)
+
+    return parse
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not value > 0:
+        raise ValueError("must be more than 0 seconds")
+    return value
+
+
+def _existing_file(raw: str) -> Path:
+    path = Path(raw).expanduser()
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path} is not readable by this user")
+    return path.resolve()
+
+
+def _existing_dir(raw: str) -> Path:
+    path = Path(raw).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a directory")
+    return path.resolve()
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "levels": _levels,
+    "accel": _choice(ACCELS),
+    "cpu": str.strip,
+    "kernel": _existing_file,
+    "modules": _existing_dir,
+    "append": str.strip,
+    "memory": _int_list(64),
+    "smp": _int_list(1),
+    "l1_image": _existing_file,
+    "l2_image": _existing_file,
+    "boot_timeout": _seconds,
+    "command_timeout": _seconds,
+    "artifacts": lambda raw: Path(raw).expanduser().resolve(),
+    "enable": _flag,
+}
+assert set(_PARSERS) == set(OPTION_BY_NAME), "every option needs a parser"
