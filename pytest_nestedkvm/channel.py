@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import secrets
 import shlex
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -185,7 +184,7 @@ class ShellChannel:
             self.stream.settimeout(min(remaining, POLL))
             try:
                 chunk = self.stream.recv(1 << 16)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 chunk = None
             except OSError as exc:
                 self.broken = f"connection failed: {exc}"

@@ -100,7 +100,7 @@ class Guest:
     def _open_channel(self, path: Path, role: str, started: float) -> ShellChannel:
         remaining = self.boot_timeout - (time.monotonic() - started)
         try:
-            wait_for(f"{self.name} QEMU socket {path.name}", lambda: self._check_alive() or path.exists(), remaining)
+            wait_for(f"{self.name} QEMU socket {path.name}", lambda: self._alive_and(path.exists), remaining)
         except TimeoutError as exc:
             raise BootError(f"{self.name}: {exc}") from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -114,8 +114,8 @@ class Guest:
             if isinstance(exc, GuestCrashed):
                 raise BootError(f"{self.name} died while booting: {exc}") from None
             raise BootError(
-                f"{self.name} did not boot within {self.boot_timeout:g} s (raise --nested-boot-timeout if the "
-                f"host is just slow); last console lines:\n{self.console.tail()}"
+                f"{self.name} did not boot within {self.boot_timeout:g} s: its {role} channel never answered "
+                f"(raise --nested-boot-timeout if the host is just slow); last console lines:\n{self.console.tail()}"
             ) from None
         return channel
 
@@ -131,6 +131,10 @@ class Guest:
             + (f"\nQEMU said:\n{qemu_said}" if qemu_said else "")
             + f"\nlast console lines:\n{self.console.tail()}"
         )
+
+    def _alive_and(self, check: Callable[[], bool]) -> bool:
+        self._check_alive()
+        return check()
 
     def _interrupt(self, shell_pid: int) -> None:
         if self._control is None:

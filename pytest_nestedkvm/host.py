@@ -290,7 +290,10 @@ def _nesting(
     if not nested:
         why = f"{module} nested={raw_nested}"
         if module_is_builtin(root, module):
-            fix = f"{why}: {module} is built into the kernel; add {module}.nested=1 to the kernel command line and reboot"
+            fix = (
+                f"{why}: {module} is built into the kernel; "
+                f"add {module}.nested=1 to the kernel command line and reboot"
+            )
         else:
             fix = f"{why}: run `modprobe -r {module} && modprobe {module} nested=1`, or pass --nested-enable"
         return False, f"{why}: L1 gets no vmx/svm and cannot run L2 on KVM.", fix

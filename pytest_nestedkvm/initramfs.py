@@ -9,6 +9,7 @@ built once per content, under a file lock, in the user cache directory (not
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import lzma
@@ -17,6 +18,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +34,19 @@ CONTROL_PORT = "nestedkvm.ctl"
 
 # Drivers the guest cannot boot without, and ones it uses when the kernel has them.
 REQUIRED_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p")
-OPTIONAL_MODULES = ("kvm_amd", "kvm_intel", "virtio_net", "pvpanic_pci")
+OPTIONAL_MODULES = ("virtio_net", "pvpanic_pci")
+# Loaded in parallel with the drivers above (kvm.ko alone takes ~0.4 s to load under TCG).
+KVM_MODULES = ("kvm_amd", "kvm_intel")
 MODULE_PARAMS = {"kvm_amd": "nested=1", "kvm_intel": "nested=1"}
 # Writable places on top of the read-only host root.
 TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/var/log", "/mnt")
+# cache=loose: the shared root is read-only and static for the session, and caching it
+# makes each exec several times cheaper under TCG.
+NINEP_OPTIONS = "trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose"
+# The guest's shell: static busybox ash from tmpfs. Under TCG a dynamically linked
+# exec costs 40-130 ms (measured), while busybox runs its applets (cat, grep, ...)
+# without exec; programs busybox lacks still come from the host root's PATH.
+AGENT_SHELL = "/run/nestedkvm/busybox sh"
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,75 @@ def find_kernel(override: Path | None = None, modules: Path | None = None, root:
 
 def _version_key(path: Path) -> list[int]:
     return [int(n) for n in re.findall(r"\d+", path.name)]
+
+
+# Payload magics inside a bzImage, and how to unpack each.
+_PAYLOADS: tuple[tuple[bytes, str], ...] = (
+    (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x1f\x8b\x08", "gzip"), (b"BZh", "bzip2"),
+)
+# An ELF note "Xen" of type 18 (XEN_ELFNOTE_PHYS32_ENTRY): the kernel has a PVH entry point.
+_PVH_NOTE = re.compile(rb"\x04\x00\x00\x00.{4}\x12\x00\x00\x00Xen\x00", re.DOTALL)
+
+
+def boot_image(kernel: Kernel, cache: Path | None = None) -> Path:
+    """The file to pass to -kernel: an uncompressed vmlinux when the kernel can boot via PVH.
+
+    QEMU starts a PVH vmlinux directly; under TCG this skips ~3 s of the bzImage
+    decompressing itself (measured: first console line at 0.4 s instead of 3.8 s).
+    Falls back to the bzImage when it cannot be unpacked or lacks a PVH entry.
+    """
+    data = kernel.path.read_bytes()
+    if data[:4] == b"\x7fELF":
+        return kernel.path
+    cache = cache or cache_dir()
+    target = cache / f"vmlinux-{kernel.release}-{hashlib.sha256(data).hexdigest()[:16]}"
+    if target.exists():
+        return target
+    vmlinux = _unpack_payload(data)
+    if vmlinux is None or not _PVH_NOTE.search(vmlinux):
+        return kernel.path
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not target.exists():
+            _write_atomically(target, vmlinux)
+    return target
+
+
+def _unpack_payload(data: bytes) -> bytes | None:
+    for magic, kind in _PAYLOADS:
+        start = data.find(magic, 0x200)
+        if start < 0:
+            continue
+        try:
+            if kind == "xz":
+                out = lzma.LZMADecompressor().decompress(data[start:])
+            elif kind == "gzip":
+                out = zlib_decompress_stream(data[start:])
+            elif kind == "bzip2":
+                out = bz2.BZ2Decompressor().decompress(data[start:])
+            else:
+                zstd = shutil.which("zstd")
+                if zstd is None:
+                    return None
+                out = subprocess.run([zstd, "-dc"], input=data[start:], capture_output=True).stdout
+        except (lzma.LZMAError, OSError, EOFError, ValueError):
+            continue
+        if out[:4] == b"\x7fELF":
+            return out
+    return None
+
+
+def zlib_decompress_stream(data: bytes) -> bytes:
+    """gunzip one member, ignoring what trails it (a bzImage carries more after the payload)."""
+    return zlib.decompressobj(wbits=31).decompress(data)
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o644)  # deeper levels read it through the shared root
+    os.replace(tmp, target)
 
 
 def module_closure(modules_dir: Path, wanted: tuple[str, ...], required: tuple[str, ...] = ()) -> list[Path]:
@@ -166,9 +246,14 @@ def find_busybox() -> Path:
     raise HostError("busybox (static) not found: apt-get install busybox-static")
 
 
-def init_script(modules: list[tuple[str, str]]) -> str:
-    """The guest's /init (busybox sh): mount, load drivers, switch to the host root."""
-    loads = "\n".join(f"load {name} {params}".rstrip() for name, params in modules)
+def init_script(drivers: list[str], kvm: list[str]) -> str:
+    """The guest's /init (busybox sh): mount, load drivers, switch to the host root.
+
+    `drivers` load in order; `kvm` loads in order too, concurrently with them.
+    """
+    def loads(names: list[str]) -> str:
+        return "; ".join(f"load {name} {MODULE_PARAMS.get(name, '')}".rstrip() for name in names) or ":"
+
     tmpfs = " ".join(TMPFS_DIRS)
     return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -190,9 +275,10 @@ load() {{
   vendor_ok $name || return 0
   insmod /modules/$name.ko "$@" || say "insmod $name failed"
 }}
-{loads}
+( {loads(kvm)} ) &
+{loads(drivers)}
 mkdir -p /newroot
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 {ROOT_TAG} /newroot || fail "cannot mount the host root over 9p"
+mount -t 9p -o {NINEP_OPTIONS} {ROOT_TAG} /newroot || fail "cannot mount the host root over 9p"
 for d in {tmpfs}; do mount -t tmpfs -o mode=1777 tmpfs /newroot$d; done
 chmod 755 /newroot/run
 mkdir -p /dev/pts /dev/shm
@@ -203,25 +289,38 @@ ln -sf /proc/self/fd/0 /dev/stdin
 ln -sf /proc/self/fd/1 /dev/stdout
 ln -sf /proc/self/fd/2 /dev/stderr
 mkdir -p /newroot/run/nestedkvm
-for p in /sys/class/virtio-ports/*; do
-  [ -e "$p/name" ] && ln -sf /dev/${{p##*/}} /newroot/run/nestedkvm/port.$(cat $p/name)
+# virtio ports, and then their names, arrive asynchronously after the driver loads:
+# wait (up to 10 s) until both named ports are there.
+n=0
+while [ $n -lt 200 ]; do
+  found=0
+  for p in /sys/class/virtio-ports/*; do
+    name=
+    [ -e "$p/name" ] && read name < "$p/name"
+    [ -n "$name" ] || continue
+    ln -sf /dev/${{p##*/}} /newroot/run/nestedkvm/port.$name
+    found=$((found + 1))
+  done
+  [ $found -ge 2 ] && break
+  sleep 0.05; n=$((n + 1))
 done
-cp /stage2 /newroot/run/nestedkvm/stage2
+cp /stage2 /bin/busybox /newroot/run/nestedkvm/
+wait  # for the kvm modules
 for m in proc sys dev; do mount --move /$m /newroot/$m; done
-exec switch_root /newroot /bin/sh /run/nestedkvm/stage2
+exec switch_root /newroot {AGENT_SHELL} /run/nestedkvm/stage2
 """
 
 
 def stage2_script() -> str:
-    """PID 1 on the host root (dash): a shell on each command port, respawned on EOF."""
-    return f"""#!/bin/sh
+    """PID 1 on the host root: a shell on each command port, respawned on EOF."""
+    return f"""#!{AGENT_SHELL}
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp TERM=dumb LANG=C.UTF-8
 echo 1 > /proc/sys/kernel/sysrq
 cd /
 for port in {COMMAND_PORT} {CONTROL_PORT}; do
   dev=/run/nestedkvm/port.$port
-  [ -e $dev ] || continue
-  (while :; do /bin/sh <>$dev >&0 2>/dev/console; sleep 0.2; done) &
+  [ -e $dev ] || {{ echo "nestedkvm: no virtio port $port" > /dev/console; continue; }}
+  (while :; do {AGENT_SHELL} <>$dev >&0 2>/dev/console; sleep 0.2; done) &
 done
 echo "nestedkvm: stage2 up" > /dev/console
 while :; do wait; sleep 60; done
@@ -256,9 +355,13 @@ def _cpio_newc(entries: list[_Entry]) -> bytes:
 def build_initramfs(kernel: Kernel, busybox: Path | None = None, cache: Path | None = None) -> Path:
     """Return the cached initramfs for `kernel`, building it once if needed."""
     busybox = busybox or find_busybox()
-    module_files = module_closure(kernel.modules_dir, REQUIRED_MODULES + OPTIONAL_MODULES, REQUIRED_MODULES)
-    wanted = [(module_name(str(p)), MODULE_PARAMS.get(module_name(str(p)), "")) for p in module_files]
-    files = [_Entry("init", 0o100755, init_script(wanted).encode()),
+    drivers = module_closure(kernel.modules_dir, REQUIRED_MODULES + OPTIONAL_MODULES, REQUIRED_MODULES)
+    kvm = module_closure(kernel.modules_dir, KVM_MODULES)
+    if set(kvm) & set(drivers):  # shared dependencies: load one after the other instead
+        drivers, kvm = drivers + [m for m in kvm if m not in drivers], []
+    module_files = drivers + kvm
+    names = [module_name(str(p)) for p in drivers], [module_name(str(p)) for p in kvm]
+    files = [_Entry("init", 0o100755, init_script(*names).encode()),
              _Entry("stage2", 0o100755, stage2_script().encode()),
              _Entry("bin/busybox", 0o100755, busybox.read_bytes())]
     files += [_Entry(f"modules/{module_name(str(p))}.ko", 0o100644, read_module(p)) for p in module_files]
@@ -272,10 +375,5 @@ def build_initramfs(kernel: Kernel, busybox: Path | None = None, cache: Path | N
         if target.exists():
             return target
         dirs = [_Entry(d, 0o040755) for d in ("bin", "dev", "proc", "sys", "newroot", "modules")]
-        archive = _cpio_newc([*dirs, _Entry("dev/console", 0o020600, rdev=(5, 1)), *files])
-        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".initramfs-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(archive)
-        os.chmod(tmp, 0o644)  # deeper levels read it through the shared root
-        os.replace(tmp, target)
+        _write_atomically(target, _cpio_newc([*dirs, _Entry("dev/console", 0o020600, rdev=(5, 1)), *files]))
     return target

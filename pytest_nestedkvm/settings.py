@@ -137,7 +137,7 @@ class Settings:
                 f"--nested-memory={self.memory[0]} (from {self.describe_source('memory')}): the host has only "
                 f"{host_memory_mib} MiB; give L1 less memory"
             )
-        for level, (outer, inner) in enumerate(zip(self.memory, self.memory[1:]), start=2):
+        for level, (outer, inner) in enumerate(zip(self.memory, self.memory[1:], strict=False), start=2):
             if inner >= outer:
                 raise ConfigError(
                     f"--nested-memory: L{level} gets {inner} MiB but its parent L{level - 1} has only {outer} MiB; "

@@ -1,0 +1,35 @@
+"""The fixtures tests ask for. Thin: the pool decides what runs where."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from .guest import Guest
+from .host import HostReport
+from .pool import GuestPool
+
+POOL_KEY = pytest.StashKey[GuestPool]()
+
+
+def _pool(config: pytest.Config) -> GuestPool:
+    return config.stash[POOL_KEY]
+
+
+@pytest.fixture(scope="session")
+def l0(pytestconfig: pytest.Config) -> HostReport:
+    """The host check: KVM, nesting, and the accelerator plan for L1, with reasons."""
+    return _pool(pytestconfig).report
+
+
+@pytest.fixture(scope="session")
+def nested_guest(pytestconfig: pytest.Config) -> Callable[[int], Guest]:
+    """Factory: `nested_guest(level)` returns the running guest at that level."""
+    return _pool(pytestconfig).get
+
+
+@pytest.fixture(scope="session")
+def l1(nested_guest: Callable[[int], Guest]) -> Guest:
+    """The L1 guest (QEMU on the host), booted once and reused by every test."""
+    return nested_guest(1)

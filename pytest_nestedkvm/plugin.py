@@ -1,0 +1,111 @@
+"""pytest hooks only: options and ini keys, markers, report header, skips, teardown."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Generator
+from pathlib import Path
+
+import pytest
+
+from .errors import NestedKvmError
+from .fixtures import POOL_KEY, l0, l1, nested_guest
+from .host import enable_nested, find_qemu, probe
+from .pool import GuestPool
+from .settings import OPTIONS, Settings
+
+__all__ = ["l0", "l1", "nested_guest"]
+
+# Fixture name -> the guest level it needs.
+LEVEL_FIXTURES = {"l1": 1}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("nestedkvm", "nested KVM guests (pytest-nestedkvm)")
+    for option in OPTIONS:
+        text = f"{option.help} [ini {option.ini}, env {option.env}]"
+        if option.flag:
+            group.addoption(option.cli, dest=option.dest, action="store_const", const="1", default=None, help=text)
+        else:
+            group.addoption(option.cli, dest=option.dest, default=None, metavar=option.metavar, help=text)
+        parser.addini(option.ini, option.help, default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "nested(level=N): the test needs guest level N; skipped, with the reason, when the session "
+        "or the host cannot provide it")
+    config.addinivalue_line("markers", "nested_fresh: the test starts on freshly booted guests")
+    try:
+        settings = Settings.from_sources(
+            {o.name: config.getoption(o.dest) for o in OPTIONS},
+            ini={o.name: str(config.getini(o.ini)) for o in OPTIONS},
+            host_memory_mib=_host_memory_mib(),
+        )
+        arch = platform.machine()
+        report = probe(accel=settings.accel, cpu=settings.cpu, qemu=find_qemu(arch), arch=arch)
+        if settings.enable and report.kvm_backend in ("kvm_intel", "kvm_amd") and report.nested is False:
+            for line in enable_nested(report):
+                print(f"nestedkvm: {line}")
+            report = probe(accel=settings.accel, cpu=settings.cpu, qemu=report.qemu, arch=arch)
+    except NestedKvmError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+    def progress(message: str) -> None:
+        if reporter is not None and config.get_verbosity() >= 0:
+            reporter.write_line(f"nestedkvm: {message}")
+
+    config.stash[POOL_KEY] = GuestPool(settings, report, progress)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    pool = config.stash.get(POOL_KEY, None)
+    if pool is not None:
+        pool.close()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    pool = config.stash.get(POOL_KEY, None)
+    if pool is None:
+        return []
+    return [*pool.report.summary_lines(), f"nestedkvm: levels {pool.settings.levels}"]
+
+
+def _levels_used(item: pytest.Item) -> list[int]:
+    levels = [level for name, level in LEVEL_FIXTURES.items() if name in getattr(item, "fixturenames", ())]
+    marker = item.get_closest_marker("nested")
+    if marker is not None:
+        levels.append(int(marker.kwargs.get("level", marker.args[0] if marker.args else 1)))
+    return sorted(set(levels))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    pool = item.config.stash[POOL_KEY]
+    levels = _levels_used(item)
+    for level in levels:
+        reason = pool.skip_reason(level)
+        if reason:
+            pytest.skip(reason)
+    if item.get_closest_marker("nested_fresh"):
+        for level in levels:
+            pool.restart(level)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session: pytest.Session) -> Generator[None, None, None]:
+    yield
+    pool = session.config.stash.get(POOL_KEY, None)
+    if pool is not None:
+        pool.close()
+
+
+def _host_memory_mib() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None

@@ -1,0 +1,85 @@
+"""Real QEMU, real kernel: the built-in L1 guest and its command channel."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_nestedkvm.errors import CommandFailed, CommandTimeout
+from pytest_nestedkvm.guest import Guest
+from pytest_nestedkvm.host import HostReport
+
+pytestmark = pytest.mark.nested(level=1)
+
+
+def test_l1_cpu_offers_hardware_virtualization(l1: Guest) -> None:
+    flags = l1.succeed("grep -m1 '^flags' /proc/cpuinfo").split()
+    assert "svm" in flags or "vmx" in flags
+
+
+def test_l1_has_kvm_with_nested_on(l1: Guest, l0: HostReport) -> None:
+    l1.succeed("test -c /dev/kvm")
+    module = "kvm_amd" if "svm" in l1.succeed("cat /proc/cpuinfo") else "kvm_intel"
+    assert l1.succeed(f"cat /sys/module/{module}/parameters/nested").strip() in ("1", "Y")
+
+
+def test_l1_runs_the_planned_accelerator(l1: Guest, l0: HostReport) -> None:
+    assert l1.spec.accel == l0.accel
+    assert ["-cpu", l0.cpu] == l1.qemu_argv[l1.qemu_argv.index("-cpu"):][:2]
+    assert "-snapshot" in l1.qemu_argv
+
+
+def test_exit_status_and_streams_are_separate_and_exact(l1: Guest) -> None:
+    result = l1.run("printf 'out\\nno newline'; printf 'err\\n' >&2; exit 7")
+    assert (result.exit_status, result.stdout, result.stderr) == (7, "out\nno newline", "err\n")
+
+
+def test_quotes_newlines_and_heredocs_round_trip(l1: Guest) -> None:
+    command = "cat <<'EOF'\nit's \"quoted\" $HOME `x` \\ \nEOF"
+    assert l1.succeed(command) == "it's \"quoted\" $HOME `x` \\ \n"
+
+
+def test_binary_output_is_byte_exact(l1: Guest) -> None:
+    result = l1.run("printf '\\000\\001\\377\\n@@NK\\r\\n'")
+    assert result.stdout_bytes == b"\x00\x01\xff\n@@NK\r\n"
+
+
+def test_large_output_is_complete(l1: Guest) -> None:
+    out = l1.succeed("seq 1 200000")
+    assert out.splitlines() == [str(n) for n in range(1, 200001)]
+
+
+def test_stdin_is_not_the_channel(l1: Guest) -> None:
+    assert l1.run("cat; echo done").stdout == "done\n"
+
+
+def test_state_does_not_leak_between_commands(l1: Guest) -> None:
+    l1.run("cd /sys; X=1; exit 3")
+    assert l1.succeed("pwd; echo ${X:-unset}") == "/\nunset\n"
+
+
+def test_timeout_kills_the_command_and_channel_stays_usable(l1: Guest) -> None:
+    with pytest.raises(CommandTimeout) as caught:
+        l1.run("echo started; sleep 600", timeout=2)
+    assert caught.value.stdout == b"started\n"
+    assert l1.succeed("echo still here") == "still here\n"
+    assert l1.run("pgrep -x 'sleep' || echo none").stdout == "none\n"
+
+
+def test_succeed_and_fail_raise_assertion_errors_with_the_details(l1: Guest) -> None:
+    with pytest.raises(CommandFailed) as caught:
+        l1.succeed("echo oops >&2; false")
+    assert isinstance(caught.value, AssertionError)
+    assert caught.value.exit_status == 1 and caught.value.stderr == "oops\n"
+    assert l1.fail("ls /nonexistent") != ""
+    with pytest.raises(CommandFailed):
+        l1.fail("true")
+
+
+def test_root_is_read_only_and_tmp_is_writable(l1: Guest) -> None:
+    l1.fail("touch /etc/nestedkvm-should-not-exist")
+    l1.succeed("echo x > /tmp/scratch && cat /tmp/scratch")
+
+
+def test_complete_dev(l1: Guest) -> None:
+    l1.succeed("test -e /dev/fd/0 && test -e /dev/stdin && test -d /dev/pts && test -d /dev/shm")
+    assert l1.succeed("bash -c 'cat <(echo via-process-substitution)'") == "via-process-substitution\n"
