@@ -127,7 +127,7 @@ class ShellChannel:
         """Define the helper functions at the far end and learn the shell's pid."""
         self.stream.sendall(PREAMBLE.encode())
         result = self.run("echo $$", timeout)
-        self.shell_pid = int(result.stdout.strip())
+        self.shell_pid = int(result.stdout.split()[-1])  # the last word: bytes of a dead predecessor may lead
         return self.shell_pid
 
     def run(self, command: str, timeout: float) -> CommandResult:

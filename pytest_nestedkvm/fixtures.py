@@ -33,3 +33,9 @@ def nested_guest(pytestconfig: pytest.Config) -> Callable[[int], Guest]:
 def l1(nested_guest: Callable[[int], Guest]) -> Guest:
     """The L1 guest (QEMU on the host), booted once and reused by every test."""
     return nested_guest(1)
+
+
+@pytest.fixture(scope="session")
+def l2(nested_guest: Callable[[int], Guest]) -> Guest:
+    """The L2 guest: QEMU with KVM inside L1, booted once and reused by every test."""
+    return nested_guest(2)

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from .channel import CommandResult, ShellChannel
 from .console import Console
 from .errors import BootError, ChannelError, CommandFailed, GuestCrashed, NestedKvmError
-from .qemu import GuestSpec, RunPaths, build_argv, shell_line
+from .initramfs import PORT_DIR
+from .qemu import GuestSpec, HostEnds, ParentEnds, build_argv, shell_line
+from .qmp import Qmp
 
 PR_SET_PDEATHSIG = 1
+# Streams of a deeper guest that L1's QEMU carries to L0 (the console goes to a file).
+STREAM_ROLES = ("cmd", "ctl", "qmp")
 
 
 def _die_with_parent() -> None:
@@ -51,65 +55,175 @@ def wait_for(
         time.sleep(interval)
 
 
+class HostProcess:
+    """L1's QEMU: a child process of pytest on L0."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.log_path = run_dir / "qemu.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, argv: list[str]) -> None:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent, start_new_session=True,
+            )
+
+    def exit_status(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)  # QEMU shuts down at once on SIGTERM
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def output(self, lines: int) -> str:
+        return _last_lines(self.log_path, lines)
+
+
+class ProcessInGuest:
+    """The QEMU of L2 and deeper: a process inside the parent guest, driven through its shell.
+
+    A wrapper in the parent records QEMU's pid and, when it ends, its exit status,
+    so liveness is one cheap command on the parent.
+    """
+
+    def __init__(self, parent: Guest, workdir: str) -> None:
+        self.parent = parent
+        self.workdir = workdir
+        self.started = False
+
+    def start(self, argv: list[str]) -> None:
+        w = self.workdir
+        self.parent.succeed(
+            f"rm -rf {w} && mkdir -p {w} && cd {w} && "
+            f"( {shell_line(argv)} </dev/null >qemu.log 2>&1 & echo $! > pid; wait $!; echo $? > exit ) "
+            ">/dev/null 2>&1 </dev/null &"
+        )
+        self.started = True
+
+    def exit_status(self) -> int | None:
+        if not self.started:
+            return None
+        if not self.parent.alive:
+            return -1
+        status = self.parent.run(f"cat {self.workdir}/exit 2>/dev/null").stdout.strip()
+        return int(status) if status else None
+
+    def stop(self) -> None:
+        if not self.started or not self.parent.alive:
+            return
+        w = self.workdir
+        self.parent.run(
+            f"pid=$(cat {w}/pid 2>/dev/null) || exit 0; kill $pid 2>/dev/null; i=0; "
+            f"while [ ! -e {w}/exit ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done; kill -9 $pid 2>/dev/null",
+            timeout=30,
+        )
+
+    def output(self, lines: int) -> str:
+        if not self.started or not self.parent.alive:
+            return ""
+        return self.parent.run(f"tail -n {lines} {self.workdir}/qemu.log 2>/dev/null").stdout.rstrip()
+
+
 class Guest:
-    """A running guest at some level with the API tests use: run/succeed/fail/..."""
+    """A running guest at some level with the API tests use: run/succeed/fail/...
+
+    L1 runs on L0 and its QEMU owns, as unix sockets in L0's run root, the streams
+    of every deeper level too (they pass through L1's virtio ports); L1 connects
+    them all when it starts and deeper guests borrow theirs.
+    """
 
     def __init__(
-        self, spec: GuestSpec, run_dir: Path, *, boot_timeout: float, command_timeout: float
+        self, spec: GuestSpec, run_root: Path, *, boot_timeout: float, command_timeout: float,
+        parent: Guest | None = None,
     ) -> None:
         self.spec = spec
         self.level = spec.level
         self.name = spec.name
-        self.paths = RunPaths(run_dir)
+        self.parent = parent
+        self.run_root = run_root
+        host_ends = HostEnds(run_root)
+        self.paths = host_ends.paths(spec.level)
         self.boot_timeout = boot_timeout
         self.command_timeout = command_timeout
         self.console = Console(self.paths.console)
-        self.qemu_argv = build_argv(spec, self.paths)
+        if parent is None:
+            self.qemu_argv = build_argv(spec, host_ends)
+            self.process: HostProcess | ProcessInGuest = HostProcess(self.paths.run_dir)
+        else:
+            self.qemu_argv = build_argv(spec, ParentEnds())
+            self.process = ProcessInGuest(parent, f"{PORT_DIR}/{self.name}")
         self.log = logging.getLogger(f"pytest_nestedkvm.guest.{self.name}")
-        self.process: subprocess.Popen[bytes] | None = None
         self.boot_seconds: float | None = None
+        self.streams: dict[tuple[int, str], socket.socket] = {}  # L1 only: every level's sockets
         self._shell: ShellChannel | None = None
         self._control: ShellChannel | None = None
-        self._sockets: list[socket.socket] = []
+        self._qmp: Qmp | None = None
+
+    @property
+    def root(self) -> Guest:
+        return self if self.parent is None else self.parent.root
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Guest:
         """Start QEMU and return once the guest answered its first command."""
         started = time.monotonic()
-        run_dir = self.paths.run_dir
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(mode=0o700, parents=True)
+        deadline = started + self.boot_timeout
         self.log.info("starting: %s", shell_line(self.qemu_argv))
-        with (run_dir / "qemu.log").open("wb") as qemu_log:
-            self.process = subprocess.Popen(
-                self.qemu_argv, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent, start_new_session=True,
-            )
         try:
-            self._shell = self._open_channel(self.paths.command, "shell", started)
-            self._control = self._open_channel(self.paths.control, "control", started)
+            if self.parent is None:
+                self._prepare_run_dirs()
+                self.process.start(self.qemu_argv)
+                self._connect_streams(deadline)
+            else:
+                for role in STREAM_ROLES:
+                    _drain(self.root.streams[(self.level, role)])  # bytes left by a previous instance
+                self.process.start(self.qemu_argv)
+            self._shell = self._open_channel("cmd", deadline)
+            self._control = self._open_channel("ctl", deadline)
         except BaseException:
-            self.close()
+            self.close(keep_files=True)
             raise
         self.boot_seconds = time.monotonic() - started
         self.log.info("ready in %.2f s", self.boot_seconds)
         return self
 
-    def _open_channel(self, path: Path, role: str, started: float) -> ShellChannel:
-        remaining = self.boot_timeout - (time.monotonic() - started)
-        try:
-            wait_for(f"{self.name} QEMU socket {path.name}", lambda: self._alive_and(path.exists), remaining)
-        except TimeoutError as exc:
-            raise BootError(f"{self.name}: {exc}") from None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(path))
-        self._sockets.append(sock)
-        interrupt = self._interrupt if role == "shell" else None
+    def _prepare_run_dirs(self) -> None:
+        if self.run_root.exists():
+            for level in range(1, self.spec.deepest + 1):
+                shutil.rmtree(self.run_root / f"l{level}", ignore_errors=True)
+        for level in range(1, self.spec.deepest + 1):
+            (self.run_root / f"l{level}").mkdir(mode=0o700, parents=True)
+
+    def _connect_streams(self, deadline: float) -> None:
+        """Connect every socket L1's QEMU serves: its own and those of deeper levels."""
+        wanted = {(self.level, role) for role in ("cmd", "ctl")}
+        wanted |= {(level, role) for level in range(2, self.spec.deepest + 1) for role in STREAM_ROLES}
+        host_ends = HostEnds(self.run_root)
+        for level, role in sorted(wanted):
+            path = host_ends.paths(level).end(role)
+            try:
+                wait_for(f"{self.name} QEMU socket {path}", partial(self._alive_and, path.exists),
+                         deadline - time.monotonic())
+            except TimeoutError as exc:
+                raise BootError(f"{self.name}: {exc}") from None
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(path))
+            self.streams[(level, role)] = sock
+
+    def _open_channel(self, role: str, deadline: float) -> ShellChannel:
+        sock = self.root.streams[(self.level, role)]
+        interrupt = self._interrupt if role == "cmd" else None
         channel = ShellChannel(sock, f"{self.name}.{role}", watchdog=self._check_alive, interrupt=interrupt)
         try:
-            channel.connect(self.boot_timeout - (time.monotonic() - started))
+            channel.connect(deadline - time.monotonic())
         except NestedKvmError as exc:
             if isinstance(exc, GuestCrashed):
                 raise BootError(f"{self.name} died while booting: {exc}") from None
@@ -121,13 +235,14 @@ class Guest:
 
     def _check_alive(self) -> None:
         """Raise GuestCrashed when QEMU is gone; the channel calls this while it waits."""
-        if self.process is None or self.process.poll() is None:
+        status = self.process.exit_status()
+        if status is None:
             return
         problem = self.console.first_problem()
         what = f"kernel problem: {problem}" if problem else "no kernel panic on the console"
-        qemu_said = _last_lines(self.paths.run_dir / "qemu.log", 5)
+        qemu_said = self.process.output(5)
         raise GuestCrashed(
-            f"{self.name} QEMU exited with status {self.process.returncode} ({what})"
+            f"{self.name} QEMU exited with status {status} ({what})"
             + (f"\nQEMU said:\n{qemu_said}" if qemu_said else "")
             + f"\nlast console lines:\n{self.console.tail()}"
         )
@@ -143,23 +258,38 @@ class Guest:
 
     @property
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None and bool(self._shell and not self._shell.broken)
+        if self._shell is None or self._shell.broken:
+            return False
+        try:
+            return self.process.exit_status() is None
+        except NestedKvmError:
+            return False
+
+    def qmp(self) -> Qmp:
+        """The QMP monitor of this guest's QEMU (for a deeper guest: through L1's virtio port)."""
+        if self._qmp is None:
+            if self.parent is None:
+                self._qmp = Qmp(self.paths.qmp)
+            else:
+                self._qmp = Qmp(self.root.streams[(self.level, "qmp")].dup())
+        return self._qmp
 
     def close(self, keep_files: bool = False) -> None:
-        """Stop QEMU (gracefully if it listens, else by force) and remove the run directory."""
-        for sock in self._sockets:
-            sock.close()
-        self._sockets.clear()
+        """Stop QEMU (gracefully if it listens, else by force); tolerates a half-started guest."""
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
         self._shell = self._control = None
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # QEMU shuts down at once on SIGTERM
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if not keep_files:
-            shutil.rmtree(self.paths.run_dir, ignore_errors=True)
+        try:
+            self.process.stop()
+        except NestedKvmError:
+            pass  # the parent is gone, and this QEMU with it
+        for sock in self.streams.values():
+            sock.close()
+        self.streams.clear()
+        if self.parent is None and not keep_files:
+            for level in range(1, self.spec.deepest + 1):
+                shutil.rmtree(self.run_root / f"l{level}", ignore_errors=True)
 
     def restart(self) -> Guest:
         self.close()
@@ -167,13 +297,14 @@ class Guest:
 
     def crash(self) -> None:
         """Make the guest kernel panic for real (sysrq-c) and wait until QEMU is gone."""
-        if self._control is None or self.process is None:
+        if self._control is None:
             raise GuestCrashed(f"{self.name} is not running")
         try:
             self._control.run("echo c > /proc/sysrq-trigger", timeout=5)
         except (NestedKvmError, OSError):
             pass  # the guest died mid-reply, which is what was asked for
-        self.process.wait(timeout=self.boot_timeout)
+        wait_for(f"{self.name} QEMU exiting after the panic", lambda: self.process.exit_status() is not None,
+                 self.boot_timeout, interval=0.1)
 
     # -- commands --------------------------------------------------------------------------
 
@@ -237,15 +368,13 @@ def _last_lines(path: Path, count: int) -> str:
         return ""
 
 
-def qemu_pids() -> list[int]:
-    """PIDs of QEMU processes started by this process (for leak checks in tests)."""
-    me = os.getpid()
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == me:
-            found.append(int(stat.parent.name))
-    return found
+def _drain(sock: socket.socket) -> None:
+    """Discard whatever is buffered on `sock` without waiting."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+    finally:
+        sock.setblocking(True)

@@ -31,6 +31,8 @@ ROOT_TAG = "hostroot"
 # virtio-serial port names the init starts a shell on (see channel.py).
 COMMAND_PORT = "nestedkvm.cmd"
 CONTROL_PORT = "nestedkvm.ctl"
+# Where the guest links each named virtio port as port.<name> (udev would use /dev/virtio-ports).
+PORT_DIR = "/run/nestedkvm"
 
 # Drivers the guest cannot boot without, and ones it uses when the kernel has them.
 REQUIRED_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p")
@@ -288,9 +290,11 @@ ln -sf /proc/self/fd /dev/fd
 ln -sf /proc/self/fd/0 /dev/stdin
 ln -sf /proc/self/fd/1 /dev/stdout
 ln -sf /proc/self/fd/2 /dev/stderr
-mkdir -p /newroot/run/nestedkvm
+mkdir -p /newroot{PORT_DIR}
 # virtio ports, and then their names, arrive asynchronously after the driver loads:
-# wait (up to 10 s) until both named ports are there.
+# wait (up to 10 s) until all nestedkvm.ports= of them are there.
+want=2
+for arg in $(cat /proc/cmdline); do case $arg in nestedkvm.ports=*) want=${{arg#*=}} ;; esac; done
 n=0
 while [ $n -lt 200 ]; do
   found=0
@@ -298,13 +302,13 @@ while [ $n -lt 200 ]; do
     name=
     [ -e "$p/name" ] && read name < "$p/name"
     [ -n "$name" ] || continue
-    ln -sf /dev/${{p##*/}} /newroot/run/nestedkvm/port.$name
+    ln -sf /dev/${{p##*/}} /newroot{PORT_DIR}/port.$name
     found=$((found + 1))
   done
-  [ $found -ge 2 ] && break
+  [ $found -ge $want ] && break
   sleep 0.05; n=$((n + 1))
 done
-cp /stage2 /bin/busybox /newroot/run/nestedkvm/
+cp /stage2 /bin/busybox /newroot{PORT_DIR}/
 wait  # for the kvm modules
 for m in proc sys dev; do mount --move /$m /newroot/$m; done
 exec switch_root /newroot {AGENT_SHELL} /run/nestedkvm/stage2
@@ -318,7 +322,7 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/t
 echo 1 > /proc/sys/kernel/sysrq
 cd /
 for port in {COMMAND_PORT} {CONTROL_PORT}; do
-  dev=/run/nestedkvm/port.$port
+  dev={PORT_DIR}/port.$port
   [ -e $dev ] || {{ echo "nestedkvm: no virtio port $port" > /dev/console; continue; }}
   (while :; do {AGENT_SHELL} <>$dev >&0 2>/dev/console; sleep 0.2; done) &
 done

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 
 from .errors import NestedKvmError
-from .fixtures import POOL_KEY, l0, l1, nested_guest
+from .fixtures import POOL_KEY, l0, l1, l2, nested_guest
 from .host import enable_nested, find_qemu, probe
 from .pool import GuestPool
 from .settings import OPTIONS, Settings
 
-__all__ = ["l0", "l1", "nested_guest"]
+__all__ = ["l0", "l1", "l2", "nested_guest"]
 
 # Fixture name -> the guest level it needs.
-LEVEL_FIXTURES = {"l1": 1}
+LEVEL_FIXTURES = {"l1": 1, "l2": 2}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from .errors import HostError
 from .guest import Guest
 from .host import HostReport
-from .initramfs import boot_image, build_initramfs, find_kernel
+from .initramfs import TMPFS_DIRS, boot_image, build_initramfs, find_kernel
 from .qemu import QBOOT, GuestSpec
 from .settings import Settings
 
@@ -46,14 +47,22 @@ class GuestPool:
         return None
 
     def spec_for(self, level: int) -> GuestSpec:
-        """The built-in guest at `level`: host kernel, plugin initramfs, host root over 9p."""
+        """The built-in guest at `level`: host kernel, plugin initramfs, the parent's root over 9p.
+
+        L1 gets the host plan (accelerator, CPU model); deeper levels always run on
+        their parent's KVM with -cpu host.
+        """
         assert self.report.qemu is not None
         kernel = find_kernel(self.settings.kernel, self.settings.modules)
+        initrd = build_initramfs(kernel)
+        if level >= 2:
+            _visible_to_guests(initrd)
         return GuestSpec(
-            level=level, qemu=self.report.qemu.binary, accel=self.report.accel, cpu=self.report.cpu,
+            level=level, qemu=self.report.qemu.binary,
+            accel=self.report.accel if level == 1 else "kvm", cpu=self.report.cpu if level == 1 else "host",
             memory_mib=self.settings.memory_for(level), smp=self.settings.smp_for(level),
-            kernel=boot_image(kernel), initrd=build_initramfs(kernel), append=self.settings.append,
-            share_root=Path("/"), firmware=QBOOT if QBOOT.is_file() else None,
+            kernel=boot_image(kernel), initrd=initrd, append=self.settings.append,
+            share_root=Path("/"), firmware=QBOOT if QBOOT.is_file() else None, deepest=self.settings.levels,
         )
 
     def get(self, level: int) -> Guest:
@@ -64,10 +73,12 @@ class GuestPool:
         guest = self.guests.get(level)
         if guest is not None and guest.alive:
             return guest
-        if guest is None:
+        parent = self.get(level - 1) if level > 1 else None
+        if guest is None or guest.parent is not parent:
+            accel = self.report.accel if level == 1 else "kvm"
             guest = Guest(
-                self.spec_for(level), self.run_root / f"l{level}",
-                boot_timeout=self.settings.boot_timeout or BOOT_TIMEOUT[self.report.accel] * level,
+                self.spec_for(level), self.run_root, parent=parent,
+                boot_timeout=self.settings.boot_timeout or BOOT_TIMEOUT[accel] * level,
                 command_timeout=self.settings.command_timeout,
             )
             self.guests[level] = guest
@@ -75,6 +86,8 @@ class GuestPool:
             self.progress(f"L{level} is down; starting a fresh one")
             guest.close()
         guest.start()
+        if parent is not None:
+            verify_kvm(parent, guest)
         self.progress(f"L{level} ready in {guest.boot_seconds:.1f} s ({guest.spec.accel}, -cpu {guest.spec.cpu})")
         return guest
 
@@ -85,7 +98,36 @@ class GuestPool:
             guest.close()
 
     def close(self) -> None:
-        for guest in reversed(list(self.guests.values())):
-            guest.close()
+        for level in sorted(self.guests, reverse=True):  # deepest first: each needs its parent to stop
+            self.guests[level].close()
         self.guests.clear()
         shutil.rmtree(self.run_root, ignore_errors=True)
+
+
+def _visible_to_guests(path: Path) -> None:
+    """Deeper levels read boot files through the shared root, where /tmp and /run are hidden."""
+    hidden = next((d for d in TMPFS_DIRS if path.is_relative_to(d)), None)
+    if hidden is not None:
+        raise HostError(f"{path} is under {hidden}, which guests cover with their own tmpfs, so L2 could not "
+                        "boot from it: point XDG_CACHE_HOME somewhere else (e.g. ~/.cache)")
+
+
+def verify_kvm(parent: Guest, guest: Guest) -> None:
+    """Prove, before a test sees `guest`, that it really runs on its parent's KVM.
+
+    Checks the parent's CPU flags, its KVM device and nested parameter, and asks the
+    child's QEMU itself (QMP query-kvm) so a silent fallback to TCG cannot pass.
+    """
+    where = f"L{parent.level}"
+    flags = parent.succeed("grep -m1 -w -o -E 'svm|vmx' /proc/cpuinfo || true").strip()
+    if not flags:
+        raise HostError(f"{where}'s CPU shows neither vmx nor svm, so it cannot run L{guest.level} on KVM: "
+                        f"give {where} a CPU model with virtualization (-cpu max under TCG, host under KVM)")
+    module = "kvm_amd" if flags == "svm" else "kvm_intel"
+    nested = parent.run(f"cat /sys/module/{module}/parameters/nested").stdout.strip()
+    if nested not in ("1", "Y"):
+        raise HostError(f"{where} has {module} nested={nested or 'not loaded'}: L{guest.level} cannot use KVM")
+    kvm = guest.qmp().query_kvm()
+    if not (kvm["present"] and kvm["enabled"]):
+        raise HostError(f"L{guest.level}'s QEMU is not using KVM (query-kvm: {kvm}): it fell back to emulation "
+                        f"inside {where}")

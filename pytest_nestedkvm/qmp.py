@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 class Qmp:
     """One QMP connection to a running QEMU's control socket."""
 
-    def __init__(self, socket_path: Path, timeout: float = 10.0) -> None:
-        self._qmp = QEMUMonitorProtocol(str(socket_path))
+    def __init__(self, address: Path | socket.socket, timeout: float = 10.0) -> None:
+        self._qmp = QEMUMonitorProtocol(address if isinstance(address, socket.socket) else str(address))
         self._qmp.connect()
         self._qmp.settimeout(timeout)
 
