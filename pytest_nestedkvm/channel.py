@@ -93,6 +93,11 @@ class CommandResult:
         return self.stderr.encode("utf-8", "surrogateescape")
 
 
+def _markers(nonce: bytes) -> tuple[bytes, bytes, bytes]:
+    """What ends stdout, stderr and the status line of the reply to command `nonce`."""
+    return MARK + nonce + b":E\n", MARK + nonce + b":X ", b"\n"
+
+
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
@@ -138,35 +143,38 @@ class ShellChannel:
         nonce = secrets.token_hex(8).encode()
         start = time.monotonic()
         self.stream.sendall(b"__nk " + nonce + b" " + shlex.quote(command).encode() + b"\n")
-        stdout_end = MARK + nonce + b":E\n"
-        status_mark = MARK + nonce + b":X "
+        markers = _markers(nonce)
         deadline = start + timeout
+        parts: list[bytes] = []  # stdout, stderr, status as each completes
         try:
-            stdout = self._read_until(stdout_end, deadline)
-            stderr = self._read_until(status_mark, deadline)
-            status = self._read_until(b"\n", deadline)
+            for marker in markers:
+                parts.append(self._read_until(marker, deadline))
         except TimeoutError:
-            self._recover(command, timeout, nonce)
+            received = [*parts, bytes(self._buffer)]  # what arrived: stdout first, stderr after it ended
+            stopped = self._recover(command, markers[len(parts):])
+            what = "was killed" if stopped else "could not be stopped, so this channel is now unusable"
             raise CommandTimeout(
-                f"{self.name}: command timed out after {timeout:g} s and was killed: {command!r}",
-                command=command, timeout=timeout, stdout=bytes(self._partial), stderr=b"",
+                f"{self.name}: command timed out after {timeout:g} s and {what}: {command!r}",
+                command=command, timeout=timeout, stdout=received[0],
+                stderr=received[1] if len(received) > 1 else b"",
             ) from None
+        stdout, stderr, status = parts
         return CommandResult(command, int(status), _text(stdout), _text(stderr), time.monotonic() - start)
 
-    def _recover(self, command: str, timeout: float, nonce: bytes) -> None:
+    def _recover(self, command: str, pending: tuple[bytes, ...]) -> bool:
         """Kill the timed-out command and drain its reply so the next command starts clean."""
-        self._partial = bytes(self._buffer)
         if self.interrupt is None or self.shell_pid is None:
             self.broken = f"{command!r} timed out and this channel cannot interrupt it"
-            return
+            return False
         self.interrupt(self.shell_pid)
+        deadline = time.monotonic() + KILL_GRACE
         try:
-            self._read_until(MARK + nonce + b":X ", time.monotonic() + KILL_GRACE)
-            self._read_until(b"\n", time.monotonic() + KILL_GRACE)
+            for marker in pending:
+                self._read_until(marker, deadline)
         except TimeoutError:
             self.broken = f"{command!r} timed out and did not stop when killed"
-
-    _partial: bytes = b""
+            return False
+        return True
 
     def _read_until(self, marker: bytes, deadline: float) -> bytes:
         """Consume and return the bytes before `marker` (the marker is consumed too)."""

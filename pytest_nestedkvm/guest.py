@@ -161,6 +161,7 @@ class Guest:
             self.process = ProcessInGuest(parent, f"{PORT_DIR}/{self.name}")
         self.log = logging.getLogger(f"pytest_nestedkvm.guest.{self.name}")
         self.boot_seconds: float | None = None
+        self.console_start = 0
         self.streams: dict[tuple[int, str], socket.socket] = {}  # L1 only: every level's sockets
         self._shell: ShellChannel | None = None
         self._control: ShellChannel | None = None
@@ -176,6 +177,7 @@ class Guest:
         """Start QEMU and return once the guest answered its first command."""
         started = time.monotonic()
         deadline = started + self.boot_timeout
+        self.console_start = self.console.size()  # a deeper guest's log continues across restarts
         self.log.info("starting: %s", shell_line(self.qemu_argv))
         try:
             if self.parent is None:
@@ -238,7 +240,7 @@ class Guest:
         status = self.process.exit_status()
         if status is None:
             return
-        problem = self.console.first_problem()
+        problem = self.console.first_problem(self.console_start)
         what = f"kernel problem: {problem}" if problem else "no kernel panic on the console"
         qemu_said = self.process.output(5)
         raise GuestCrashed(

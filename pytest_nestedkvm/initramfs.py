@@ -320,6 +320,7 @@ def stage2_script() -> str:
     return f"""#!{AGENT_SHELL}
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp TERM=dumb LANG=C.UTF-8
 echo 1 > /proc/sys/kernel/sysrq
+echo 7 > /proc/sys/kernel/printk  # deeper levels boot with loglevel=5 (see qemu.py); from now on, all of it
 cd /
 for port in {COMMAND_PORT} {CONTROL_PORT}; do
   dev={PORT_DIR}/port.$port

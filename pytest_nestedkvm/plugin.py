@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .errors import NestedKvmError
+from .errors import ConfigError, NestedKvmError
 from .fixtures import POOL_KEY, l0, l1, l2, nested_guest
 from .host import enable_nested, find_qemu, probe
 from .pool import GuestPool
@@ -43,7 +43,12 @@ def pytest_configure(config: pytest.Config) -> None:
             host_memory_mib=_host_memory_mib(),
         )
         arch = platform.machine()
-        report = probe(accel=settings.accel, cpu=settings.cpu, qemu=find_qemu(arch), arch=arch)
+        try:
+            report = probe(accel=settings.accel, cpu=settings.cpu, qemu=find_qemu(arch), arch=arch)
+        except ConfigError as exc:  # the plan contradicts the accelerator or CPU the user asked for
+            culprit = "cpu" if settings.cpu and "cpu" in str(exc) else "accel"
+            value = getattr(settings, culprit)
+            raise ConfigError(f"--nested-{culprit}={value} (from {settings.describe_source(culprit)}): {exc}") from None
         if settings.enable and report.kvm_backend in ("kvm_intel", "kvm_amd") and report.nested is False:
             for line in enable_nested(report):
                 print(f"nestedkvm: {line}")

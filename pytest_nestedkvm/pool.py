@@ -23,7 +23,8 @@ from .settings import Settings
 
 log = logging.getLogger("pytest_nestedkvm.pool")
 
-# Seconds to first command: TCG boots are slow, and each level multiplies the cost.
+# Seconds to first command. L0's accelerator sets the pace of the whole chain (under
+# TCG every level is emulated), and each level multiplies the cost.
 BOOT_TIMEOUT = {"kvm": 30.0, "tcg": 90.0}
 
 
@@ -75,10 +76,9 @@ class GuestPool:
             return guest
         parent = self.get(level - 1) if level > 1 else None
         if guest is None or guest.parent is not parent:
-            accel = self.report.accel if level == 1 else "kvm"
             guest = Guest(
                 self.spec_for(level), self.run_root, parent=parent,
-                boot_timeout=self.settings.boot_timeout or BOOT_TIMEOUT[accel] * level,
+                boot_timeout=self.settings.boot_timeout or BOOT_TIMEOUT[self.report.accel] * level,
                 command_timeout=self.settings.command_timeout,
             )
             self.guests[level] = guest

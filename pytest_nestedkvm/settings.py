@@ -130,17 +130,15 @@ class Settings:
         return _per_level(self.smp, level, lambda lv: 2 if lv == 1 else 1)
 
     def _check_memory(self, host_memory_mib: int | None) -> None:
-        if host_memory_mib is None or not self.memory:
+        if not self.memory:
             return
-        if self.memory[0] > host_memory_mib:
-            raise ConfigError(
-                f"--nested-memory={self.memory[0]} (from {self.describe_source('memory')}): the host has only "
-                f"{host_memory_mib} MiB; give L1 less memory"
-            )
+        given = f"--nested-memory={','.join(map(str, self.memory))} (from {self.describe_source('memory')})"
+        if host_memory_mib is not None and self.memory[0] > host_memory_mib:
+            raise ConfigError(f"{given}: the host has only {host_memory_mib} MiB; give L1 less memory")
         for level, (outer, inner) in enumerate(zip(self.memory, self.memory[1:], strict=False), start=2):
             if inner >= outer:
                 raise ConfigError(
-                    f"--nested-memory: L{level} gets {inner} MiB but its parent L{level - 1} has only {outer} MiB; "
+                    f"{given}: L{level} gets {inner} MiB but its parent L{level - 1} has only {outer} MiB; "
                     "each level must be smaller than the one that runs it"
                 )
 

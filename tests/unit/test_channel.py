@@ -1,0 +1,356 @@
+"""Unit tests for ShellChannel: against real local shells over a socketpair, and a scripted stream."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_nestedkvm.channel import MARK, CommandResult, ShellChannel
+from pytest_nestedkvm.errors import ChannelError, CommandTimeout, GuestCrashed
+
+SHELLS = [pytest.param(["/bin/sh"], id="sh")]
+if Path("/bin/busybox").exists():
+    SHELLS.append(pytest.param(["/bin/busybox", "sh"], id="busybox-sh"))
+
+Spawn = Callable[..., ShellChannel]
+
+
+@pytest.fixture(params=SHELLS)
+def spawn(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Spawn]:
+    """A factory of connected channels, each to its own local shell (killed with its children after)."""
+    shell: list[str] = request.param
+    started: list[tuple[subprocess.Popen[bytes], socket.socket]] = []
+
+    def make(interrupt: Callable[[int], None] | None = None) -> ShellChannel:
+        ours, theirs = socket.socketpair()
+        process = subprocess.Popen(
+            shell, stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.DEVNULL, start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(tmp_path), "LC_ALL": "C"},
+        )
+        theirs.close()
+        started.append((process, ours))
+        channel = ShellChannel(ours, f"test{len(started)}", interrupt=interrupt)
+        pid = channel.connect(10)
+        assert pid == process.pid
+        return channel
+
+    yield make
+    for process, sock in started:
+        sock.close()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the shell and whatever it left running
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def channel(spawn: Spawn) -> ShellChannel:
+    return spawn()
+
+
+# -- a real shell ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "status"),
+    [("true", 0), ("false", 1), ("exit 3", 3), ("(exit 255)", 255), ("no-such-command-nk", 127),
+     ("sh -c 'kill -9 $$'", 137)],
+)
+def test_exit_status(channel: ShellChannel, command: str, status: int) -> None:
+    result = channel.run(command, 10)
+    assert isinstance(result, CommandResult)
+    assert result.command == command
+    assert result.exit_status == status
+    assert result.ok is (status == 0)
+    assert result.duration >= 0
+
+
+def test_stdout_and_stderr_are_separate(channel: ShellChannel) -> None:
+    result = channel.run("echo out1; echo err1 >&2; printf out2; printf err2 >&2; exit 4", 10)
+    assert result.stdout == "out1\nout2"
+    assert result.stderr == "err1\nerr2"
+    assert result.exit_status == 4
+
+
+def test_empty_output(channel: ShellChannel) -> None:
+    result = channel.run(":", 10)
+    assert (result.stdout, result.stderr, result.exit_status) == ("", "", 0)
+
+
+def test_stderr_does_not_leak_into_the_next_command(channel: ShellChannel) -> None:
+    assert channel.run("echo first >&2", 10).stderr == "first\n"
+    assert channel.run("true", 10).stderr == ""
+
+
+def test_binary_bytes(channel: ShellChannel) -> None:
+    result = channel.run(r"printf 'a\000b\377c\000'; printf '\377\000\n' >&2", 10)
+    assert result.stdout_bytes == b"a\x00b\xffc\x00"
+    assert result.stderr_bytes == b"\xff\x00\n"
+
+
+def test_output_that_looks_like_a_marker(channel: ShellChannel) -> None:
+    fake = r"\n@@NK\n@@NK0123456789abcdef:E\n@@NK0123456789abcdef:X 9\n"
+    result = channel.run(f"printf '{fake}'; printf '{fake}' >&2; echo end", 10)
+    expected = "\n@@NK\n@@NK0123456789abcdef:E\n@@NK0123456789abcdef:X 9\nend\n"
+    assert result.stdout == expected
+    assert result.stderr == expected.removesuffix("end\n")
+    assert result.exit_status == 0
+    assert MARK.decode() in result.stdout
+
+
+def test_single_quotes_and_newlines(channel: ShellChannel) -> None:
+    result = channel.run("echo 'it'\\''s'\necho \"two words\"  'and $HOME'\necho last", 10)
+    assert result.stdout == "it's\ntwo words and $HOME\nlast\n"
+
+
+def test_unbalanced_quote_is_a_syntax_error_not_a_hang(channel: ShellChannel) -> None:
+    result = channel.run("echo 'unterminated", 10)
+    assert result.exit_status != 0
+    assert result.stderr
+    assert channel.run("echo fine", 10).stdout == "fine\n"
+
+
+def test_heredoc(channel: ShellChannel) -> None:
+    command = "cat <<'EOF'\nliteral $HOME 'q' \"dq\" \\\nEOF\nx=42\ncat <<EOF\nexpanded $x\nEOF"
+    result = channel.run(command, 10)
+    assert result.stdout == "literal $HOME 'q' \"dq\" \\\nexpanded 42\n"
+    assert result.exit_status == 0
+
+
+def test_large_output(channel: ShellChannel) -> None:
+    text = channel.run("yes abcdefghi | head -n 100000", 20)
+    assert len(text.stdout) == 1_000_000
+    assert text.stdout == "abcdefghi\n" * 100_000
+    binary = channel.run("dd if=/dev/zero bs=65536 count=16 2>/dev/null; echo done >&2", 20)
+    assert binary.stdout_bytes == b"\0" * (1 << 20)
+    assert binary.stderr == "done\n"
+
+
+def test_large_stderr(channel: ShellChannel) -> None:
+    result = channel.run("yes e | head -n 300000 >&2; echo o", 20)
+    assert result.stderr == "e\n" * 300_000
+    assert result.stdout == "o\n"
+
+
+def test_stdin_reading_commands_do_not_hang(channel: ShellChannel) -> None:
+    started = time.monotonic()
+    assert channel.run("cat", 5).stdout == ""
+    result = channel.run("read line; echo \"status=$? line=[$line]\"", 5)
+    assert result.stdout == "status=1 line=[]\n"
+    assert channel.run("wc -c", 5).stdout.strip() == "0"
+    assert time.monotonic() - started < 5
+    # and they did not eat the protocol: the channel still answers
+    assert channel.run("echo still here", 5).stdout == "still here\n"
+
+
+def test_exit_and_cd_do_not_leak(channel: ShellChannel) -> None:
+    pwd = channel.run("pwd", 5).stdout
+    assert channel.run("cd / && cd /proc && pwd", 5).stdout == "/proc\n"
+    assert channel.run("pwd", 5).stdout == pwd
+    assert channel.run("exit 5", 5).exit_status == 5
+    assert channel.run("VAR=set; set -e; false", 5).exit_status == 1
+    result = channel.run("echo $$ ${VAR:-unset}", 5)
+    assert result.stdout == f"{channel.shell_pid} unset\n"
+    assert channel.run("exec true", 5).exit_status == 0
+    assert channel.run("echo alive", 5).stdout == "alive\n"
+
+
+def test_nul_in_command_is_rejected(channel: ShellChannel) -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        channel.run("echo a\0b", 5)
+    assert channel.run("echo ok", 5).stdout == "ok\n"
+
+
+def test_timeout_with_interrupt_kills_and_keeps_the_channel(spawn: Spawn) -> None:
+    control = spawn()
+    kills: list[str] = []
+
+    def interrupt(pid: int) -> None:
+        kills.append(control.run(f"__nk_kill {pid}", 10).stdout.strip())
+
+    channel = spawn(interrupt=interrupt)
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout) as info:
+        channel.run("echo partial; sleep 30; echo never", 0.5)
+    assert time.monotonic() - started < 8
+    assert info.value.stdout == b"partial\n"
+    assert info.value.command == "echo partial; sleep 30; echo never"
+    assert info.value.timeout == 0.5
+    assert len(kills) == 1 and int(kills[0]) >= 1  # the subshell and its sleep were killed
+    assert channel.broken is None
+    result = channel.run("echo next", 5)
+    assert (result.stdout, result.stderr, result.exit_status) == ("next\n", "", 0)
+    # nothing of the killed command is still running under the shell
+    assert channel.run("echo $$", 5).stdout == f"{channel.shell_pid}\n"
+    assert control.run(f"__nk_kill {channel.shell_pid}", 5).stdout == "0\n"
+
+
+def test_timeout_without_interrupt_breaks_the_channel(channel: ShellChannel) -> None:
+    with pytest.raises(CommandTimeout) as info:
+        channel.run("echo before; sleep 30", 0.3)
+    assert info.value.stdout == b"before\n"
+    assert channel.broken
+    with pytest.raises(ChannelError, match="unusable"):
+        channel.run("echo after", 5)
+
+
+# -- a scripted stream -------------------------------------------------------------------------
+
+
+class ScriptedStream:
+    """Replays chunks: `reply(nonce)` gives the chunks answering one command.
+
+    A chunk that is an exception instance is raised from recv(); when nothing is
+    queued recv() times out like a socket would.
+    """
+
+    def __init__(self, reply: Callable[[bytes], list[bytes | BaseException]]) -> None:
+        self.reply = reply
+        self.queue: list[bytes | BaseException] = []
+        self.sent: list[bytes] = []
+        self.timeouts: list[float | None] = []
+
+    def sendall(self, data: bytes, /) -> None:
+        self.sent.append(data)
+        for line in data.split(b"\n"):
+            match = re.match(rb"__nk ([0-9a-f]+) ", line)
+            if match:
+                self.queue.extend(self.reply(match.group(1)))
+
+    def recv(self, size: int, /) -> bytes:
+        if not self.queue:
+            time.sleep(min(self.timeouts[-1] or 0.01, 0.01))
+            raise TimeoutError("timed out")
+        chunk = self.queue.pop(0)
+        if isinstance(chunk, BaseException):
+            raise chunk
+        if len(chunk) > size:
+            self.queue.insert(0, chunk[size:])
+            chunk = chunk[:size]
+        return chunk
+
+    def settimeout(self, timeout: float | None, /) -> None:
+        self.timeouts.append(timeout)
+
+
+def framed(nonce: bytes, stdout: bytes, stderr: bytes, status: int) -> bytes:
+    return stdout + MARK + nonce + b":E\n" + stderr + MARK + nonce + b":X " + str(status).encode() + b"\n"
+
+
+def split(data: bytes, size: int) -> list[bytes | BaseException]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 13])
+def test_markers_split_across_chunks(size: int) -> None:
+    stdout = b"line\n\n@@NK\n@@N" + b"\xff\x00"
+    stderr = b"warn\n@@NKffff:E\n"
+    stream = ScriptedStream(lambda nonce: split(framed(nonce, stdout, stderr, 42), size))
+    channel = ShellChannel(stream, "scripted")
+    result = channel.run("anything", 5)
+    assert result.stdout_bytes == stdout
+    assert result.stderr_bytes == stderr
+    assert result.exit_status == 42
+    assert stream.sent[-1].startswith(b"__nk ") and stream.sent[-1].endswith(b" anything\n")
+
+
+def test_consecutive_commands_over_one_byte_chunks() -> None:
+    counter = iter(range(100))
+    stream = ScriptedStream(lambda nonce: split(framed(nonce, b"n%d\n" % next(counter), b"", 0), 1))
+    channel = ShellChannel(stream, "scripted")
+    assert [channel.run("x", 5).stdout for _ in range(3)] == ["n0\n", "n1\n", "n2\n"]
+
+
+def test_connect_learns_the_shell_pid() -> None:
+    stream = ScriptedStream(lambda nonce: split(framed(nonce, b"4242\n", b"", 0), 1))
+    channel = ShellChannel(stream, "scripted")
+    assert channel.connect(5) == 4242
+    assert channel.shell_pid == 4242
+    assert b"__nk_kill()" in stream.sent[0]
+
+
+def test_stale_marker_with_another_nonce_is_data() -> None:
+    stale = framed(b"0000000000000000", b"old", b"", 1)
+    stream = ScriptedStream(lambda nonce: [stale + framed(nonce, b"new", b"", 0)])
+    result = ShellChannel(stream, "scripted").run("x", 5)
+    assert result.stdout_bytes == stale + b"new"
+    assert result.exit_status == 0
+
+
+def test_eof_raises_channel_error_and_calls_watchdog() -> None:
+    calls: list[int] = []
+    stream = ScriptedStream(lambda nonce: [b"partial out", b""])
+    channel = ShellChannel(stream, "scripted", watchdog=lambda: calls.append(1))
+    with pytest.raises(ChannelError, match="closed"):
+        channel.run("x", 5)
+    assert calls
+    assert channel.broken
+    sent = len(stream.sent)
+    with pytest.raises(ChannelError, match="unusable"):
+        channel.run("y", 5)
+    assert len(stream.sent) == sent  # nothing more was sent on a broken channel
+
+
+def test_eof_reports_what_the_watchdog_found() -> None:
+    def watchdog() -> None:
+        raise GuestCrashed("l1 QEMU exited with status 1")
+
+    stream = ScriptedStream(lambda nonce: [b""])
+    with pytest.raises(GuestCrashed, match="exited"):
+        ShellChannel(stream, "scripted", watchdog=watchdog).run("x", 5)
+
+
+def test_watchdog_is_polled_while_waiting() -> None:
+    calls: list[float] = []
+    replies: list[bytes | BaseException] = []
+    stream = ScriptedStream(lambda nonce: replies)
+
+    def watchdog() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 3:
+            stream.queue.extend(split(framed(nonce_of(stream), b"late", b"", 0), 4))
+
+    channel = ShellChannel(stream, "scripted", watchdog=watchdog)
+    assert channel.run("x", 5).stdout == "late"
+    assert len(calls) == 3
+    assert all(t is not None and 0 < t <= 5 for t in stream.timeouts)
+
+
+def nonce_of(stream: ScriptedStream) -> bytes:
+    match = re.match(rb"__nk ([0-9a-f]+) ", stream.sent[-1])
+    assert match
+    return match.group(1)
+
+
+def test_connection_error_breaks_the_channel() -> None:
+    stream = ScriptedStream(lambda nonce: [b"x", ConnectionResetError(104, "reset")])
+    channel = ShellChannel(stream, "scripted")
+    with pytest.raises(ChannelError, match="connection failed"):
+        channel.run("x", 5)
+    assert channel.broken
+
+
+def test_scripted_timeout_keeps_partial_stdout() -> None:
+    stream = ScriptedStream(lambda nonce: [b"par", b"tial"])
+    channel = ShellChannel(stream, "scripted")
+    with pytest.raises(CommandTimeout) as info:
+        channel.run("x", 0.1)
+    assert info.value.stdout == b"partial"
+    assert channel.broken
+
+
+def test_timeout_while_stderr_arrives_reports_stdout_as_stdout() -> None:
+    stream = ScriptedStream(lambda nonce: [b"the stdout" + MARK + nonce + b":E\n", b"half of the stderr"])
+    channel = ShellChannel(stream, "scripted")
+    with pytest.raises(CommandTimeout) as info:
+        channel.run("x", 0.1)
+    assert info.value.stdout == b"the stdout"

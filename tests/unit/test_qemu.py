@@ -1,0 +1,272 @@
+"""Unit tests for the pure QEMU argv builder: a golden command line and its invariants."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from pathlib import Path
+
+import pytest
+
+from pytest_nestedkvm.qemu import (
+    BASE_APPEND,
+    GuestSpec,
+    HostEnds,
+    ParentEnds,
+    RunPaths,
+    accel_args,
+    build_argv,
+    shell_line,
+)
+
+RUN_ROOT = Path("/var/lib/nk/run")
+ENDS = HostEnds(RUN_ROOT)
+
+FULL = GuestSpec(
+    level=1,
+    qemu="/usr/bin/qemu-system-x86_64",
+    accel="kvm",
+    cpu="host",
+    memory_mib=2048,
+    smp=2,
+    kernel=Path("/boot/vmlinuz-6.1.0-18-amd64"),
+    initrd=Path("/root/.cache/pytest-nestedkvm/initramfs-6.1.0-18-amd64-0123456789abcdef.cpio"),
+    append="quiet nokaslr",
+    share_root=Path("/"),
+    disks=(Path("/images/a.qcow2"), Path("/images/b b.raw")),
+    firmware=Path("/usr/share/qemu/qboot.rom"),
+    deepest=2,
+    extra_args=("-s", "-device", "virtio-rng-pci"),
+)
+
+MINIMAL = GuestSpec(level=1, qemu="qemu-system-x86_64", accel="tcg", cpu="max", memory_mib=1024, smp=1)
+
+
+def test_golden_argv() -> None:
+    assert build_argv(FULL, ENDS) == [
+        "/usr/bin/qemu-system-x86_64",
+        "-name", "nestedkvm-l1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        "-action", "panic=exit-failure",
+        "-machine", "q35",
+        "-accel", "kvm",
+        "-cpu", "host",
+        "-m", "2048",
+        "-smp", "2",
+        "-bios", "/usr/share/qemu/qboot.rom",
+        "-kernel", "/boot/vmlinuz-6.1.0-18-amd64",
+        "-initrd", "/root/.cache/pytest-nestedkvm/initramfs-6.1.0-18-amd64-0123456789abcdef.cpio",
+        "-append",
+        "console=ttyS0 panic=-1 rdinit=/init mitigations=off i8042.noaux i8042.nomux i8042.nopnp "
+        "i8042.dumbkbd 8250.nr_uarts=1 cryptomgr.notests pci=noearly nestedkvm.ports=6 quiet nokaslr",
+        "-chardev", "file,path=/var/lib/nk/run/l1/console.log,id=console",
+        "-serial", "chardev:console",
+        "-chardev", "socket,path=/var/lib/nk/run/l1/qmp.sock,server=on,wait=off,id=qmp",
+        "-mon", "chardev=qmp,mode=control",
+        "-device", "virtio-serial-pci,id=vser",
+        "-chardev", "socket,path=/var/lib/nk/run/l1/cmd.sock,server=on,wait=off,id=port0",
+        "-device", "virtserialport,bus=vser.0,chardev=port0,name=nestedkvm.cmd",
+        "-chardev", "socket,path=/var/lib/nk/run/l1/ctl.sock,server=on,wait=off,id=port1",
+        "-device", "virtserialport,bus=vser.0,chardev=port1,name=nestedkvm.ctl",
+        "-chardev", "socket,path=/var/lib/nk/run/l2/cmd.sock,server=on,wait=off,id=port2",
+        "-device", "virtserialport,bus=vser.0,chardev=port2,name=nestedkvm.l2.cmd",
+        "-chardev", "socket,path=/var/lib/nk/run/l2/ctl.sock,server=on,wait=off,id=port3",
+        "-device", "virtserialport,bus=vser.0,chardev=port3,name=nestedkvm.l2.ctl",
+        "-chardev", "file,path=/var/lib/nk/run/l2/console.log,id=port4",
+        "-device", "virtserialport,bus=vser.0,chardev=port4,name=nestedkvm.l2.console",
+        "-chardev", "socket,path=/var/lib/nk/run/l2/qmp.sock,server=on,wait=off,id=port5",
+        "-device", "virtserialport,bus=vser.0,chardev=port5,name=nestedkvm.l2.qmp",
+        "-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=root,mount_tag=hostroot",
+        "-drive", "file=/images/a.qcow2,if=virtio,index=0,media=disk",
+        "-drive", "file=/images/b b.raw,if=virtio,index=1,media=disk",
+        "-device", "pvpanic-pci",
+        "-nic", "none",
+        "-snapshot",
+        "-s", "-device", "virtio-rng-pci",
+    ]
+
+
+def test_golden_minimal_argv() -> None:
+    assert build_argv(MINIMAL, ENDS) == [
+        "qemu-system-x86_64", "-name", "nestedkvm-l1", "-nodefaults", "-no-user-config", "-display", "none",
+        "-no-reboot", "-action", "panic=exit-failure", "-machine", "q35", "-accel", "tcg", "-cpu", "max",
+        "-m", "1024", "-smp", "1",
+        "-chardev", "file,path=/var/lib/nk/run/l1/console.log,id=console", "-serial", "chardev:console",
+        "-chardev", "socket,path=/var/lib/nk/run/l1/qmp.sock,server=on,wait=off,id=qmp",
+        "-mon", "chardev=qmp,mode=control", "-device", "virtio-serial-pci,id=vser",
+        "-chardev", "socket,path=/var/lib/nk/run/l1/cmd.sock,server=on,wait=off,id=port0",
+        "-device", "virtserialport,bus=vser.0,chardev=port0,name=nestedkvm.cmd",
+        "-chardev", "socket,path=/var/lib/nk/run/l1/ctl.sock,server=on,wait=off,id=port1",
+        "-device", "virtserialport,bus=vser.0,chardev=port1,name=nestedkvm.ctl",
+        "-device", "pvpanic-pci", "-nic", "none", "-snapshot",
+    ]
+
+
+def test_golden_inner_guest_uses_parent_ports() -> None:
+    spec = dataclasses.replace(MINIMAL, level=2, accel="kvm", cpu="host", memory_mib=512, deepest=2)
+    argv = build_argv(spec, ParentEnds())
+    assert option_values(argv, "-chardev") == [
+        "pipe,path=/run/nestedkvm/port.nestedkvm.l2.console,id=console",
+        "pipe,path=/run/nestedkvm/port.nestedkvm.l2.qmp,id=qmp",
+        "pipe,path=/run/nestedkvm/port.nestedkvm.l2.cmd,id=port0",
+        "pipe,path=/run/nestedkvm/port.nestedkvm.l2.ctl,id=port1",
+    ]
+    assert option_values(argv, "-name") == ["nestedkvm-l2"]
+    assert option_values(argv, "-serial") == ["chardev:console"]
+    assert "-snapshot" in argv
+
+
+def test_inner_guest_boots_quietly_on_its_serial_console() -> None:
+    # Nested, each console byte is a VM exit: deeper levels boot with loglevel=5.
+    spec = dataclasses.replace(FULL, level=2, deepest=2)
+    append = option_values(build_argv(spec, ParentEnds()), "-append")[0].split()
+    assert "loglevel=5" in append and "console=ttyS0" in append
+    assert "nestedkvm.ports=2" in append
+    l1_append = option_values(build_argv(dataclasses.replace(FULL, deepest=2), ENDS), "-append")[0].split()
+    assert not any(arg.startswith("loglevel=") for arg in l1_append)
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
+
+
+@pytest.mark.parametrize("spec", [FULL, MINIMAL, dataclasses.replace(FULL, disks=(), share_root=None)])
+def test_snapshot_always_present(spec: GuestSpec) -> None:
+    assert build_argv(spec, ENDS).count("-snapshot") == 1
+
+
+def test_every_disk_is_a_virtio_drive() -> None:
+    disks = tuple(Path(f"/img/d{i}.qcow2") for i in range(3))
+    argv = build_argv(dataclasses.replace(MINIMAL, disks=disks), ENDS)
+    drives = option_values(argv, "-drive")
+    assert len(drives) == 3
+    for index, (drive, disk) in enumerate(zip(drives, disks, strict=True)):
+        assert drive.startswith(f"file={disk},")
+        assert "if=virtio" in drive.split(",")
+        assert f"index={index}" in drive.split(",")
+    assert "-hda" not in argv and "-hdb" not in argv
+
+
+def test_no_disks_no_drive() -> None:
+    assert "-drive" not in build_argv(MINIMAL, ENDS)
+
+
+def test_no_bios_without_firmware() -> None:
+    assert "-bios" not in build_argv(dataclasses.replace(FULL, firmware=None), ENDS)
+    assert option_values(build_argv(FULL, ENDS), "-bios") == ["/usr/share/qemu/qboot.rom"]
+
+
+def test_kvm_accel_args() -> None:
+    assert accel_args("kvm", 1) == ["-accel", "kvm"]
+    assert accel_args("kvm", 4) == ["-accel", "kvm"]
+    assert option_values(build_argv(FULL, ENDS), "-accel") == ["kvm"]
+
+
+def test_tcg_accel_args_thread_multi_only_with_several_cpus() -> None:
+    assert accel_args("tcg", 1) == ["-accel", "tcg"]
+    assert accel_args("tcg", 2) == ["-accel", "tcg,thread=multi"]
+    assert option_values(build_argv(dataclasses.replace(MINIMAL, smp=1), ENDS), "-accel") == ["tcg"]
+    assert option_values(build_argv(dataclasses.replace(MINIMAL, smp=3), ENDS), "-accel") == ["tcg,thread=multi"]
+
+
+def test_run_paths_layout(tmp_path: Path) -> None:
+    paths = RunPaths(tmp_path / "run")
+    assert paths.qmp == tmp_path / "run" / "qmp.sock"
+    assert paths.command == tmp_path / "run" / "cmd.sock"
+    assert paths.control == tmp_path / "run" / "ctl.sock"
+    assert paths.console == tmp_path / "run" / "console.log"
+
+
+def chardev_path(chardev: str) -> Path:
+    return Path(next(p for p in chardev.split(",") if p.startswith("path="))[len("path="):])
+
+
+def test_sockets_and_console_live_in_the_run_dir(tmp_path: Path) -> None:
+    ends = HostEnds(tmp_path / "run")
+    argv = build_argv(MINIMAL, ends)
+    chardevs = option_values(argv, "-chardev")
+    assert len(chardevs) == 4
+    paths = ends.paths(1)
+    assert paths.run_dir == tmp_path / "run" / "l1"
+    assert {chardev_path(c) for c in chardevs} == {paths.qmp, paths.command, paths.control, paths.console}
+    sockets = {chardev_path(c) for c in chardevs if c.startswith("socket,")}
+    assert sockets == {paths.qmp, paths.command, paths.control}
+    assert all("server=on" in c.split(",") and "wait=off" in c.split(",") for c in chardevs if c.startswith("socket,"))
+
+
+def test_deeper_levels_sockets_live_in_their_own_run_dirs(tmp_path: Path) -> None:
+    ends = HostEnds(tmp_path / "run")
+    argv = build_argv(dataclasses.replace(MINIMAL, deepest=3), ends)
+    chardevs = option_values(argv, "-chardev")
+    assert len(chardevs) == 2 + 2 + 4 + 4
+    by_dir: dict[Path, set[str]] = {}
+    for chardev in chardevs:
+        path = chardev_path(chardev)
+        by_dir.setdefault(path.parent, set()).add(path.name)
+    everything = {"console.log", "qmp.sock", "cmd.sock", "ctl.sock"}
+    assert by_dir == {ends.paths(1).run_dir: everything, ends.paths(2).run_dir: everything,
+                      ends.paths(3).run_dir: everything}
+    names = [d.split("name=")[1] for d in option_values(argv, "-device") if d.startswith("virtserialport,")]
+    assert len(names) == len(set(names)) == 10
+
+
+def test_9p_export_is_read_only_and_remaps_devices() -> None:
+    argv = build_argv(dataclasses.replace(FULL, share_root=Path("/srv/root")), ENDS)
+    fsdevs = option_values(argv, "-fsdev")
+    assert len(fsdevs) == 1
+    parts = fsdevs[0].split(",")
+    assert "path=/srv/root" in parts
+    assert "readonly=on" in parts
+    assert "multidevs=remap" in parts
+    assert "virtio-9p-pci,fsdev=root,mount_tag=hostroot" in option_values(argv, "-device")
+
+
+def test_no_9p_without_share_root() -> None:
+    argv = build_argv(MINIMAL, ENDS)
+    assert "-fsdev" not in argv
+    assert not any("9p" in a for a in argv)
+
+
+def test_append_without_extra_has_no_trailing_space() -> None:
+    argv = build_argv(dataclasses.replace(FULL, append="", deepest=1), ENDS)
+    assert option_values(argv, "-append") == [BASE_APPEND + " nestedkvm.ports=2"]
+
+
+def test_append_counts_every_port() -> None:
+    argv = build_argv(dataclasses.replace(FULL, deepest=4), ENDS)
+    ports = [d for d in option_values(argv, "-device") if d.startswith("virtserialport,")]
+    assert len(ports) == 2 + 3 * 4
+    assert f"nestedkvm.ports={len(ports)}" in option_values(argv, "-append")[0].split()
+
+
+def test_no_initrd_without_kernel() -> None:
+    argv = build_argv(dataclasses.replace(FULL, kernel=None), ENDS)
+    assert "-kernel" not in argv and "-initrd" not in argv and "-append" not in argv
+
+
+def test_argv_is_pure() -> None:
+    assert build_argv(FULL, ENDS) == build_argv(FULL, ENDS)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        None,  # the full golden command line
+        ["qemu", "-append", "console=ttyS0 it's \"quoted\" $HOME `x` ;|&", "-name", ""],
+        ["a b", "tab\there", "new\nline", "*", "~", "\\back"],
+    ],
+)
+def test_shell_line_round_trips(argv: list[str] | None) -> None:
+    argv = argv if argv is not None else build_argv(FULL, ENDS)
+    line = shell_line(argv)
+    assert shlex.split(line) == argv
+
+
+def test_shell_line_quotes_spaces() -> None:
+    line = shell_line(build_argv(FULL, ENDS))
+    assert "'file=/images/b b.raw,if=virtio,index=1,media=disk'" in line
+    assert line.startswith("/usr/bin/qemu-system-x86_64 -name nestedkvm-l1 ")
