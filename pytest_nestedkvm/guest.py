@@ -229,9 +229,12 @@ class Guest:
         except NestedKvmError as exc:
             if isinstance(exc, GuestCrashed):
                 raise BootError(f"{self.name} died while booting: {exc}") from None
+            qemu_said = self.process.output(5)
             raise BootError(
                 f"{self.name} did not boot within {self.boot_timeout:g} s: its {role} channel never answered "
-                f"(raise --nested-boot-timeout if the host is just slow); last console lines:\n{self.console.tail()}"
+                f"(raise --nested-boot-timeout if the host is just slow)"
+                + (f"\nQEMU said:\n{qemu_said}" if qemu_said else "")
+                + f"\nlast console lines:\n{self.console.tail()}"
             ) from None
         return channel
 

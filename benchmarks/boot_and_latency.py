@@ -1,0 +1,81 @@
+"""Boot and command-latency figures for the built-in guests (prints a table, writes JSON).
+
+    python benchmarks/boot_and_latency.py [--levels 3] [--runs 3] [--commands 200]
+
+Each run boots a fresh chain L1 -> L2 -> ... through the plugin's own pool, so the
+figures are what a test session sees. "ready" is QEMU start to the first command
+result for L1, and parent ready to first command result for deeper levels.
+Medians over runs; latency is the median and p95 over `--commands` round trips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from pytest_nestedkvm.guest import Guest
+from pytest_nestedkvm.host import find_qemu, probe
+from pytest_nestedkvm.pool import GuestPool
+from pytest_nestedkvm.settings import Settings
+
+LATENCY_COMMANDS = ("true", "cat /proc/uptime")
+
+
+def latency(guest: Guest, command: str, count: int) -> dict[str, float]:
+    samples = sorted(guest.run(command).duration * 1000 for _ in range(count))
+    return {"median_ms": statistics.median(samples), "p95_ms": samples[int(0.95 * (count - 1))]}
+
+
+def one_run(levels: int, commands: int) -> dict[str, object]:
+    settings = Settings.from_sources({"levels": str(levels)}, env={})
+    pool = GuestPool(settings, probe(qemu=find_qemu(platform.machine())), progress=lambda _: None)
+    figures: dict[str, object] = {}
+    try:
+        for level in range(1, levels + 1):
+            started = time.monotonic()
+            guest = pool.get(level)
+            figures[f"L{level} ready s"] = time.monotonic() - started
+            for command in LATENCY_COMMANDS:
+                figures[f"L{level} {command!r}"] = latency(guest, command, commands)
+    finally:
+        pool.close()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--commands", type=int, default=200)
+    args = parser.parse_args()
+    runs = [one_run(args.levels, args.commands) for _ in range(args.runs)]
+    rows: list[tuple[str, str]] = []
+    summary: dict[str, object] = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        if isinstance(values[0], float):
+            summary[key] = statistics.median(values)  # type: ignore[type-var]
+            rows.append((key, f"{summary[key]:.2f} s (runs: {', '.join(f'{v:.2f}' for v in values)})"))
+        else:
+            med = statistics.median(v["median_ms"] for v in values)  # type: ignore[index]
+            p95 = statistics.median(v["p95_ms"] for v in values)  # type: ignore[index]
+            summary[key] = {"median_ms": med, "p95_ms": p95}
+            rows.append((f"{key} latency", f"median {med:.1f} ms, p95 {p95:.1f} ms"))
+    machine = f"{os.cpu_count()} cores, {platform.machine()}, {platform.node()}"
+    print(f"pytest-nestedkvm boot/latency, {args.runs} runs, {args.commands} commands each ({machine})")
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    out = Path(__file__).parent / "results" / "boot_and_latency.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "runs": runs, "median": summary}, indent=2))
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
