@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
+from .errors import NestedKvmError
 from .guest import Guest
 from .host import HostReport
 from .pool import GuestPool
@@ -26,7 +27,16 @@ def l0(pytestconfig: pytest.Config) -> HostReport:
 @pytest.fixture(scope="session")
 def nested_guest(pytestconfig: pytest.Config) -> Callable[[int], Guest]:
     """Factory: `nested_guest(level)` returns the running guest at that level."""
-    return _pool(pytestconfig).get
+    pool = _pool(pytestconfig)
+
+    def get(level: int) -> Guest:
+        try:
+            return pool.get(level)
+        except NestedKvmError as exc:
+            # Infrastructure trouble: the message says what and why; the plugin's stack does not help.
+            pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)
+
+    return get
 
 
 @pytest.fixture(scope="session")

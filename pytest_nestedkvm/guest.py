@@ -227,8 +227,10 @@ class Guest:
         try:
             channel.connect(deadline - time.monotonic())
         except NestedKvmError as exc:
-            if isinstance(exc, GuestCrashed):
-                raise BootError(f"{self.name} died while booting: {exc}") from None
+            # A closed channel usually means QEMU is exiting: give it a moment to be reaped.
+            crash = self._crash_report(wait=5.0 if isinstance(exc, ChannelError) else 0.0)
+            if crash is not None:
+                raise BootError(f"{self.name} died while booting: {crash}") from None
             qemu_said = self.process.output(5)
             raise BootError(
                 f"{self.name} did not boot within {self.boot_timeout:g} s: its {role} channel never answered "
@@ -240,13 +242,21 @@ class Guest:
 
     def _check_alive(self) -> None:
         """Raise GuestCrashed when QEMU is gone; the channel calls this while it waits."""
+        crash = self._crash_report()
+        if crash is not None:
+            raise GuestCrashed(crash)
+
+    def _crash_report(self, wait: float = 0.0) -> str | None:
+        """What happened to a QEMU that has exited (waiting up to `wait` s for it), or None."""
+        try:
+            wait_for("QEMU exit", lambda: self.process.exit_status() is not None, wait, interval=0.1)
+        except TimeoutError:
+            return None
         status = self.process.exit_status()
-        if status is None:
-            return
         problem = self.console.first_problem(self.console_start)
         what = f"kernel problem: {problem}" if problem else "no kernel panic on the console"
         qemu_said = self.process.output(5)
-        raise GuestCrashed(
+        return (
             f"{self.name} QEMU exited with status {status} ({what})"
             + (f"\nQEMU said:\n{qemu_said}" if qemu_said else "")
             + f"\nlast console lines:\n{self.console.tail()}"
