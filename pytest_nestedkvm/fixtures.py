@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
@@ -12,6 +13,19 @@ from .host import HostReport
 from .pool import GuestPool
 
 POOL_KEY = pytest.StashKey[GuestPool]()
+T = TypeVar("T")
+
+
+def reported(call: Callable[[int], T], level: int) -> T:
+    """`call(level)`, with plugin errors turned into a test error that shows just the message.
+
+    Infrastructure trouble says what and why; the plugin's own stack does not help.
+    """
+    try:
+        return call(level)
+    except NestedKvmError as exc:
+        error = exc
+    pytest.fail(f"{type(error).__name__}: {error}", pytrace=False)
 
 
 def _pool(config: pytest.Config) -> GuestPool:
@@ -30,11 +44,7 @@ def nested_guest(pytestconfig: pytest.Config) -> Callable[[int], Guest]:
     pool = _pool(pytestconfig)
 
     def get(level: int) -> Guest:
-        try:
-            return pool.get(level)
-        except NestedKvmError as exc:
-            # Infrastructure trouble: the message says what and why; the plugin's stack does not help.
-            pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)
+        return reported(pool.get, level)
 
     return get
 

@@ -162,6 +162,7 @@ class Guest:
         self.log = logging.getLogger(f"pytest_nestedkvm.guest.{self.name}")
         self.boot_seconds: float | None = None
         self.console_start = 0
+        self.console_ready = 0
         self.streams: dict[tuple[int, str], socket.socket] = {}  # L1 only: every level's sockets
         self._shell: ShellChannel | None = None
         self._control: ShellChannel | None = None
@@ -194,6 +195,7 @@ class Guest:
             self.close(keep_files=True)
             raise
         self.boot_seconds = time.monotonic() - started
+        self.console_ready = self.console.size()  # boot-time console lines are judged by the boot itself
         self.log.info("ready in %.2f s", self.boot_seconds)
         return self
 

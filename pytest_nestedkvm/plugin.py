@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from .errors import ConfigError, NestedKvmError
-from .fixtures import POOL_KEY, l0, l1, l2, nested_guest
+from .fixtures import POOL_KEY, l0, l1, l2, nested_guest, reported
 from .host import enable_nested, find_qemu, probe
 from .pool import GuestPool
 from .settings import OPTIONS, Settings
 
 __all__ = ["l0", "l1", "l2", "nested_guest"]
 
+CONSOLE_MARKS = pytest.StashKey[dict[int, int]]()
 # Fixture name -> the guest level it needs.
 LEVEL_FIXTURES = {"l1": 1, "l2": 2}
 
@@ -96,6 +97,31 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("nested_fresh"):
         for level in levels:
             pool.restart(level)
+    for level in levels:
+        reported(pool.restore, level)  # a guest an earlier test crashed comes back pristine
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    item.stash[CONSOLE_MARKS] = item.config.stash[POOL_KEY].console_marks()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    marks = item.stash.get(CONSOLE_MARKS, None)
+    if call.when != "call" or marks is None:
+        return report
+    trouble = item.config.stash[POOL_KEY].trouble_since(marks)
+    if trouble is not None:
+        # Blame this test: the crash happened while it ran. The next test gets a fresh guest.
+        report.outcome = "failed"
+        report.longrepr = trouble.headline
+        report.sections.append((f"L{trouble.level} console during this test", trouble.console[-20000:]))
+    return report
 
 
 @pytest.hookimpl(wrapper=True)

@@ -10,6 +10,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,20 @@ log = logging.getLogger("pytest_nestedkvm.pool")
 # Seconds to first command. L0's accelerator sets the pace of the whole chain (under
 # TCG every level is emulated), and each level multiplies the cost.
 BOOT_TIMEOUT = {"kvm": 30.0, "tcg": 90.0}
+
+
+@dataclass(frozen=True)
+class Trouble:
+    """A guest that crashed or complained during a test: who, a one-line headline, its console."""
+
+    level: int
+    headline: str
+    console: str
+
+
+# First matching fragment of a console problem line -> how the headline names it.
+PROBLEM_KINDS = (("Kernel panic", "kernel panic"), ("Oops", "kernel oops"), ("BUG:", "kernel BUG"),
+                 ("general protection", "kernel oops"), ("WARNING:", "kernel WARN"))
 
 
 class GuestPool:
@@ -90,6 +105,38 @@ class GuestPool:
             verify_kvm(parent, guest)
         self.progress(f"L{level} ready in {guest.boot_seconds:.1f} s ({guest.spec.accel}, -cpu {guest.spec.cpu})")
         return guest
+
+    def console_marks(self) -> dict[int, int]:
+        """Where each running guest's console stands now: a test's trouble is what comes after."""
+        return {level: guest.console.size() for level, guest in self.guests.items() if guest.alive}
+
+    def trouble_since(self, marks: dict[int, int]) -> Trouble | None:
+        """The first guest (outermost) that crashed or printed a kernel problem since `marks`."""
+        for level, mark in sorted(marks.items()):
+            guest = self.guests[level]
+            since = max(mark, guest.console_ready)  # a reboot inside the test starts a new boot log
+            problem = guest.console.first_problem(since)
+            status = guest.process.exit_status() if problem or not guest.alive else None
+            if problem is None and guest.alive:
+                continue
+            if problem is not None:
+                kind = next((k for pattern, k in PROBLEM_KINDS if pattern in problem), "kernel problem")
+                headline = f"L{level} {kind} during this test: {problem}"
+            elif status is not None:
+                headline = f"L{level} QEMU exited with status {status} during this test (no panic on its console)"
+            else:
+                headline = f"L{level} stopped answering during this test"
+            deeper = [f"L{d}" for d in sorted(marks) if d > level]
+            if deeper and status is not None:
+                headline += f"; {', '.join(deeper)} went down with it"
+            return Trouble(level, headline, guest.console.read(mark))
+        return None
+
+    def restore(self, level: int) -> None:
+        """Boot the guest at `level` again, from its pristine spec, if it is down."""
+        guest = self.guests.get(level)
+        if guest is not None and not guest.alive:
+            self.get(level)
 
     def restart(self, level: int) -> None:
         """Give the next user of `level` a freshly booted guest."""

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-pytestmark = pytest.mark.nested(level=1)
-
-
-def qemu_processes() -> set[str]:
-    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
-    return set(out.split())
+pytestmark = [pytest.mark.nested(level=1), pytest.mark.usefixtures("no_qemu_left")]
 
 
 def test_guest_that_never_boots_is_an_error_quoting_its_console(pytester: pytest.Pytester) -> None:
-    before = qemu_processes()
     pytester.makepyfile("def test_uses_l1(l1):\n    raise AssertionError('must not run')\n")
     result = pytester.runpytest_subprocess("--nested-append=rdinit=/no/such/init", "--nested-boot-timeout=120")
     result.assert_outcomes(errors=1)
@@ -23,16 +15,13 @@ def test_guest_that_never_boots_is_an_error_quoting_its_console(pytester: pytest
     assert "BootError: l1 died while booting" in out
     assert "Kernel panic - not syncing" in out
     assert "pool.py" not in out  # the message, not the plugin's stack
-    assert qemu_processes() <= before
 
 
 def test_boot_timeout_is_an_error_and_kills_qemu(pytester: pytest.Pytester) -> None:
-    before = qemu_processes()
     pytester.makepyfile("def test_uses_l1(l1):\n    raise AssertionError('must not run')\n")
     result = pytester.runpytest_subprocess("--nested-boot-timeout=1")
     result.assert_outcomes(errors=1)
     assert "l1 did not boot within 1 s" in result.stdout.str()
-    assert qemu_processes() <= before
 
 
 def test_missing_kernel_modules_is_a_short_error(pytester: pytest.Pytester, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -226,7 +226,7 @@ def test_help_lists_every_option_with_ini_key_and_env_var(pytester: pytest.Pytes
 
 
 @pytest.mark.parametrize("source", ["cli", "env", "ini"])
-@pytest.mark.parametrize("name", option_params())
+@pytest.mark.parametrize("name", list(option_params()))
 def test_option_is_honoured_from_each_source(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, name: str, source: str
 ) -> None:
@@ -252,7 +252,7 @@ def test_defaults_when_nothing_is_set(pytester: pytest.Pytester) -> None:
     assert data["enable"] == "False"
 
 
-@pytest.mark.parametrize("name", option_params())
+@pytest.mark.parametrize("name", list(option_params()))
 def test_cli_beats_env_beats_ini(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     option = OPTION_BY_NAME[name]
     cli, env, ini = make_values(pytester.path)[name]

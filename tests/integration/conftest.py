@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pytest_nestedkvm.initramfs import cache_dir
+
+# pytester points HOME into /tmp, which guests cover with tmpfs: inner sessions keep
+# using the real (content-addressed, shareable) boot cache instead.
+CACHE_ROOT = cache_dir().parent
+
+
+@pytest.fixture(autouse=True)
+def _real_boot_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(CACHE_ROOT))
+
+
+def qemu_processes() -> set[str]:
+    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+@pytest.fixture
+def running_qemus() -> Callable[[], set[str]]:
+    """PIDs of the QEMU processes on this machine now."""
+    return qemu_processes
+
+
+@pytest.fixture
+def no_qemu_left() -> Iterator[None]:
+    """The test must not leave a QEMU process behind (it gets 5 s to go away)."""
+    before = qemu_processes()
+    yield
+    for _ in range(50):
+        if qemu_processes() <= before:
+            return
+        time.sleep(0.1)
+    assert qemu_processes() <= before, "a QEMU process outlived the test"

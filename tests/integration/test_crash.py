@@ -1,0 +1,105 @@
+"""Crash safety with real guests: blame the test, come back pristine, leave no QEMU behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+pytestmark = [pytest.mark.nested(level=1), pytest.mark.usefixtures("no_qemu_left")]
+
+
+def test_l1_crash_fails_that_test_only_and_the_next_test_gets_a_pristine_l1(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_a_leaves_a_mark(l1):
+            l1.succeed("echo dirty > /tmp/mark")
+
+        def test_b_crashes_l1(l1):
+            l1.crash()
+
+        def test_c_runs_on_a_fresh_l1(l1):
+            assert l1.alive
+            l1.fail("test -e /tmp/mark")
+            assert l1.succeed("echo fine") == "fine\\n"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=1)
+    out = result.stdout.str()
+    assert "test_b_crashes_l1 - L1 kernel panic during this test: " in out or (
+        "L1 kernel panic during this test: " in out and "FAILED test_l1_crash" in out
+    )
+    assert "sysrq triggered crash" in out
+    assert "L1 console during this test" in out
+
+
+def test_panic_from_a_command_is_blamed_on_the_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_panics_through_a_command(l1):
+            l1.run("echo c > /proc/sysrq-trigger", timeout=30)
+
+        def test_after(l1):
+            l1.succeed("true")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rf")
+    result.assert_outcomes(passed=1, failed=1)
+    assert "L1 kernel panic during this test: " in result.stdout.str()
+
+
+@pytest.mark.nested(level=2)
+def test_l2_crash_restarts_l2_only(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def first_l1_pid(l1):
+            return l1.process.process.pid
+
+        def test_a(l2, first_l1_pid):
+            l2.succeed("true")
+
+        def test_b_crashes_l2(l2):
+            l2.crash()
+
+        def test_c(l2, l1, first_l1_pid):
+            assert l2.succeed("echo back") == "back\\n"
+            assert l1.process.process.pid == first_l1_pid  # L1 kept running
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-levels=2")
+    result.assert_outcomes(passed=2, failed=1)
+    assert "L2 kernel panic during this test: " in result.stdout.str()
+
+
+def test_sigkill_of_pytest_leaves_no_qemu(pytester: pytest.Pytester, running_qemus: Callable[[], set[str]]) -> None:
+    pytester.makepyfile(
+        """
+        import time
+
+        def test_holds_l1(l1):
+            print("L1-UP", flush=True)
+            time.sleep(300)
+        """
+    )
+    before = running_qemus()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider"], cwd=pytester.path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 180
+    for line in proc.stdout:
+        if "L1-UP" in line or time.monotonic() > deadline:
+            break
+    assert running_qemus() - before, "the inner session should have an L1 running"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()  # no_qemu_left checks that its QEMU died with it
