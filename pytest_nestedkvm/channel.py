@@ -153,8 +153,10 @@ class ShellChannel:
             received = [*parts, bytes(self._buffer)]  # what arrived: stdout first, stderr after it ended
             stopped = self._recover(command, markers[len(parts):])
             what = "was killed" if stopped else "could not be stopped, so this channel is now unusable"
+            printed = b"".join(received).decode("utf-8", "replace").rstrip().splitlines()[-5:]
             raise CommandTimeout(
-                f"{self.name}: command timed out after {timeout:g} s and {what}: {command!r}",
+                f"{self.name}: command timed out after {timeout:g} s and {what}: {command!r}"
+                + ("\nits last output:\n" + "\n".join(printed) if printed else "\nit printed nothing"),
                 command=command, timeout=timeout, stdout=received[0],
                 stderr=received[1] if len(received) > 1 else b"",
             ) from None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .channel import CommandResult, ShellChannel
 from .console import Console
-from .errors import BootError, ChannelError, CommandFailed, GuestCrashed, NestedKvmError
+from .errors import BootError, ChannelError, CommandFailed, CommandTimeout, GuestCrashed, NestedKvmError
 from .initramfs import PORT_DIR
 from .qemu import GuestSpec, HostEnds, ParentEnds, build_argv, shell_line
 from .qmp import Qmp
@@ -96,7 +96,7 @@ class ProcessInGuest:
     def __init__(self, parent: Guest, workdir: str) -> None:
         self.parent = parent
         self.workdir = workdir
-        self.started = False
+        self.started_in: int | None = None  # the parent's boot this QEMU was started in
 
     def start(self, argv: list[str]) -> None:
         w = self.workdir
@@ -105,18 +105,18 @@ class ProcessInGuest:
             f"( {shell_line(argv)} </dev/null >qemu.log 2>&1 & echo $! > pid; wait $!; echo $? > exit ) "
             ">/dev/null 2>&1 </dev/null &"
         )
-        self.started = True
+        self.started_in = self.parent.boots
 
     def exit_status(self) -> int | None:
-        if not self.started:
+        if self.started_in is None:
             return None
-        if not self.parent.alive:
-            return -1
+        if not self.parent.alive or self.parent.boots != self.started_in:
+            return -1  # the parent went down, and this QEMU with it
         status = self.parent.run(f"cat {self.workdir}/exit 2>/dev/null").stdout.strip()
         return int(status) if status else None
 
     def stop(self) -> None:
-        if not self.started or not self.parent.alive:
+        if self.started_in is None or self.exit_status() is not None:
             return
         w = self.workdir
         self.parent.run(
@@ -126,7 +126,7 @@ class ProcessInGuest:
         )
 
     def output(self, lines: int) -> str:
-        if not self.started or not self.parent.alive:
+        if self.started_in != self.parent.boots or not self.parent.alive:
             return ""
         return self.parent.run(f"tail -n {lines} {self.workdir}/qemu.log 2>/dev/null").stdout.rstrip()
 
@@ -163,6 +163,7 @@ class Guest:
         self.boot_seconds: float | None = None
         self.console_start = 0
         self.console_ready = 0
+        self.boots = 0  # how many times this guest was started: deeper guests notice a reboot
         self.streams: dict[tuple[int, str], socket.socket] = {}  # L1 only: every level's sockets
         self._shell: ShellChannel | None = None
         self._control: ShellChannel | None = None
@@ -179,6 +180,7 @@ class Guest:
         started = time.monotonic()
         deadline = started + self.boot_timeout
         self.console_start = self.console.size()  # a deeper guest's log continues across restarts
+        self.boots += 1
         self.log.info("starting: %s", shell_line(self.qemu_argv))
         try:
             if self.parent is None:
@@ -332,7 +334,11 @@ class Guest:
     def run(self, command: str, timeout: float | None = None) -> CommandResult:
         if self._shell is None:
             raise ChannelError(f"{self.name} is not running")
-        return self._shell.run(command, self.command_timeout if timeout is None else timeout)
+        try:
+            return self._shell.run(command, self.command_timeout if timeout is None else timeout)
+        except CommandTimeout as exc:
+            exc.args = (f"{exc}\nlast console lines of {self.name}:\n{self.console.tail(10)}",)
+            raise
 
     def succeed(self, command: str, timeout: float | None = None) -> str:
         """Run `command`, require exit status 0, return its stdout."""

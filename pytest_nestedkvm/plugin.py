@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from . import artifacts
 from .errors import ConfigError, NestedKvmError
 from .fixtures import POOL_KEY, l0, l1, l2, nested_guest, reported
 from .host import enable_nested, find_qemu, probe
-from .pool import GuestPool
+from .pool import GuestPool, Mark
 from .settings import OPTIONS, Settings
 
 __all__ = ["l0", "l1", "l2", "nested_guest"]
 
-CONSOLE_MARKS = pytest.StashKey[dict[int, int]]()
+MARKS = pytest.StashKey[dict[int, Mark]]()
 # Fixture name -> the guest level it needs.
 LEVEL_FIXTURES = {"l1": 1, "l2": 2}
 
@@ -90,6 +91,8 @@ def _levels_used(item: pytest.Item) -> list[int]:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     pool = item.config.stash[POOL_KEY]
     levels = _levels_used(item)
+    if levels:
+        item.user_properties.extend(pool.properties)  # JUnit XML: what ran this test
     for level in levels:
         reason = pool.skip_reason(level)
         if reason:
@@ -103,7 +106,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
-    item.stash[CONSOLE_MARKS] = item.config.stash[POOL_KEY].console_marks()
+    item.stash[MARKS] = item.config.stash[POOL_KEY].mark()
     return (yield)
 
 
@@ -112,15 +115,17 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
-    marks = item.stash.get(CONSOLE_MARKS, None)
-    if call.when != "call" or marks is None:
-        return report
-    trouble = item.config.stash[POOL_KEY].trouble_since(marks)
+    pool = item.config.stash[POOL_KEY]
+    marks = item.stash.get(MARKS, {}) if call.when == "call" else {}
+    trouble = pool.trouble_since(marks) if marks else None
     if trouble is not None:
         # Blame this test: the crash happened while it ran. The next test gets a fresh guest.
         report.outcome = "failed"
         report.longrepr = trouble.headline
         report.sections.append((f"L{trouble.level} console during this test", trouble.console[-20000:]))
+    if report.failed and call.when in ("setup", "call") and pool.settings.artifacts and pool.guests:
+        kept = artifacts.save(artifacts.directory_for(pool.settings.artifacts, item.nodeid), pool, marks)
+        report.sections.append(("nestedkvm artifacts", str(kept)))
     return report
 
 

@@ -6,7 +6,10 @@ disk is -snapshot and the built-in root is read-only, so a restart is a clean sl
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import pwd
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .errors import HostError
+from .errors import HostError, NestedKvmError
 from .guest import Guest
 from .host import HostReport
 from .initramfs import TMPFS_DIRS, boot_image, build_initramfs, find_kernel
@@ -27,6 +30,8 @@ log = logging.getLogger("pytest_nestedkvm.pool")
 # Seconds to first command. L0's accelerator sets the pace of the whole chain (under
 # TCG every level is emulated), and each level multiplies the cost.
 BOOT_TIMEOUT = {"kvm": 30.0, "tcg": 90.0}
+COMMAND_TIMEOUT = {"kvm": 60.0, "tcg": 120.0}
+RUN_DIR_PREFIX = "nestedkvm-"
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,14 @@ class Trouble:
     level: int
     headline: str
     console: str
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A running guest's state when a test started."""
+
+    console: int  # bytes in its console log
+    uptime: float | None  # seconds since it booted (only measured when artifacts are kept)
 
 
 # First matching fragment of a console problem line -> how the headline names it.
@@ -48,8 +61,23 @@ class GuestPool:
         self.settings = settings
         self.report = report
         self.progress = progress or log.info
-        self.run_root = Path(tempfile.mkdtemp(prefix="nestedkvm-"))  # 0700, private to this process
+        _remove_stale_run_dirs()
+        # 0700, private to this process; the pid in the name lets a later session clean up after a SIGKILL.
+        self.run_root = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
         self.guests: dict[int, Guest] = {}
+
+    @functools.cached_property
+    def properties(self) -> list[tuple[str, str]]:
+        """The plan and versions, for JUnit XML: which accelerator, CPU, QEMU and kernel ran the tests."""
+        props = [("nestedkvm_accel", self.report.accel), ("nestedkvm_cpu", self.report.cpu),
+                 ("nestedkvm_levels", str(self.settings.levels))]
+        if self.report.qemu is not None:
+            props.append(("nestedkvm_qemu", self.report.qemu.version))
+        try:
+            props.append(("nestedkvm_kernel", find_kernel(self.settings.kernel, self.settings.modules).release))
+        except NestedKvmError:
+            pass  # reported where the kernel is needed
+        return props
 
     def skip_reason(self, level: int) -> str | None:
         """Why a test at `level` cannot run in this session, or None."""
@@ -94,7 +122,7 @@ class GuestPool:
             guest = Guest(
                 self.spec_for(level), self.run_root, parent=parent,
                 boot_timeout=self.settings.boot_timeout or BOOT_TIMEOUT[self.report.accel] * level,
-                command_timeout=self.settings.command_timeout,
+                command_timeout=self.settings.command_timeout or COMMAND_TIMEOUT[self.report.accel] * level,
             )
             self.guests[level] = guest
         else:
@@ -106,14 +134,19 @@ class GuestPool:
         self.progress(f"L{level} ready in {guest.boot_seconds:.1f} s ({guest.spec.accel}, -cpu {guest.spec.cpu})")
         return guest
 
-    def console_marks(self) -> dict[int, int]:
-        """Where each running guest's console stands now: a test's trouble is what comes after."""
-        return {level: guest.console.size() for level, guest in self.guests.items() if guest.alive}
+    def mark(self) -> dict[int, Mark]:
+        """Where each running guest stands now: a test's trouble is what comes after."""
+        keep = self.settings.artifacts is not None  # the uptime costs a command per guest
+        return {
+            level: Mark(guest.console.size(), _uptime(guest) if keep else None)
+            for level, guest in self.guests.items() if guest.alive
+        }
 
-    def trouble_since(self, marks: dict[int, int]) -> Trouble | None:
+    def trouble_since(self, marks: dict[int, Mark]) -> Trouble | None:
         """The first guest (outermost) that crashed or printed a kernel problem since `marks`."""
-        for level, mark in sorted(marks.items()):
+        for level, at in sorted(marks.items()):
             guest = self.guests[level]
+            mark = at.console
             since = max(mark, guest.console_ready)  # a reboot inside the test starts a new boot log
             problem = guest.console.first_problem(since)
             status = guest.process.exit_status() if problem or not guest.alive else None
@@ -178,3 +211,22 @@ def verify_kvm(parent: Guest, guest: Guest) -> None:
     if not (kvm["present"] and kvm["enabled"]):
         raise HostError(f"L{guest.level}'s QEMU is not using KVM (query-kvm: {kvm}): it fell back to emulation "
                         f"inside {where}")
+
+
+def _remove_stale_run_dirs() -> None:
+    """Remove run directories whose pytest process is gone (it was killed before it could)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*-*"):
+        pid = path.name.removeprefix(RUN_DIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and path.owner() == _user():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _user() -> str:
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _uptime(guest: Guest) -> float | None:
+    try:
+        return float(guest.run("cut -d' ' -f1 /proc/uptime", timeout=30).stdout)
+    except (NestedKvmError, ValueError):
+        return None

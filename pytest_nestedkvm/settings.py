@@ -63,8 +63,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("l2_image", "disk image (qcow2/raw) to boot as L2 instead of the built-in guest", "PATH"),
     Option("boot_timeout", "seconds a guest may take to answer its first command (default scales with "
            "accelerator and depth)", "S"),
-    Option("command_timeout", "default seconds a guest command may run (default 120)", "S"),
-    Option("artifacts", "directory that keeps consoles and QEMU command lines of failed tests", "DIR"),
+    Option("command_timeout", "default seconds a guest command may run (default 60 x level with KVM, 120 x level "
+           "under TCG)", "S"),
+    Option("artifacts", "keep, per failed test, each guest's console, QEMU command line and new dmesg lines "
+           "in DIR/<test id>/", "DIR"),
     Option("enable", "try to reload kvm_intel/kvm_amd with nested=1 when it is off (needs root)", flag=True),
 )
 
@@ -75,7 +77,6 @@ OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 NOT_YET = {
     "l1_image": "user disk images need the SSH / serial-login channel; boot the built-in guest for now",
     "l2_image": "user disk images need the SSH / serial-login channel; boot the built-in guest for now",
-    "artifacts": "consoles are kept in the pytest run directory only while the session runs",
 }
 
 
@@ -92,7 +93,7 @@ class Settings:
     l1_image: Path | None = None
     l2_image: Path | None = None
     boot_timeout: float | None = None
-    command_timeout: float = 120.0
+    command_timeout: float | None = None
     artifacts: Path | None = None
     enable: bool = False
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

@@ -103,3 +103,70 @@ def test_sigkill_of_pytest_leaves_no_qemu(pytester: pytest.Pytester, running_qem
     assert running_qemus() - before, "the inner session should have an L1 running"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()  # no_qemu_left checks that its QEMU died with it
+
+
+def test_l1_crash_takes_l2_down_and_both_come_back(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_a(l2):
+            l2.succeed("true")
+
+        def test_b_crashes_l1(l1):
+            l1.crash()
+
+        def test_c(l2, l1):
+            assert l2.succeed("echo back") == "back\\n"
+            assert l1.alive
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-levels=2")
+    result.assert_outcomes(passed=2, failed=1)
+    assert "L1 kernel panic during this test: " in result.stdout.str()
+
+
+def test_artifacts_of_a_failed_test_and_junit_properties(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_passes(l1):
+            l1.succeed("true")
+
+        def test_fails(l1):
+            l1.succeed("echo from-the-failing-test > /dev/kmsg")
+            assert False, "boom"
+        """
+    )
+    artifacts = pytester.path / "artifacts"
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--nested-artifacts={artifacts}", "--junitxml=junit.xml"
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    kept = sorted(p.name for p in artifacts.iterdir())
+    assert kept == ["test_artifacts_of_a_failed_test_and_junit_properties.py_test_fails"]
+    files = artifacts / kept[0]
+    assert sorted(p.name for p in files.iterdir()) == ["l1-console.log", "l1-dmesg.txt", "l1-qemu.sh"]
+    assert "from-the-failing-test" in (files / "l1-dmesg.txt").read_text()
+    assert "Linux version" not in (files / "l1-dmesg.txt").read_text()  # only what came during the test
+    assert (files / "l1-qemu.sh").read_text().splitlines()[2].startswith("/usr/bin/qemu-system-x86_64 ")
+    junit = (pytester.path / "junit.xml").read_text()
+    assert 'name="nestedkvm_accel"' in junit and 'name="nestedkvm_kernel"' in junit
+
+
+def test_thirty_tests_with_every_third_crashing_l1(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("n", range(1, 31))
+        def test_n(l1, n):
+            if n % 3 == 0:
+                l1.run("echo c > /proc/sysrq-trigger", timeout=60)
+            assert l1.succeed(f"echo {n}") == f"{n}\\n"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rf")
+    result.assert_outcomes(passed=20, failed=10)
+    failed = sorted(int(line.split("[", 1)[1].split("]", 1)[0]) for line in result.outlines
+                    if line.startswith("FAILED "))
+    assert failed == list(range(3, 31, 3))
+    # Each failure's report is the headline alone (the summary line repeats it, cut to the terminal width).
+    assert result.stdout.str().count("\nL1 kernel panic during this test: ") == 10

@@ -1,0 +1,44 @@
+"""What a failed test leaves behind in --nested-artifacts DIR, one directory per test.
+
+Per guest level: the console while the test ran, the exact QEMU command line as a
+runnable script, and the kernel log lines printed since the test started.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .pool import GuestPool, Mark
+from .qemu import shell_line
+
+_TIMESTAMP = re.compile(r"^\[\s*(\d+\.\d+)\]")
+
+
+def directory_for(root: Path, nodeid: str) -> Path:
+    return root / re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")
+
+
+def save(directory: Path, pool: GuestPool, marks: dict[int, Mark]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for level, guest in sorted(pool.guests.items()):
+        mark = marks.get(level)
+        start = mark.console if mark is not None else guest.console_start
+        (directory / f"l{level}-console.log").write_text(guest.console.read(start))
+        where = "on the host" if guest.parent is None else f"inside L{level - 1}"
+        (directory / f"l{level}-qemu.sh").write_text(
+            f"#!/bin/sh\n# L{level}, started {where}\n{shell_line(guest.qemu_argv)}\n"
+        )
+        if mark is not None and mark.uptime is not None and guest.alive:
+            (directory / f"l{level}-dmesg.txt").write_text(_dmesg_since(guest.run("dmesg", timeout=30).stdout,
+                                                                         mark.uptime))
+    return directory
+
+
+def _dmesg_since(dmesg: str, uptime: float) -> str:
+    lines = [line for line in dmesg.splitlines()
+             if (m := _TIMESTAMP.match(line)) is None or float(m.group(1)) >= uptime]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+
