@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from .channel import CommandResult, ShellChannel
 from .console import Console
@@ -196,6 +197,7 @@ class Guest:
         except BaseException:
             self.close(keep_files=True)
             raise
+        self.qmp().events()  # connect now: a crash's GUEST_PANICKED / SHUTDOWN events are kept from here on
         self.boot_seconds = time.monotonic() - started
         self.console_ready = self.console.size()  # boot-time console lines are judged by the boot itself
         self.log.info("ready in %.2f s", self.boot_seconds)
@@ -257,6 +259,9 @@ class Guest:
         except TimeoutError:
             return None
         status = self.process.exit_status()
+        if self.parent is not None and status == -1:  # see ProcessInGuest.exit_status
+            why = self.parent._crash_report() or f"{self.parent.name} was restarted or its channel broke"
+            return f"{self.name} went down with its parent: {why}"
         problem = self.console.first_problem(self.console_start)
         what = f"kernel problem: {problem}" if problem else "no kernel panic on the console"
         qemu_said = self.process.output(5)
@@ -292,6 +297,10 @@ class Guest:
             else:
                 self._qmp = Qmp(self.root.streams[(self.level, "qmp")].dup())
         return self._qmp
+
+    def qmp_events(self, wait: float = 0.0) -> list[dict[str, Any]]:
+        """QMP events since the last call ([] before the monitor was connected); kept after QEMU exits."""
+        return [] if self._qmp is None else self._qmp.events(wait)
 
     def close(self, keep_files: bool = False) -> None:
         """Stop QEMU (gracefully if it listens, else by force); tolerates a half-started guest."""

@@ -152,9 +152,12 @@ class GuestPool:
             status = guest.process.exit_status() if problem or not guest.alive else None
             if problem is None and guest.alive:
                 continue
+            event = _exit_event(guest) if status is not None else None
             if problem is not None:
                 kind = next((k for pattern, k in PROBLEM_KINDS if pattern in problem), "kernel problem")
                 headline = f"L{level} {kind} during this test: {problem}"
+            elif event is not None:
+                headline = f"L{level} {event[0]} during this test ({event[1]}; QEMU exit status {status})"
             elif status is not None:
                 headline = f"L{level} QEMU exited with status {status} during this test (no panic on its console)"
             else:
@@ -230,3 +233,15 @@ def _uptime(guest: Guest) -> float | None:
         return float(guest.run("cut -d' ' -f1 /proc/uptime", timeout=30).stdout)
     except (NestedKvmError, ValueError):
         return None
+
+
+def _exit_event(guest: Guest) -> tuple[str, str] | None:
+    """What QEMU's own events say ended the guest: a pvpanic report, or a guest shutdown/reset."""
+    events = guest.qmp_events(wait=0.5)
+    for event in events:
+        if event.get("event") == "GUEST_PANICKED":
+            return "kernel panic", "QMP GUEST_PANICKED"
+    for event in events:
+        if event.get("event") == "SHUTDOWN":
+            return "shut down", f"QMP SHUTDOWN, reason {event.get('data', {}).get('reason', 'unknown')}"
+    return None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 # qemu.qmp logs every negotiation at INFO; keep it out of test reports.
@@ -29,11 +31,21 @@ class Qmp:
         result = self.command("query-kvm")
         return {"enabled": bool(result["enabled"]), "present": bool(result["present"])}
 
-    def events(self) -> list[dict[str, Any]]:
-        return list(self._qmp.get_events(wait=False))
+    def events(self, wait: float = 0.0) -> list[dict[str, Any]]:
+        """Events QEMU sent since the last call, waiting up to `wait` s for a first one.
+
+        Also after QEMU has exited: what it sent before closing the socket is kept.
+        """
+        try:
+            return list(self._qmp.get_events(wait=wait or False))
+        except (asyncio.TimeoutError, OSError, QMPError):
+            return []
 
     def quit(self) -> None:
         self.command("quit")
 
     def close(self) -> None:
-        self._qmp.close()
+        try:
+            self._qmp.close()
+        except (EOFError, OSError, QMPError):
+            pass  # QEMU already closed its end: there is nothing left to say goodbye to

@@ -170,3 +170,18 @@ def test_thirty_tests_with_every_third_crashing_l1(pytester: pytest.Pytester) ->
     assert failed == list(range(3, 31, 3))
     # Each failure's report is the headline alone (the summary line repeats it, cut to the terminal width).
     assert result.stdout.str().count("\nL1 kernel panic during this test: ") == 10
+
+
+def test_guest_reboot_is_reported_from_qemus_shutdown_event(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_reboots(l1):
+            l1.run("reboot -f", timeout=30)
+
+        def test_after(l1):
+            l1.succeed("true")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    assert "L1 shut down during this test (QMP SHUTDOWN, reason guest-reset; QEMU exit status 0)" in result.stdout.str()

@@ -487,42 +487,24 @@ def test_marker_within_levels_runs(pytester: pytest.Pytester) -> None:
     pytester.runpytest("-rs", "--nested-levels=0").assert_outcomes(passed=1)
 
 
-def test_l1_fixture_under_levels_0_is_skipped_not_errored(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(
-        """
-        def test_needs_l1(l1):
-            raise AssertionError("must not run")
-        """
-    )
+@pytest.mark.parametrize(
+    ("test_body", "level"),
+    [
+        ("def test_needs_l1(l1):\n    raise AssertionError('must not run')\n", 1),
+        ("def test_needs_l2(l2):\n    raise AssertionError('must not run')\n", 2),
+        ("def test_needs_l2(nested_guest):\n    nested_guest(2)\n    raise AssertionError('must not run')\n", 2),
+    ],
+    ids=["l1-fixture", "l2-fixture", "nested_guest-factory"],
+)
+def test_guest_fixtures_under_levels_0_are_skipped_not_errored(
+    pytester: pytest.Pytester, test_body: str, level: int
+) -> None:
+    pytester.makepyfile(test_body)
     result = pytester.runpytest("-rs", "--nested-levels=0")
     result.assert_outcomes(skipped=1)
-    assert_skipped_with(result, ["needs L1, but this session provides up to L0 (run with --nested-levels=1)"])
-
-
-def test_nested_guest_factory_under_levels_0_is_skipped(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(
-        """
-        def test_needs_l2(nested_guest):
-            nested_guest(2)
-            raise AssertionError("must not run")
-        """
+    assert_skipped_with(
+        result, [f"needs L{level}, but this session provides up to L0 (run with --nested-levels={level})"]
     )
-    result = pytester.runpytest("-rs", "--nested-levels=0")
-    result.assert_outcomes(skipped=1)
-    assert_skipped_with(result, ["needs L2, but this session provides up to L0 (run with --nested-levels=2)"])
-
-
-def test_l2_fixture_under_levels_0_is_skipped(pytester: pytest.Pytester) -> None:
-    """DESIGN.md section 4: `l1`, `l2` -> Guest; asking for L2 in an L0 session is a skip."""
-    pytester.makepyfile(
-        """
-        def test_needs_l2(l2):
-            raise AssertionError("must not run")
-        """
-    )
-    result = pytester.runpytest("-rs", "--nested-levels=0")
-    result.assert_outcomes(skipped=1)
-    assert_skipped_with(result, ["needs L2, but this session provides up to L0 (run with --nested-levels=2)"])
 
 
 def test_l0_works_under_levels_0(pytester: pytest.Pytester) -> None:
