@@ -12,8 +12,6 @@ from pathlib import Path
 from .pool import GuestPool, Mark
 from .qemu import shell_line
 
-_TIMESTAMP = re.compile(r"^\[\s*(\d+\.\d+)\]")
-
 
 def directory_for(root: Path, nodeid: str) -> Path:
     return root / re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")
@@ -29,16 +27,15 @@ def save(directory: Path, pool: GuestPool, marks: dict[int, Mark]) -> Path:
         (directory / f"l{level}-qemu.sh").write_text(
             f"#!/bin/sh\n# L{level}, started {where}\n{shell_line(guest.qemu_argv)}\n"
         )
-        if mark is not None and mark.uptime is not None and guest.alive:
-            (directory / f"l{level}-dmesg.txt").write_text(_dmesg_since(guest.run("dmesg", timeout=30).stdout,
-                                                                         mark.uptime))
+        if mark is not None and mark.kernel_log_tag is not None and guest.alive:
+            dmesg = guest.run("dmesg", timeout=30).stdout
+            (directory / f"l{level}-dmesg.txt").write_text(_after_tag(dmesg, mark.kernel_log_tag))
     return directory
 
 
-def _dmesg_since(dmesg: str, uptime: float) -> str:
-    lines = [line for line in dmesg.splitlines()
-             if (m := _TIMESTAMP.match(line)) is None or float(m.group(1)) >= uptime]
-    return "\n".join(lines) + "\n" if lines else ""
-
-
-
+def _after_tag(dmesg: str, tag: str) -> str:
+    """The kernel log lines after the last line carrying `tag`."""
+    lines = dmesg.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.endswith(tag)]
+    kept = lines[starts[-1] + 1:] if starts else lines
+    return "\n".join(kept) + "\n" if kept else ""

@@ -48,7 +48,7 @@ class Mark:
     """A running guest's state when a test started."""
 
     console: int  # bytes in its console log
-    uptime: float | None  # seconds since it booted (only measured when artifacts are kept)
+    kernel_log_tag: str | None  # a line written into its kernel log (only when artifacts are kept)
 
 
 # First matching fragment of a console problem line -> how the headline names it.
@@ -65,6 +65,7 @@ class GuestPool:
         # 0700, private to this process; the pid in the name lets a later session clean up after a SIGKILL.
         self.run_root = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
         self.guests: dict[int, Guest] = {}
+        self.marks_made = 0
 
     @functools.cached_property
     def properties(self) -> list[tuple[str, str]]:
@@ -136,9 +137,10 @@ class GuestPool:
 
     def mark(self) -> dict[int, Mark]:
         """Where each running guest stands now: a test's trouble is what comes after."""
-        keep = self.settings.artifacts is not None  # the uptime costs a command per guest
+        keep = self.settings.artifacts is not None  # the kernel log tag costs a command per guest
+        self.marks_made += 1
         return {
-            level: Mark(guest.console.size(), _uptime(guest) if keep else None)
+            level: Mark(guest.console.size(), _tag_kernel_log(guest, self.marks_made) if keep else None)
             for level, guest in self.guests.items() if guest.alive
         }
 
@@ -228,11 +230,17 @@ def _user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def _uptime(guest: Guest) -> float | None:
+def _tag_kernel_log(guest: Guest, number: int) -> str | None:
+    """Write a line into the guest's kernel log: what a test added comes after it.
+
+    (A tag, not a timestamp: printk's clock and /proc/uptime drift apart under TCG.)
+    """
+    tag = f"nestedkvm: test {number} starts"
     try:
-        return float(guest.run("cut -d' ' -f1 /proc/uptime", timeout=30).stdout)
-    except (NestedKvmError, ValueError):
+        guest.succeed(f"echo '{tag}' > /dev/kmsg", timeout=30)
+    except (NestedKvmError, AssertionError):
         return None
+    return tag
 
 
 def _exit_event(guest: Guest) -> tuple[str, str] | None:

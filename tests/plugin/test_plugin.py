@@ -162,6 +162,7 @@ def make_values(base: Path) -> ValueTable:
         "smp": (Case("4", (4,)), Case("2,1", (2, 1)), Case("3", (3,))),
         "boot_timeout": (Case("30", 30.0), Case("45.5", 45.5), Case("60", 60.0)),
         "command_timeout": (Case("10", 10.0), Case("20", 20.0), Case("7.5", 7.5)),
+        "artifacts": (directory("a-cli", False), directory("a-env", False), directory("a-ini", False)),
         # CLI: the switch itself; env/ini: "0" on the losing side of the precedence checks.
         "enable": (Case("", True), Case("yes", True), Case("on", True)),
     }
