@@ -165,6 +165,7 @@ class Guest:
         self.console_start = 0
         self.console_ready = 0
         self.boots = 0  # how many times this guest was started: deeper guests notice a reboot
+        self.stopped_on_purpose = False
         self.streams: dict[tuple[int, str], socket.socket] = {}  # L1 only: every level's sockets
         self._shell: ShellChannel | None = None
         self._control: ShellChannel | None = None
@@ -182,6 +183,7 @@ class Guest:
         deadline = started + self.boot_timeout
         self.console_start = self.console.size()  # a deeper guest's log continues across restarts
         self.boots += 1
+        self.stopped_on_purpose = False
         self.log.info("starting: %s", shell_line(self.qemu_argv))
         try:
             if self.parent is None:
@@ -304,6 +306,7 @@ class Guest:
 
     def close(self, keep_files: bool = False) -> None:
         """Stop QEMU (gracefully if it listens, else by force); tolerates a half-started guest."""
+        self.stopped_on_purpose = self.alive  # a live guest stopped by request is not a crash
         if self._qmp is not None:
             self._qmp.close()
             self._qmp = None

@@ -148,6 +148,8 @@ class GuestPool:
         """The first guest (outermost) that crashed or printed a kernel problem since `marks`."""
         for level, at in sorted(marks.items()):
             guest = self.guests[level]
+            if guest.stopped_on_purpose:
+                continue  # the test (or the plugin, for nested_fresh) stopped it
             mark = at.console
             since = max(mark, guest.console_ready)  # a reboot inside the test starts a new boot log
             problem = guest.console.first_problem(since)
@@ -177,10 +179,9 @@ class GuestPool:
             self.get(level)
 
     def restart(self, level: int) -> None:
-        """Give the next user of `level` a freshly booted guest."""
-        guest = self.guests.get(level)
-        if guest is not None:
-            guest.close()
+        """Give the next user of `level` (and of the levels inside it) a freshly booted guest."""
+        for deeper in sorted((lv for lv in self.guests if lv >= level), reverse=True):
+            self.guests[deeper].close()
 
     def close(self) -> None:
         for level in sorted(self.guests, reverse=True):  # deepest first: each needs its parent to stop

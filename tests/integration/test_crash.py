@@ -185,3 +185,21 @@ def test_guest_reboot_is_reported_from_qemus_shutdown_event(pytester: pytest.Pyt
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     assert "L1 shut down during this test (QMP SHUTDOWN, reason guest-reset; QEMU exit status 0)" in result.stdout.str()
+
+
+def test_sigkill_of_l1_qemu_mid_test_is_reported_and_recovered(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os, signal
+
+        def test_kills_qemu(l1):
+            os.kill(l1.process.process.pid, signal.SIGKILL)
+            l1.run("sleep 5", timeout=60)
+
+        def test_after(l1):
+            assert l1.succeed("echo alive") == "alive\\n"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    assert "L1 QEMU exited with status -9 during this test (no panic on its console)" in result.stdout.str()
