@@ -262,7 +262,8 @@ class Guest:
             return None
         status = self.process.exit_status()
         if self.parent is not None and status == -1:  # see ProcessInGuest.exit_status
-            why = self.parent._crash_report() or f"{self.parent.name} was restarted or its channel broke"
+            why = (self.parent._crash_report() or self.parent.channel_trouble
+                   or f"{self.parent.name} was restarted (boot {self.parent.boots})")
             return f"{self.name} went down with its parent: {why}"
         problem = self.console.first_problem(self.console_start)
         what = f"kernel problem: {problem}" if problem else "no kernel panic on the console"
@@ -281,6 +282,11 @@ class Guest:
         if self._control is None:
             return
         self._control.run(f"__nk_kill {shell_pid}", timeout=30)
+
+    @property
+    def channel_trouble(self) -> str | None:
+        """Why this guest's shell channel stopped working, if it did."""
+        return None if self._shell is None else self._shell.broken
 
     @property
     def alive(self) -> bool:
