@@ -92,6 +92,7 @@ class GuestPool:
             return f"L{level} needs nested virtualization, which this host cannot provide: {self.report.nesting_fix}"
         return None
 
+    @functools.cache  # noqa: B019 (one pool per session: caching per instance is the point)
     def spec_for(self, level: int) -> GuestSpec:
         """The built-in guest at `level`: host kernel, plugin initramfs, the parent's root over 9p.
 
