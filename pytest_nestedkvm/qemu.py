@@ -66,14 +66,6 @@ class RunPaths:
         return self.end("qmp")
 
     @property
-    def command(self) -> Path:
-        return self.end("cmd")
-
-    @property
-    def control(self) -> Path:
-        return self.end("ctl")
-
-    @property
     def console(self) -> Path:
         return self.end("console")
 

@@ -176,8 +176,8 @@ def test_tcg_accel_args_thread_multi_only_with_several_cpus() -> None:
 def test_run_paths_layout(tmp_path: Path) -> None:
     paths = RunPaths(tmp_path / "run")
     assert paths.qmp == tmp_path / "run" / "qmp.sock"
-    assert paths.command == tmp_path / "run" / "cmd.sock"
-    assert paths.control == tmp_path / "run" / "ctl.sock"
+    assert paths.end("cmd") == tmp_path / "run" / "cmd.sock"
+    assert paths.end("ctl") == tmp_path / "run" / "ctl.sock"
     assert paths.console == tmp_path / "run" / "console.log"
 
 
@@ -192,9 +192,9 @@ def test_sockets_and_console_live_in_the_run_dir(tmp_path: Path) -> None:
     assert len(chardevs) == 4
     paths = ends.paths(1)
     assert paths.run_dir == tmp_path / "run" / "l1"
-    assert {chardev_path(c) for c in chardevs} == {paths.qmp, paths.command, paths.control, paths.console}
+    assert {chardev_path(c) for c in chardevs} == {paths.qmp, paths.end("cmd"), paths.end("ctl"), paths.console}
     sockets = {chardev_path(c) for c in chardevs if c.startswith("socket,")}
-    assert sockets == {paths.qmp, paths.command, paths.control}
+    assert sockets == {paths.qmp, paths.end("cmd"), paths.end("ctl")}
     assert all("server=on" in c.split(",") and "wait=off" in c.split(",") for c in chardevs if c.startswith("socket,"))
 
 
