@@ -158,7 +158,7 @@ class GuestPool:
             status = guest.process.exit_status() if problem or not guest.alive else None
             if problem is None and guest.alive:
                 continue
-            event = _exit_event(guest) if status is not None else None
+            event = _exit_event(guest) if status is not None and problem is None else None  # waits up to 0.5 s
             if problem is not None:
                 kind = next((k for pattern, k in PROBLEM_KINDS if pattern in problem), "kernel problem")
                 headline = f"L{level} {kind} during this test: {problem}"

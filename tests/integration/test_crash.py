@@ -39,19 +39,27 @@ def test_l1_crash_fails_that_test_only_and_the_next_test_gets_a_pristine_l1(pyte
     assert "L1 console during this test" in out
 
 
-def test_panic_from_a_command_is_blamed_on_the_test(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize(
+    ("command", "headline"),
+    [
+        ("echo c > /proc/sysrq-trigger", "L1 kernel panic during this test: "),
+        ("reboot -f", "L1 shut down during this test (QMP SHUTDOWN, reason guest-reset; QEMU exit status 0)"),
+    ],
+    ids=["panic", "reboot"],
+)
+def test_a_command_that_ends_l1_is_blamed_on_its_test(pytester: pytest.Pytester, command: str, headline: str) -> None:
     pytester.makepyfile(
-        """
-        def test_panics_through_a_command(l1):
-            l1.run("echo c > /proc/sysrq-trigger", timeout=30)
+        f"""
+        def test_ends_l1(l1):
+            l1.run({command!r}, timeout=30)
 
         def test_after(l1):
             l1.succeed("true")
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rf")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
-    assert "L1 kernel panic during this test: " in result.stdout.str()
+    assert headline in result.stdout.str()
 
 
 @pytest.mark.nested(level=2)
@@ -170,21 +178,6 @@ def test_thirty_tests_with_every_third_crashing_l1(pytester: pytest.Pytester) ->
     assert failed == list(range(3, 31, 3))
     # Each failure's report is the headline alone (the summary line repeats it, cut to the terminal width).
     assert result.stdout.str().count("\nL1 kernel panic during this test: ") == 10
-
-
-def test_guest_reboot_is_reported_from_qemus_shutdown_event(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(
-        """
-        def test_reboots(l1):
-            l1.run("reboot -f", timeout=30)
-
-        def test_after(l1):
-            l1.succeed("true")
-        """
-    )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1, failed=1)
-    assert "L1 shut down during this test (QMP SHUTDOWN, reason guest-reset; QEMU exit status 0)" in result.stdout.str()
 
 
 def test_sigkill_of_l1_qemu_mid_test_is_reported_and_recovered(pytester: pytest.Pytester) -> None:
