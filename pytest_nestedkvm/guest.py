@@ -142,7 +142,7 @@ class Guest:
 
     def __init__(
         self, spec: GuestSpec, run_root: Path, *, boot_timeout: float, command_timeout: float,
-        parent: Guest | None = None,
+        parent: Guest | None = None, edit_argv: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.spec = spec
         self.level = spec.level
@@ -160,6 +160,8 @@ class Guest:
         else:
             self.qemu_argv = build_argv(spec, ParentEnds())
             self.process = ProcessInGuest(parent, f"{PORT_DIR}/{self.name}")
+        if edit_argv is not None:
+            edit_argv(self.qemu_argv)  # the user's pytest_nestedkvm_qemu_argv hooks
         self.log = logging.getLogger(f"pytest_nestedkvm.guest.{self.name}")
         self.boot_seconds: float | None = None
         self.console_start = 0

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from . import artifacts
+from . import artifacts, hookspecs
 from .errors import ConfigError, NestedKvmError
 from .fixtures import POOL_KEY, l0, l1, l2, nested_guest, reported
 from .host import enable_nested, find_qemu, probe
-from .pool import GuestPool, Mark
+from .pool import GuestPool, Hooks, Mark
+from .qemu import GuestSpec
 from .settings import OPTIONS, Settings
 
 __all__ = ["l0", "l1", "l2", "nested_guest"]
@@ -20,6 +21,26 @@ __all__ = ["l0", "l1", "l2", "nested_guest"]
 MARKS = pytest.StashKey[dict[int, Mark]]()
 # Fixture name -> the guest level it needs.
 LEVEL_FIXTURES = {"l1": 1, "l2": 2}
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_nestedkvm_guest_spec(config: pytest.Config, level: int, spec: GuestSpec) -> GuestSpec:
+    """The plugin's own answer, after every user's: the built-in guest as it is."""
+    return spec
+
+
+def _user_hooks(config: pytest.Config) -> Hooks:
+    hook = config.hook
+    return Hooks(
+        guest_spec=lambda level, spec: hook.pytest_nestedkvm_guest_spec(config=config, level=level, spec=spec),
+        qemu_argv=lambda spec, argv: hook.pytest_nestedkvm_qemu_argv(config=config, spec=spec, argv=argv),
+        guest_ready=lambda guest: hook.pytest_nestedkvm_guest_ready(config=config, guest=guest),
+        guest_teardown=lambda guest: hook.pytest_nestedkvm_guest_teardown(config=config, guest=guest),
+    )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -63,7 +84,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if reporter is not None and config.get_verbosity() >= 0:
             reporter.write_line(f"nestedkvm: {message}")
 
-    config.stash[POOL_KEY] = GuestPool(settings, report, progress)
+    config.stash[POOL_KEY] = GuestPool(settings, report, progress, _user_hooks(config))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .errors import BootError, HostError, NestedKvmError
+from .errors import BootError, ConfigError, HostError, NestedKvmError
 from .guest import Guest
 from .host import HostReport
 from .initramfs import TMPFS_DIRS, boot_image, build_initramfs, find_kernel
@@ -52,16 +52,38 @@ class Mark:
     kernel_log_tag: str | None  # a line written into its kernel log (only when artifacts are kept)
 
 
+def _unchanged(level: int, spec: GuestSpec) -> GuestSpec:
+    return spec
+
+
+def _nothing(*args: object) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The user's say in what the pool boots (see hookspecs.py); by default, none."""
+
+    guest_spec: Callable[[int, GuestSpec], GuestSpec] = _unchanged
+    qemu_argv: Callable[[GuestSpec, list[str]], None] = _nothing
+    guest_ready: Callable[[Guest], None] = _nothing
+    guest_teardown: Callable[[Guest], None] = _nothing
+
+
 # First matching fragment of a console problem line -> how the headline names it.
 PROBLEM_KINDS = (("Kernel panic", "kernel panic"), ("Oops", "kernel oops"), ("BUG:", "kernel BUG"),
                  ("general protection", "kernel oops"), ("WARNING:", "kernel WARN"))
 
 
 class GuestPool:
-    def __init__(self, settings: Settings, report: HostReport, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, report: HostReport, progress: Callable[[str], None] | None = None,
+        hooks: Hooks | None = None,
+    ) -> None:
         self.settings = settings
         self.report = report
         self.progress = progress or log.info
+        self.hooks = hooks or Hooks()
         _remove_stale_run_dirs()
         # 0700, private to this process; the pid in the name lets a later session clean up after a SIGKILL.
         self.run_root = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
@@ -94,10 +116,18 @@ class GuestPool:
 
     @functools.cache  # noqa: B019 (one pool per session: caching per instance is the point)
     def spec_for(self, level: int) -> GuestSpec:
+        """What to boot at `level`: the built-in guest, as the user's guest_spec hooks leave it."""
+        spec = self.hooks.guest_spec(level, self.builtin_spec(level))
+        if not isinstance(spec, GuestSpec) or spec.level != level:
+            raise ConfigError(f"pytest_nestedkvm_guest_spec returned {spec!r} for L{level}: return a GuestSpec "
+                              f"for level {level} (e.g. dataclasses.replace(spec, ...)) or None")
+        return spec
+
+    def builtin_spec(self, level: int) -> GuestSpec:
         """The built-in guest at `level`: host kernel, plugin initramfs, the parent's root over 9p.
 
         L1 gets the host plan (accelerator, CPU model); deeper levels always run on
-        their parent's KVM with -cpu host.
+        their parent's KVM, with -cpu host unless --nested-l2-cpu says otherwise.
         """
         assert self.report.qemu is not None
         kernel = find_kernel(self.settings.kernel, self.settings.modules)
@@ -106,10 +136,11 @@ class GuestPool:
             _visible_to_guests(initrd)
         return GuestSpec(
             level=level, qemu=self.report.qemu.binary,
-            accel=self.report.accel if level == 1 else "kvm", cpu=self.report.cpu if level == 1 else "host",
+            accel=self.report.accel if level == 1 else "kvm", cpu=self.settings.cpu_for(level, self.report.cpu),
             memory_mib=self.settings.memory_for(level), smp=self.settings.smp_for(level),
             kernel=boot_image(kernel), initrd=initrd, append=self.settings.append,
             share_root=Path("/"), firmware=QBOOT if QBOOT.is_file() else None, deepest=self.settings.levels,
+            extra_args=self.settings.qemu_args_for(level),
         )
 
     def get(self, level: int) -> Guest:
@@ -126,6 +157,7 @@ class GuestPool:
                 self.spec_for(level), self.run_root, parent=parent,
                 boot_timeout=self.settings.boot_timeout or BOOT_TIMEOUT[self.report.accel] * level,
                 command_timeout=self.settings.command_timeout or COMMAND_TIMEOUT[self.report.accel] * level,
+                edit_argv=functools.partial(self.hooks.qemu_argv, self.spec_for(level)),
             )
             self.guests[level] = guest
         else:
@@ -135,6 +167,11 @@ class GuestPool:
         if parent is not None:
             verify_kvm(parent, guest)
         self.progress(f"L{level} ready in {guest.boot_seconds:.1f} s ({guest.spec.accel}, -cpu {guest.spec.cpu})")
+        try:
+            self.hooks.guest_ready(guest)
+        except BaseException:
+            guest.close()  # half-provisioned: the next user gets a fresh boot and provisioning again
+            raise
         return guest
 
     def mark(self) -> dict[int, Mark]:
@@ -202,13 +239,21 @@ class GuestPool:
     def restart(self, level: int) -> None:
         """Give the next user of `level` (and of the levels inside it) a freshly booted guest."""
         for deeper in sorted((lv for lv in self.guests if lv >= level), reverse=True):
-            self.guests[deeper].close()
+            self._stop(self.guests[deeper])
 
     def close(self) -> None:
         for level in sorted(self.guests, reverse=True):  # deepest first: each needs its parent to stop
-            self.guests[level].close()
+            self._stop(self.guests[level])
         self.guests.clear()
         shutil.rmtree(self.run_root, ignore_errors=True)
+
+
+    def _stop(self, guest: Guest) -> None:
+        try:
+            if guest.alive:
+                self.hooks.guest_teardown(guest)
+        finally:
+            guest.close()
 
 
 def _visible_to_guests(path: Path) -> None:

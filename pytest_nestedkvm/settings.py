@@ -8,6 +8,7 @@ every value once, naming where a bad value came from.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("accel", "accelerator for L1: auto (KVM when it can run an ordinary guest, else TCG), kvm, tcg "
            "(default auto)", "auto|kvm|tcg"),
     Option("cpu", "-cpu model for L1 (default: host with KVM, max with TCG)", "MODEL"),
+    Option("l2_cpu", "-cpu model for L2 and deeper, e.g. qemu64,+svm (default host: all the parent has)", "MODEL"),
+    Option("qemu_args", "extra arguments for L1's QEMU, split like a shell would (e.g. '-device virtio-rng-pci')",
+           "ARGS"),
+    Option("l2_qemu_args", "extra arguments for the QEMU of L2 and deeper", "ARGS"),
     Option("kernel", "kernel image for the built-in guest (default: a /boot/vmlinuz-* whose modules exist)",
            "PATH"),
     Option("modules", "modules directory matching --nested-kernel (default: /lib/modules/<its version>)",
@@ -85,6 +90,9 @@ class Settings:
     levels: int = 1
     accel: str = "auto"
     cpu: str | None = None
+    l2_cpu: str | None = None
+    qemu_args: tuple[str, ...] = ()
+    l2_qemu_args: tuple[str, ...] = ()
     kernel: Path | None = None
     modules: Path | None = None
     append: str = ""
@@ -136,6 +144,15 @@ class Settings:
     def memory_for(self, level: int) -> int:
         """MiB for a guest at `level`: explicit value, else a default that halves with depth."""
         return _per_level(self.memory, level, lambda lv: max(2048 >> (lv - 1), 256))
+
+    def cpu_for(self, level: int, host_plan: str) -> str:
+        """-cpu for `level`: L1 follows the host plan, deeper levels take all their parent has."""
+        if level == 1:
+            return host_plan
+        return self.l2_cpu or "host"
+
+    def qemu_args_for(self, level: int) -> tuple[str, ...]:
+        return self.qemu_args if level == 1 else self.l2_qemu_args
 
     def smp_for(self, level: int) -> int:
         return _per_level(self.smp, level, lambda lv: 2 if lv == 1 else 1)
@@ -245,6 +262,13 @@ def _existing_dir(raw: str) -> Path:
     return path.resolve()
 
 
+def _argv(raw: str) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(raw))
+    except ValueError as exc:
+        raise ValueError(f"cannot split into arguments ({exc}): check the quotes") from None
+
+
 def _flag(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -258,6 +282,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "levels": _levels,
     "accel": _choice(ACCELS),
     "cpu": str.strip,
+    "l2_cpu": str.strip,
+    "qemu_args": _argv,
+    "l2_qemu_args": _argv,
     "kernel": _existing_file,
     "modules": _existing_dir,
     "append": str.strip,

@@ -155,6 +155,10 @@ def make_values(base: Path) -> ValueTable:
         # sources mapping tells which one won.
         "accel": (Case("tcg", "tcg"), Case("auto", "auto"), Case("TCG", "tcg")),
         "cpu": (Case("qemu64", "qemu64"), Case("max", "max"), Case(" kvm64 ", "kvm64")),
+        "l2_cpu": (Case("qemu64,+svm", "qemu64,+svm"), Case("host", "host"), Case("max ", "max")),
+        "qemu_args": (Case("-device virtio-rng-pci", ("-device", "virtio-rng-pci")), Case("-s", ("-s",)),
+                      Case("-append 'a b'", ("-append", "a b"))),
+        "l2_qemu_args": (Case("-S", ("-S",)), Case("-m 100", ("-m", "100")), Case("'-x y'", ("-x y",))),
         "kernel": (file("k-cli"), file("k-env"), file("k-ini")),
         "modules": (directory("m-cli"), directory("m-env"), directory("m-ini")),
         "append": (Case("console=ttyS0", "console=ttyS0"), Case("quiet", "quiet"), Case("loglevel=7", "loglevel=7")),

@@ -377,3 +377,22 @@ def test_memory_for_overrides_then_falls_back_to_defaults() -> None:
 def test_smp_for_overrides_then_falls_back_to_defaults() -> None:
     settings = build(env={"NESTEDKVM_SMP": "4,2"})
     assert [settings.smp_for(level) for level in (1, 2, 3)] == [4, 2, 1]
+
+
+def test_cpu_for_l1_follows_the_host_plan_and_deeper_levels_take_host_or_l2_cpu() -> None:
+    assert build().cpu_for(1, "max") == "max"
+    assert build().cpu_for(2, "max") == "host"
+    settings = build({"l2_cpu": "qemu64,+svm"})
+    assert [settings.cpu_for(level, "max") for level in (1, 2, 3)] == ["max", "qemu64,+svm", "qemu64,+svm"]
+
+
+def test_qemu_args_split_like_a_shell_per_level() -> None:
+    settings = build({"qemu_args": "-device virtio-rng-pci -append 'a b'", "l2_qemu_args": "-S"})
+    assert settings.qemu_args_for(1) == ("-device", "virtio-rng-pci", "-append", "a b")
+    assert settings.qemu_args_for(2) == settings.qemu_args_for(3) == ("-S",)
+
+
+def test_qemu_args_with_an_open_quote_rejected() -> None:
+    message = config_error(env={"NESTEDKVM_QEMU_ARGS": "-device 'virtio-rng-pci"})
+    assert message == ("--nested-qemu-args=\"-device 'virtio-rng-pci\" (from env NESTEDKVM_QEMU_ARGS): cannot split "
+                       "into arguments (No closing quotation): check the quotes")
