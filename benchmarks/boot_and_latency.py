@@ -49,13 +49,8 @@ def one_run(levels: int, commands: int) -> dict[str, object]:
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--levels", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--commands", type=int, default=200)
-    args = parser.parse_args()
-    runs = [one_run(args.levels, args.commands) for _ in range(args.runs)]
+def summarize(runs: list[dict[str, object]]) -> tuple[dict[str, object], list[tuple[str, str]]]:
+    """Medians over runs, and a printable (name, value) row for each figure."""
     rows: list[tuple[str, str]] = []
     summary: dict[str, object] = {}
     for key in runs[0]:
@@ -68,6 +63,17 @@ def main() -> None:
             p95 = statistics.median(v["p95_ms"] for v in values)  # type: ignore[index]
             summary[key] = {"median_ms": med, "p95_ms": p95}
             rows.append((f"{key} latency", f"median {med:.1f} ms, p95 {p95:.1f} ms"))
+    return summary, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--commands", type=int, default=200)
+    args = parser.parse_args()
+    runs = [one_run(args.levels, args.commands) for _ in range(args.runs)]
+    summary, rows = summarize(runs)
     machine = f"{os.cpu_count()} cores, {platform.machine()}, {platform.node()}"
     print(f"pytest-nestedkvm boot/latency, {args.runs} runs, {args.commands} commands each ({machine})")
     width = max(len(k) for k, _ in rows)

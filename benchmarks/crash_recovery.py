@@ -19,34 +19,44 @@ from pytest_nestedkvm.pool import GuestPool
 from pytest_nestedkvm.settings import Settings
 
 
+def measure(levels: int, runs: int) -> dict[int, dict[str, list[float]]]:
+    """Per level: the boot time of the guest that was panicked, and panic -> answering again, per run."""
+    settings = Settings.from_sources({"levels": str(levels)}, env={})
+    pool = GuestPool(settings, probe(qemu=find_qemu(platform.machine())), progress=lambda _: None)
+    figures: dict[int, dict[str, list[float]]] = {level: {"boot_s": [], "recovery_s": []} for level in
+                                                  range(1, levels + 1)}
+    try:
+        for level, lists in figures.items():
+            pool.get(level)
+            for _ in range(runs):
+                guest = pool.get(level)
+                lists["boot_s"].append(guest.boot_seconds or 0.0)
+                started = time.monotonic()
+                guest.crash()
+                pool.restore(level)
+                pool.get(level).succeed("true")
+                lists["recovery_s"].append(time.monotonic() - started)
+    finally:
+        pool.close()
+    return figures
+
+
+def describe(lists: dict[str, list[float]]) -> str:
+    boot, recovery = statistics.median(lists["boot_s"]), statistics.median(lists["recovery_s"])
+    return (f"panic -> fresh guest answering {recovery:.2f} s (median; runs "
+            f"{', '.join(f'{r:.2f}' for r in lists['recovery_s'])}); its boot alone {boot:.2f} s; "
+            f"difference {recovery - boot:+.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--levels", type=int, default=2)
     args = parser.parse_args()
-    settings = Settings.from_sources({"levels": str(args.levels)}, env={})
-    pool = GuestPool(settings, probe(qemu=find_qemu(platform.machine())), progress=lambda _: None)
-    boots: dict[int, list[float]] = {level: [] for level in range(1, args.levels + 1)}
-    recoveries: dict[int, list[float]] = {level: [] for level in boots}
-    try:
-        for level in boots:
-            pool.get(level)
-            for _ in range(args.runs):
-                guest = pool.get(level)
-                boots[level].append(guest.boot_seconds or 0.0)
-                started = time.monotonic()
-                guest.crash()
-                pool.restore(level)
-                pool.get(level).succeed("true")
-                recoveries[level].append(time.monotonic() - started)
-    finally:
-        pool.close()
+    figures = measure(args.levels, args.runs)
     print(f"crash recovery, {args.runs} runs ({platform.node()}, {platform.machine()})")
-    for level in boots:
-        boot, recovery = statistics.median(boots[level]), statistics.median(recoveries[level])
-        print(f"  L{level}: panic -> fresh guest answering {recovery:.2f} s (median; runs "
-              f"{', '.join(f'{r:.2f}' for r in recoveries[level])}); its boot alone {boot:.2f} s; "
-              f"difference {recovery - boot:+.2f} s")
+    for level, lists in figures.items():
+        print(f"  L{level}: {describe(lists)}")
 
 
 if __name__ == "__main__":

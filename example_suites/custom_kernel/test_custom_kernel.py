@@ -1,0 +1,84 @@
+"""The guests run the kernel this session was pointed at, and KVM with nesting works on it.
+
+A kernel CI job builds a bzImage and its modules and passes them with
+`--nested-kernel` and `--nested-modules` (see README.md); without them the
+plugin boots the host's kernel. Either way these tests read which kernel the
+plugin picked (the plugin's own lookup, not a hard-coded version) and check
+that L1 and L2 run exactly that build, with KVM, nested=1, and a working
+/dev/kvm (the kvm_api suite's program runs a VM of its own in each).
+
+    pytest --nested-kernel arch/x86/boot/bzImage --nested-modules mods/lib/modules/<version> \\
+        --nested-levels=2 example_suites/custom_kernel
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from pytest_nestedkvm.fixtures import POOL_KEY
+from pytest_nestedkvm.guest import Guest
+from pytest_nestedkvm.initramfs import Kernel, find_kernel
+
+KVM_HELLO = Path(__file__).resolve().parent.parent / "kvm_api" / "kvm_hello.py"
+
+
+@pytest.fixture(scope="session")
+def kernel(pytestconfig: pytest.Config) -> Kernel:
+    """The kernel the plugin boots: --nested-kernel/--nested-modules, else the host's."""
+    settings = pytestconfig.stash[POOL_KEY].settings
+    return find_kernel(settings.kernel, settings.modules)
+
+
+def build_string(image: Path) -> str | None:
+    """The version string in a bzImage's setup header, e.g. '6.1.0-56-amd64 (user@host) #1 SMP ...'.
+
+    Read here from the file itself, independently of the plugin (boot protocol:
+    "HdrS" at 0x202, the string's offset - 0x200 at 0x20e). None for other formats.
+    """
+    with image.open("rb") as f:
+        head = f.read(0x10000)
+    if head[0x202:0x206] != b"HdrS":
+        return None
+    offset = int.from_bytes(head[0x20E:0x210], "little") + 0x200
+    return head[offset:offset + 256].split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+def check_runs_kernel(guest: Guest, kernel: Kernel) -> None:
+    assert guest.succeed("uname -r").strip() == kernel.release
+    built = build_string(kernel.path)
+    if built is not None:
+        # Two builds of one tree share `uname -r`; `uname -v` (#build-number, date) tells them apart.
+        assert built.startswith(kernel.release + " ")
+        assert built.endswith(" " + guest.succeed("uname -v").strip())
+
+
+def check_kvm_works(guest: Guest) -> None:
+    modules = guest.succeed("cut -d' ' -f1 /proc/modules").split()
+    vendor = "kvm_amd" if "kvm_amd" in modules else "kvm_intel"
+    assert "kvm" in modules and vendor in modules  # loaded from the modules given with the kernel
+    assert guest.succeed(f"cat /sys/module/{vendor}/parameters/nested").strip() in ("1", "Y")
+    out = guest.succeed(shlex.join(["python3", "-B", str(KVM_HELLO), "0x10"]))
+    assert out.splitlines()[-1] == "kvm_hello: OK"
+
+
+def test_l1_runs_the_kernel_under_test(l1: Guest, kernel: Kernel) -> None:
+    print(f"kernel {kernel.path} ({kernel.release}), modules {kernel.modules_dir}")
+    check_runs_kernel(l1, kernel)
+
+
+def test_l1_has_kvm_with_nesting_on_that_kernel(l1: Guest) -> None:
+    check_kvm_works(l1)
+
+
+@pytest.mark.nested(level=2)
+def test_l2_runs_the_same_kernel_on_l1s_kvm(l2: Guest, kernel: Kernel) -> None:
+    check_runs_kernel(l2, kernel)
+    assert l2.qmp().query_kvm()["enabled"]  # the kernel under test, as L1, hosts L2 with KVM
+
+
+@pytest.mark.nested(level=2)
+def test_l2_has_kvm_too(l2: Guest) -> None:
+    check_kvm_works(l2)
