@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -19,12 +20,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import paramiko
+
+from . import ssh
 from .channel import CommandResult, ShellChannel
 from .console import Console
 from .errors import BootError, ChannelError, CommandFailed, CommandTimeout, GuestCrashed, NestedKvmError
 from .initramfs import PORT_DIR
-from .qemu import GuestSpec, HostEnds, ParentEnds, build_argv, shell_line
+from .qemu import SSH_GUEST_PORT, GuestSpec, HostEnds, ParentEnds, build_argv, shell_line
 from .qmp import Qmp
+from .ssh import SessionKey, SshError, sshd_script
 
 PR_SET_PDEATHSIG = 1
 # Streams of a deeper guest that L1's QEMU carries to L0 (the console goes to a file).
@@ -143,6 +148,7 @@ class Guest:
     def __init__(
         self, spec: GuestSpec, run_root: Path, *, boot_timeout: float, command_timeout: float,
         parent: Guest | None = None, edit_argv: Callable[[list[str]], None] | None = None,
+        ssh_key: SessionKey | None = None,
     ) -> None:
         self.spec = spec
         self.level = spec.level
@@ -172,6 +178,8 @@ class Guest:
         self._shell: ShellChannel | None = None
         self._control: ShellChannel | None = None
         self._qmp: Qmp | None = None
+        self.ssh_key = ssh_key
+        self._ssh: paramiko.SSHClient | None = None
 
     @property
     def root(self) -> Guest:
@@ -315,6 +323,9 @@ class Guest:
     def close(self, keep_files: bool = False) -> None:
         """Stop QEMU (gracefully if it listens, else by force); tolerates a half-started guest."""
         self.stopped_on_purpose = self.alive  # a live guest stopped by request is not a crash
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
         if self._qmp is not None:
             self._qmp.close()
             self._qmp = None
@@ -344,6 +355,39 @@ class Guest:
             pass  # the guest died mid-reply, which is what was asked for
         wait_for(f"{self.name} QEMU exiting after the panic", lambda: self.process.exit_status() is not None,
                  self.boot_timeout, interval=0.1)
+
+    # -- SSH -------------------------------------------------------------------------------
+
+    @property
+    def ssh(self) -> paramiko.SSHClient:
+        """A connected paramiko client, as root with the session key; sshd starts on first use.
+
+        L1 is reached on a port of L0's 127.0.0.1, deeper levels through their parent's
+        connection (a direct-tcpip channel to the parent's loopback).
+        """
+        transport = None if self._ssh is None else self._ssh.get_transport()
+        if self._ssh is None or transport is None or not transport.is_active():
+            self._ssh = self._connect_ssh()
+        return self._ssh
+
+    def _connect_ssh(self) -> paramiko.SSHClient:
+        if self.ssh_key is None:
+            raise SshError(f"{self.name}: SSH needs the session key, and this guest was started without one")
+        host_key = self.succeed(sshd_script(self.ssh_key.public_line), timeout=60).strip().splitlines()[-1]
+        port = self.qmp().forwarded_port(SSH_GUEST_PORT)
+        if port is None:
+            raise SshError(f"{self.name}: its QEMU forwards no port to the guest's port {SSH_GUEST_PORT} "
+                           "(a -nic edit in extra QEMU arguments?)")
+        via = None if self.parent is None else self.parent.ssh
+        return ssh.connect(self.name, port, self.ssh_key, host_key=host_key, via=via)
+
+    def put(self, local: str | os.PathLike[str], remote: str) -> None:
+        """Copy a file from L0 into the guest over SFTP; bytes and permission bits stay exact."""
+        ssh.put(self.ssh, Path(local), remote)
+
+    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
+        """Copy a file out of the guest to L0 over SFTP; bytes and permission bits stay exact."""
+        ssh.get(self.ssh, remote, Path(local))
 
     # -- commands --------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from collections.abc import Generator
 from pathlib import Path
@@ -78,10 +79,14 @@ def pytest_configure(config: pytest.Config) -> None:
             report = probe(accel=settings.accel, cpu=settings.cpu, qemu=report.qemu, arch=arch)
     except NestedKvmError as exc:
         raise pytest.UsageError(str(exc)) from None
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
 
     def progress(message: str) -> None:
-        if reporter is not None and config.get_verbosity() >= 0:
+        # Looked up when used: the terminal reporter registers after this hook may have run.
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None or config.get_verbosity() < 0:
+            return
+        capture = config.pluginmanager.get_plugin("capturemanager")  # guests boot while output is captured
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
             reporter.write_line(f"nestedkvm: {message}")
 
     config.stash[POOL_KEY] = GuestPool(settings, report, progress, _user_hooks(config))

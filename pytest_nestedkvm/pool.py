@@ -24,6 +24,7 @@ from .host import HostReport
 from .initramfs import TMPFS_DIRS, boot_image, build_initramfs, find_kernel
 from .qemu import QBOOT, GuestSpec
 from .settings import Settings
+from .ssh import make_session_key
 
 log = logging.getLogger("pytest_nestedkvm.pool")
 
@@ -88,6 +89,7 @@ class GuestPool:
         # 0700, private to this process; the pid in the name lets a later session clean up after a SIGKILL.
         self.run_root = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
         self.guests: dict[int, Guest] = {}
+        self.ssh_key = make_session_key(self.run_root / "ssh")
         self.marks_made = 0
 
     @functools.cached_property
@@ -157,7 +159,7 @@ class GuestPool:
                 self.spec_for(level), self.run_root, parent=parent,
                 boot_timeout=self.settings.boot_timeout or BOOT_TIMEOUT[self.report.accel] * level,
                 command_timeout=self.settings.command_timeout or COMMAND_TIMEOUT[self.report.accel] * level,
-                edit_argv=functools.partial(self.hooks.qemu_argv, self.spec_for(level)),
+                edit_argv=functools.partial(self.hooks.qemu_argv, self.spec_for(level)), ssh_key=self.ssh_key,
             )
             self.guests[level] = guest
         else:

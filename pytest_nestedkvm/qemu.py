@@ -22,6 +22,11 @@ BASE_APPEND = (
     "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd 8250.nr_uarts=1 cryptomgr.notests pci=noearly"
 )
 QBOOT = Path("/usr/share/qemu/qboot.rom")
+# The guest's network: QEMU's user stack, cut off from the outside (restrict=on), with
+# the guest's sshd forwarded from a port of the parent's 127.0.0.1 that the kernel picks
+# at bind time (port 0: no race; qmp.py reads it back).
+SSH_GUEST_PORT = 22
+USER_NIC = f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:0-:{SSH_GUEST_PORT}"
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
                  "-device", f"virtio-9p-pci,fsdev=root,mount_tag={ROOT_TAG}"]
     for index, disk in enumerate(spec.disks):
         argv += ["-drive", f"file={disk},if=virtio,index={index},media=disk"]
-    argv += ["-device", "pvpanic-pci", "-nic", "none", "-snapshot", *spec.extra_args]
+    argv += ["-device", "pvpanic-pci", "-nic", USER_NIC, "-snapshot", *spec.extra_args]
     return argv
 
 

@@ -31,6 +31,16 @@ class Qmp:
         result = self.command("query-kvm")
         return {"enabled": bool(result["enabled"]), "present": bool(result["present"])}
 
+    def forwarded_port(self, guest_port: int) -> int | None:
+        """The host port QEMU's user network forwards to `guest_port` (HMP `info usernet`; no QMP query has it)."""
+        table = self.command("human-monitor-command", **{"command-line": "info usernet"})
+        for line in str(table).splitlines():
+            # TCP[HOST_FORWARD]  8  127.0.0.1 41063  10.0.2.15  22  0  0
+            fields = line.split()
+            if len(fields) >= 6 and fields[0] == "TCP[HOST_FORWARD]" and fields[5] == str(guest_port):
+                return int(fields[3])
+        return None
+
     def events(self, wait: float = 0.0) -> list[dict[str, Any]]:
         """Events QEMU sent since the last call, waiting up to `wait` s for a first one.
 

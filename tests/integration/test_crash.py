@@ -86,6 +86,12 @@ def test_l2_crash_restarts_l2_only(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-levels=2")
     result.assert_outcomes(passed=2, failed=1)
     assert "L2 kernel panic during this test: " in result.stdout.str()
+    # Progress on the terminal, one line per boot, even while pytest captures output.
+    result.stdout.fnmatch_lines(["nestedkvm: L1 ready in * s (tcg, -cpu max)",
+                                 "nestedkvm: L2 ready in * s (kvm, -cpu host)",
+                                 "nestedkvm: L2 is down; starting a fresh one",
+                                 "nestedkvm: L2 ready in * s (kvm, -cpu host)"])
+    assert len([line for line in result.outlines if line.startswith("nestedkvm: L1 ready in")]) == 1
 
 
 def test_sigkill_of_pytest_leaves_no_qemu(pytester: pytest.Pytester, running_qemus: Callable[[], set[str]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shlex
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def test_golden_argv() -> None:
         "-drive", "file=/images/a.qcow2,if=virtio,index=0,media=disk",
         "-drive", "file=/images/b b.raw,if=virtio,index=1,media=disk",
         "-device", "pvpanic-pci",
-        "-nic", "none",
+        "-nic", "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:0-:22",
         "-snapshot",
         "-s", "-device", "virtio-rng-pci",
     ]
@@ -102,7 +103,8 @@ def test_golden_minimal_argv() -> None:
         "-device", "virtserialport,bus=vser.0,chardev=port0,name=nestedkvm.cmd",
         "-chardev", "socket,path=/var/lib/nk/run/l1/ctl.sock,server=on,wait=off,id=port1",
         "-device", "virtserialport,bus=vser.0,chardev=port1,name=nestedkvm.ctl",
-        "-device", "pvpanic-pci", "-nic", "none", "-snapshot",
+        "-device", "pvpanic-pci",
+        "-nic", "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:0-:22", "-snapshot",
     ]
 
 
@@ -149,6 +151,15 @@ def test_every_disk_is_a_virtio_drive() -> None:
         assert "if=virtio" in drive.split(",")
         assert f"index={index}" in drive.split(",")
     assert "-hda" not in argv and "-hdb" not in argv
+
+
+@pytest.mark.parametrize("spec", [FULL, MINIMAL, dataclasses.replace(MINIMAL, level=3, deepest=4)])
+def test_the_only_network_is_user_mode_cut_off_with_ports_on_loopback(spec: GuestSpec) -> None:
+    argv = build_argv(spec, ENDS)
+    nics = [value for option, value in itertools.pairwise(argv) if option in ("-nic", "-netdev")]
+    assert len(nics) == 1 and nics[0].startswith("user,") and "restrict=on" in nics[0].split(",")
+    forwards = [part for part in nics[0].split(",") if part.startswith("hostfwd=")]
+    assert forwards and all(f.startswith("hostfwd=tcp:127.0.0.1:") for f in forwards)
 
 
 def test_no_disks_no_drive() -> None:
