@@ -1,9 +1,15 @@
-"""A guest's serial console: a log file QEMU writes, read back for tails and problems."""
+"""A guest's serial console: a log file QEMU writes, read back for tails and problems;
+and, for disk images without cloud-init, a login on it (pexpect)."""
 
 from __future__ import annotations
 
 import re
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pexpect.fdpexpect
 
 # Lines that mean the kernel under test is in trouble (panic, oops, BUG, KVM WARN).
 PROBLEM = re.compile(
@@ -46,3 +52,38 @@ class Console:
             return None
         match = PROBLEM.search(data)
         return match.group(0).decode("utf-8", "replace").strip() if match else None
+
+
+# After the login: a raw, echo-less terminal (bytes pass unchanged both ways) and a
+# non-interactive sh (stderr not a terminal: no prompts) for the command channel.
+RAW_SHELL = b"stty raw -echo; exec sh 2>/dev/null\n"
+
+
+def serial_login(sock: socket.socket, user: str, password: str, timeout: float, check: Callable[[], None]) -> None:
+    """Log in on a getty at the far end of `sock` and leave a plain sh there for channel.py.
+
+    `check` is called between waits and raises when the guest died.
+    """
+    session = pexpect.fdpexpect.fdspawn(sock.fileno(), timeout=1)
+    deadline = time.monotonic() + timeout
+    sent = {"user": False, "password": False}
+    while True:
+        check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no shell prompt after logging in within {timeout:g} s")
+        session.send(b"\r" if not sent["user"] else b"")
+        index = session.expect([rb"login: ?$", rb"[Pp]assword: ?$", rb"Login incorrect", rb"[$#] ?$",
+                                pexpect.TIMEOUT, pexpect.EOF])
+        if index == 0:
+            session.send(user.encode() + b"\r")
+            sent["user"] = True
+        elif index == 1 and sent["user"]:
+            session.send(password.encode() + b"\r")
+            sent["password"] = True
+        elif index == 2:
+            raise PermissionError(f"the guest refused the login as {user!r}: check --nested-login")
+        elif index == 3 and sent["password"]:
+            session.send(RAW_SHELL)
+            return
+        elif index == 5:
+            raise ConnectionError("the serial console closed")

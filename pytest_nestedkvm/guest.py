@@ -23,8 +23,8 @@ from typing import Any
 import paramiko
 
 from . import ssh
-from .channel import CommandResult, ShellChannel
-from .console import Console
+from .channel import ByteStream, CommandResult, ShellChannel
+from .console import Console, serial_login
 from .errors import BootError, ChannelError, CommandFailed, CommandTimeout, GuestCrashed, NestedKvmError
 from .initramfs import PORT_DIR
 from .qemu import SSH_GUEST_PORT, GuestSpec, HostEnds, ParentEnds, build_argv, shell_line
@@ -204,8 +204,22 @@ class Guest:
                 for role in STREAM_ROLES:
                     _drain(self.root.streams[(self.level, role)])  # bytes left by a previous instance
                 self.process.start(self.qemu_argv)
-            self._shell = self._open_channel("cmd", deadline)
-            self._control = self._open_channel("ctl", deadline)
+            if self.spec.channel == "serial":
+                # One console, one shell: no second channel to interrupt a command that hangs.
+                self._shell = self._open_channel("cmd", self._serial_login(deadline), deadline)
+            else:
+                if self.spec.channel == "ssh":
+                    self._ssh = self._connect_ssh(deadline - time.monotonic(), booting=True)
+                    streams: tuple[ByteStream, ByteStream] = (ssh.shell(self._ssh), ssh.shell(self._ssh))
+                else:
+                    streams = (self.root.streams[(self.level, "cmd")], self.root.streams[(self.level, "ctl")])
+                self._shell = self._open_channel("cmd", streams[0], deadline)
+                self._control = self._open_channel("ctl", streams[1], deadline)
+            if self.spec.channel != "agent":
+                # A disk image's own kernel: make a panic end QEMU (-no-reboot), as panic=-1 does for
+                # the built-in guest, and let crash() use sysrq (both need root; quietly skipped otherwise).
+                self._shell.run("{ echo -1 > /proc/sys/kernel/panic; echo 1 > /proc/sys/kernel/sysrq; } 2>/dev/null",
+                                30)
         except BaseException:
             self.close(keep_files=True)
             raise
@@ -224,7 +238,7 @@ class Guest:
 
     def _connect_streams(self, deadline: float) -> None:
         """Connect every socket L1's QEMU serves: its own and those of deeper levels."""
-        wanted = {(self.level, role) for role in ("cmd", "ctl")}
+        wanted = {(self.level, role) for role in ("cmd", "ctl")} if self.spec.channel == "agent" else set()
         wanted |= {(level, role) for level in range(2, self.spec.deepest + 1) for role in STREAM_ROLES}
         host_ends = HostEnds(self.run_root)
         for level, role in sorted(wanted):
@@ -238,9 +252,24 @@ class Guest:
             sock.connect(str(path))
             self.streams[(level, role)] = sock
 
-    def _open_channel(self, role: str, deadline: float) -> ShellChannel:
-        sock = self.root.streams[(self.level, role)]
-        interrupt = self._interrupt if role == "cmd" else None
+    def _serial_login(self, deadline: float) -> socket.socket:
+        """Log in on the serial console (--nested-login) and return it as the command stream."""
+        assert self.spec.login is not None
+        wait_for(f"{self.name} serial console socket", partial(self._alive_and, self.paths.serial.exists),
+                 deadline - time.monotonic())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(self.paths.serial))
+        self.streams[(self.level, "serial")] = sock
+        user, password = self.spec.login
+        try:
+            serial_login(sock, user, password, deadline - time.monotonic(), self._check_alive)
+        except (TimeoutError, PermissionError, ConnectionError) as exc:
+            raise BootError(f"{self.name}: serial console login as {user!r} failed: {exc}\n"
+                            f"last console lines:\n{self.console.tail()}") from None
+        return sock
+
+    def _open_channel(self, role: str, sock: ByteStream, deadline: float) -> ShellChannel:
+        interrupt = self._interrupt if role == "cmd" and self.spec.channel != "serial" else None
         channel = ShellChannel(sock, f"{self.name}.{role}", watchdog=self._check_alive, interrupt=interrupt)
         try:
             channel.connect(deadline - time.monotonic())
@@ -347,10 +376,10 @@ class Guest:
 
     def crash(self) -> None:
         """Make the guest kernel panic for real (sysrq-c) and wait until QEMU is gone."""
-        if self._control is None:
+        if self._shell is None:
             raise GuestCrashed(f"{self.name} is not running")
         try:
-            self._control.run("echo c > /proc/sysrq-trigger", timeout=5)
+            (self._control or self._shell).run("echo c > /proc/sysrq-trigger", timeout=5)
         except (NestedKvmError, OSError):
             pass  # the guest died mid-reply, which is what was asked for
         wait_for(f"{self.name} QEMU exiting after the panic", lambda: self.process.exit_status() is not None,
@@ -370,16 +399,30 @@ class Guest:
             self._ssh = self._connect_ssh()
         return self._ssh
 
-    def _connect_ssh(self) -> paramiko.SSHClient:
+    def _connect_ssh(self, timeout: float = 60.0, booting: bool = False) -> paramiko.SSHClient:
+        """Connect to the guest's sshd: the built-in guest's is started here, a disk image runs its own."""
         if self.ssh_key is None:
             raise SshError(f"{self.name}: SSH needs the session key, and this guest was started without one")
-        host_key = self.succeed(sshd_script(self.ssh_key.public_line), timeout=60).strip().splitlines()[-1]
+        host_key = None
+        if self.spec.channel == "agent":
+            host_key = self.succeed(sshd_script(self.ssh_key.public_line), timeout=60).strip().splitlines()[-1]
+        elif self.parent is None:
+            wait_for(f"{self.name} QMP socket", partial(self._alive_and, self.paths.qmp.exists), timeout)
         port = self.qmp().forwarded_port(SSH_GUEST_PORT)
         if port is None:
             raise SshError(f"{self.name}: its QEMU forwards no port to the guest's port {SSH_GUEST_PORT} "
                            "(a -nic edit in extra QEMU arguments?)")
         via = None if self.parent is None else self.parent.ssh
-        return ssh.connect(self.name, port, self.ssh_key, host_key=host_key, via=via)
+        try:
+            return ssh.connect(self.name, port, self.ssh_key, host_key=host_key, via=via, timeout=timeout,
+                               check=self._check_alive)
+        except SshError as exc:
+            if not booting:
+                raise
+            raise BootError(
+                f"{exc}\nIf the image has no cloud-init, pass --nested-login USER:PASSWORD to log in on its "
+                f"serial console instead.\nlast console lines:\n{self.console.tail()}"
+            ) from None
 
     def put(self, local: str | os.PathLike[str], remote: str) -> None:
         """Copy a file from L0 into the guest over SFTP; bytes and permission bits stay exact."""

@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from .cloudinit import write_nocloud_seed
 from .errors import BootError, ConfigError, HostError, NestedKvmError
 from .guest import Guest
 from .host import HostReport
@@ -114,6 +116,9 @@ class GuestPool:
             return "QEMU not found: apt-get install qemu-system-x86"
         if level >= 2 and not self.report.nesting_possible:
             return f"L{level} needs nested virtualization, which this host cannot provide: {self.report.nesting_fix}"
+        if level >= 2 and self.settings.l1_image is not None:
+            return (f"L{level} inside a --nested-l1-image is not supported yet: the plugin starts deeper levels "
+                    "inside its built-in L1 only")
         return None
 
     @functools.cache  # noqa: B019 (one pool per session: caching per instance is the point)
@@ -132,6 +137,8 @@ class GuestPool:
         their parent's KVM, with -cpu host unless --nested-l2-cpu says otherwise.
         """
         assert self.report.qemu is not None
+        if level == 1 and self.settings.l1_image is not None:
+            return self.image_spec(level, self.settings.l1_image)
         kernel = find_kernel(self.settings.kernel, self.settings.modules)
         initrd = build_initramfs(kernel)
         if level >= 2:
@@ -143,6 +150,27 @@ class GuestPool:
             kernel=boot_image(kernel), initrd=initrd, append=self.settings.append,
             share_root=Path("/"), firmware=QBOOT if QBOOT.is_file() else None, deepest=self.settings.levels,
             extra_args=self.settings.qemu_args_for(level),
+        )
+
+    def image_spec(self, level: int, image: Path) -> GuestSpec:
+        """A user's disk image, booted by its own bootloader with -snapshot.
+
+        With cloud-init the session key arrives through a NoCloud seed and commands run
+        over SSH; with --nested-login they run on the serial console after a login.
+        """
+        assert self.report.qemu is not None
+        login = self.settings.login
+        disks: tuple[Path, ...] = (image,)
+        if login is None:
+            seed = self.run_root / f"l{level}-seed.iso"
+            write_nocloud_seed(seed, public_key=self.ssh_key.public_line, hostname=f"nestedkvm-l{level}",
+                               instance_id=f"nestedkvm-{os.getpid()}-{secrets.token_hex(4)}")
+            disks += (seed,)
+        return GuestSpec(
+            level=level, qemu=self.report.qemu.binary, accel=self.report.accel,
+            cpu=self.settings.cpu_for(level, self.report.cpu), memory_mib=self.settings.memory_for(level),
+            smp=self.settings.smp_for(level), disks=disks, extra_args=self.settings.qemu_args_for(level),
+            channel="serial" if login else "ssh", login=login,
         )
 
     def get(self, level: int) -> Guest:

@@ -46,6 +46,10 @@ class GuestSpec:
     disks: tuple[Path, ...] = ()  # always attached with -snapshot
     firmware: Path | None = None
     deepest: int = 1  # the deepest level of the chain: this QEMU carries the streams of levels below
+    # How commands reach the guest: "agent" (the built-in guest's shells on virtio ports),
+    # "ssh" (a disk image's sshd, key from a cloud-init seed), "serial" (a login on the console).
+    channel: str = "agent"
+    login: tuple[str, str] | None = None  # user, password for the "serial" channel
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -65,6 +69,10 @@ class RunPaths:
 
     def end(self, role: str) -> Path:
         return self.run_dir / ("console.log" if role == "console" else f"{role}.sock")
+
+    @property
+    def serial(self) -> Path:
+        return self.end("serial")
 
     @property
     def qmp(self) -> Path:
@@ -100,8 +108,12 @@ class HostEnds:
         return RunPaths(self.run_root / f"l{level}")
 
     def chardev(self, level: int, role: str) -> str:
-        end = self.paths(level).end(role)
-        return f"file,path={end}" if role == "console" else f"socket,path={end},server=on,wait=off"
+        paths = self.paths(level)
+        if role == "console":
+            return f"file,path={paths.console}"
+        if role == "serial":  # a console to log in on: a socket, and everything it prints still logged
+            return f"socket,path={paths.serial},server=on,wait=off,logfile={paths.console}"
+        return f"socket,path={paths.end(role)},server=on,wait=off"
 
 
 @dataclass(frozen=True)
@@ -140,9 +152,11 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
             "-m", str(spec.memory_mib), "-smp", str(spec.smp)]
     if spec.firmware is not None:
         argv += ["-bios", str(spec.firmware)]
-    ports = [(spec.level, role, name) for role, name in OWN_PORTS.items()]
-    ports += [(level, role, passthrough_port(level, role))
-              for level in range(spec.level + 1, spec.deepest + 1) for role in ROLES]
+    ports = []
+    if spec.channel == "agent":
+        ports = [(spec.level, role, name) for role, name in OWN_PORTS.items()]
+        ports += [(level, role, passthrough_port(level, role))
+                  for level in range(spec.level + 1, spec.deepest + 1) for role in ROLES]
     if spec.kernel is not None:
         argv += ["-kernel", str(spec.kernel)]
         if spec.initrd is not None:
@@ -150,9 +164,11 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
         append = " ".join(filter(None, (BASE_APPEND, boot_loglevel(spec.level), f"nestedkvm.ports={len(ports)}",
                                         spec.append)))
         argv += ["-append", append]
-    argv += ["-chardev", f"{ends.chardev(spec.level, 'console')},id=console", "-serial", "chardev:console",
-             "-chardev", f"{ends.chardev(spec.level, 'qmp')},id=qmp", "-mon", "chardev=qmp,mode=control",
-             "-device", "virtio-serial-pci,id=vser"]
+    console = "serial" if spec.channel == "serial" else "console"
+    argv += ["-chardev", f"{ends.chardev(spec.level, console)},id=console", "-serial", "chardev:console",
+             "-chardev", f"{ends.chardev(spec.level, 'qmp')},id=qmp", "-mon", "chardev=qmp,mode=control"]
+    if ports:
+        argv += ["-device", "virtio-serial-pci,id=vser"]
     for index, (level, role, name) in enumerate(ports):
         argv += ["-chardev", f"{ends.chardev(level, role)},id=port{index}",
                  "-device", f"virtserialport,bus=vser.0,chardev=port{index},name={name}"]

@@ -64,7 +64,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("memory", "guest memory in MiB; a comma list sets L1,L2,... (default 2048 for L1, shrinking with "
            "depth)", "MIB[,MIB...]"),
     Option("smp", "guest vCPUs; a comma list sets L1,L2,... (default 2 for L1, 1 deeper)", "N[,N...]"),
-    Option("l1_image", "disk image (qcow2/raw) to boot as L1 instead of the built-in guest", "PATH"),
+    Option("l1_image", "disk image (qcow2/raw) to boot as L1 instead of the built-in guest, always with -snapshot; "
+           "reached over SSH with a key given through a generated cloud-init seed", "PATH"),
+    Option("login", "USER:PASSWORD for a serial-console login into a --nested-l1-image that lacks cloud-init "
+           "(the command channel then runs on the serial console)", "USER:PASSWORD"),
     Option("l2_image", "disk image (qcow2/raw) to boot as L2 instead of the built-in guest", "PATH"),
     Option("boot_timeout", "seconds a guest may take to answer its first command (default scales with "
            "accelerator and depth)", "S"),
@@ -80,8 +83,7 @@ OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 # Declared (they are part of the public option set) but not built yet: refusing them
 # is better than silently booting something else than what was asked for.
 NOT_YET = {
-    "l1_image": "user disk images need the SSH / serial-login channel; boot the built-in guest for now",
-    "l2_image": "user disk images need the SSH / serial-login channel; boot the built-in guest for now",
+    "l2_image": "an L2 disk image is not supported yet; boot the built-in L2 (or a user image as L1)",
 }
 
 
@@ -99,6 +101,7 @@ class Settings:
     memory: tuple[int, ...] = ()
     smp: tuple[int, ...] = ()
     l1_image: Path | None = None
+    login: tuple[str, str] | None = None
     l2_image: Path | None = None
     boot_timeout: float | None = None
     command_timeout: float | None = None
@@ -262,6 +265,23 @@ def _existing_dir(raw: str) -> Path:
     return path.resolve()
 
 
+def _disk_image(path: Path) -> Path:
+    """A file QEMU can boot through the firmware: qcow2, or a raw disk with a boot sector."""
+    with path.open("rb") as f:
+        head = f.read(512)
+    if head[:4] == b"QFI\xfb" or head[510:512] == b"\x55\xaa":
+        return path
+    raise ValueError(f"{path} is not a bootable disk image (neither qcow2 nor a raw disk with a boot sector): "
+                     "pass a qcow2 or raw disk image, e.g. a distribution's cloud image")
+
+
+def _login(raw: str) -> tuple[str, str]:
+    user, colon, password = raw.partition(":")
+    if not user.strip() or not colon:
+        raise ValueError("expected USER:PASSWORD (e.g. tester:tester)")
+    return user.strip(), password
+
+
 def _argv(raw: str) -> tuple[str, ...]:
     try:
         return tuple(shlex.split(raw))
@@ -290,8 +310,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "append": str.strip,
     "memory": _int_list(64),
     "smp": _int_list(1),
-    "l1_image": _existing_file,
-    "l2_image": _existing_file,
+    "l1_image": lambda raw: _disk_image(_existing_file(raw)),
+    "login": _login,
+    "l2_image": lambda raw: _disk_image(_existing_file(raw)),
     "boot_timeout": _seconds,
     "command_timeout": _seconds,
     "artifacts": lambda raw: Path(raw).expanduser().resolve(),

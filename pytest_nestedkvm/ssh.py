@@ -15,6 +15,7 @@ import os
 import shlex
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,16 +113,19 @@ class _PinnedHostKey(paramiko.MissingHostKeyPolicy):
 
 def connect(
     what: str, port: int, key: SessionKey, *, user: str = "root", host_key: str | None = None,
-    via: paramiko.SSHClient | None = None, timeout: float = 30.0,
+    via: paramiko.SSHClient | None = None, timeout: float = 30.0, check: Callable[[], None] | None = None,
 ) -> paramiko.SSHClient:
     """A connected, authenticated client for the guest whose sshd is forwarded to `port`.
 
     `port` is on L0's loopback, or with `via` on the loopback of that parent guest.
-    Retries while the server is not up yet; a rejected key is not retried.
+    Retries while the server is not up yet (calling `check`, which raises when the guest
+    died, before each try); a rejected key is not retried.
     """
     deadline = time.monotonic() + timeout
     last = "nothing tried"
     while True:
+        if check is not None:
+            check()
         client = paramiko.SSHClient()
         client.set_missing_host_key_policy(_PinnedHostKey(host_key))
         try:
@@ -146,6 +150,15 @@ def connect(
         if time.monotonic() >= deadline:
             raise SshError(f"{what}: SSH on port {port} did not answer within {timeout:g} s (last: {last})")
         time.sleep(0.2)
+
+
+def shell(client: paramiko.SSHClient) -> paramiko.Channel:
+    """A session running a plain `sh` that reads commands from the channel (see channel.py)."""
+    transport = client.get_transport()
+    assert transport is not None
+    channel = transport.open_session(timeout=30)
+    channel.exec_command("exec sh")
+    return channel
 
 
 def put(client: paramiko.SSHClient, local: Path, remote: str) -> None:

@@ -143,6 +143,11 @@ def make_values(base: Path) -> ValueTable:
         path.write_bytes(b"\0" * 16)
         return Case(str(path), path.resolve())
 
+    def image(name: str) -> Case:
+        path = base / name
+        path.write_bytes(b"QFI\xfb" + b"\0" * 508)  # a qcow2 header's magic
+        return Case(str(path), path.resolve())
+
     def directory(name: str, create: bool = True) -> Case:
         path = base / name
         if create:
@@ -161,6 +166,9 @@ def make_values(base: Path) -> ValueTable:
         "l2_qemu_args": (Case("-S", ("-S",)), Case("-m 100", ("-m", "100")), Case("'-x y'", ("-x y",))),
         "kernel": (file("k-cli"), file("k-env"), file("k-ini")),
         "modules": (directory("m-cli"), directory("m-env"), directory("m-ini")),
+        "l1_image": (image("i-cli.qcow2"), image("i-env.qcow2"), image("i-ini.qcow2")),
+        "login": (Case("tester:tester", ("tester", "tester")), Case("root:", ("root", "")),
+                  Case("a:b:c", ("a", "b:c"))),
         "append": (Case("console=ttyS0", "console=ttyS0"), Case("quiet", "quiet"), Case("loglevel=7", "loglevel=7")),
         "memory": (Case("1024", (1024,)), Case("512,256", (512, 256)), Case("300", (300,))),
         "smp": (Case("4", (4,)), Case("2,1", (2, 1)), Case("3", (3,))),

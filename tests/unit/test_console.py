@@ -1,12 +1,14 @@
-"""Unit tests for Console: problem detection in a serial log, tails, a missing log."""
+"""Unit tests for Console: problem detection in a serial log, tails, a missing log; serial login."""
 
 from __future__ import annotations
 
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.console import Console
+from pytest_nestedkvm.console import RAW_SHELL, Console, serial_login
 
 BOOT = (
     "[    0.000000] Linux version 6.1.0-18-amd64 (debian-kernel@lists.debian.org)\r\n"
@@ -101,3 +103,50 @@ def test_missing_file(tmp_path: Path) -> None:
     assert console.read() == ""
     assert console.tail() == ""
     assert console.first_problem() is None
+
+
+# -- serial login (a fake getty on the other end of a socket pair) ---------------------------
+
+
+def fake_getty(sock: socket.socket, password: str, lines: list[bytes]) -> None:
+    """A getty and a shell prompt, as a guest's serial console shows them."""
+    def read_line() -> bytes:
+        data = b""
+        while not data.endswith(b"\r"):
+            data += sock.recv(1)
+        return data[:-1]
+
+    sock.sendall(b"[  OK  ] Started getty\r\n\r\nDebian GNU/Linux 12 debian ttyS0\r\n\r\ndebian login: ")
+    while (user := read_line()) == b"":
+        pass
+    sock.sendall(user + b"\r\nPassword: ")
+    if read_line() != password.encode():
+        sock.sendall(b"\r\nLogin incorrect\r\ndebian login: ")
+        return
+    sock.sendall(b"\r\nLinux debian 6.1.0\r\n" + user + b"@debian:~$ ")
+    lines.append(sock.recv(100))
+
+
+def test_serial_login_leaves_a_raw_shell() -> None:
+    ours, theirs = socket.socketpair()
+    lines: list[bytes] = []
+    getty = threading.Thread(target=fake_getty, args=(theirs, "pw", lines))
+    getty.start()
+    serial_login(ours, "tester", "pw", timeout=10, check=lambda: None)
+    getty.join(5)
+    assert lines == [RAW_SHELL]
+
+
+def test_serial_login_with_a_wrong_password_says_so() -> None:
+    ours, theirs = socket.socketpair()
+    getty = threading.Thread(target=fake_getty, args=(theirs, "right", []))
+    getty.start()
+    with pytest.raises(PermissionError, match="refused the login as 'tester': check --nested-login"):
+        serial_login(ours, "tester", "wrong", timeout=10, check=lambda: None)
+    getty.join(5)
+
+
+def test_serial_login_gives_up_after_its_timeout() -> None:
+    ours, _silent = socket.socketpair()
+    with pytest.raises(TimeoutError, match=r"within 1\.5 s"):
+        serial_login(ours, "tester", "pw", timeout=1.5, check=lambda: None)

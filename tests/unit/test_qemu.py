@@ -281,3 +281,26 @@ def test_shell_line_quotes_spaces() -> None:
     line = shell_line(build_argv(FULL, ENDS))
     assert "'file=/images/b b.raw,if=virtio,index=1,media=disk'" in line
     assert line.startswith("/usr/bin/qemu-system-x86_64 -name nestedkvm-l1 ")
+
+
+IMAGE = dataclasses.replace(MINIMAL, disks=(Path("/images/debian.qcow2"), Path("/run/nk/l1-seed.iso")), channel="ssh")
+
+
+def test_image_guest_boots_its_own_bootloader_without_agent_ports() -> None:
+    argv = build_argv(IMAGE, ENDS)
+    for absent in ("-kernel", "-initrd", "-append", "-bios", "-fsdev"):
+        assert absent not in argv
+    assert not any("virtio-serial" in a or "virtserialport" in a for a in argv)
+    assert argv[argv.index("-serial") - 1] == "file,path=/var/lib/nk/run/l1/console.log,id=console"
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert drives == ["file=/images/debian.qcow2,if=virtio,index=0,media=disk",
+                      "file=/run/nk/l1-seed.iso,if=virtio,index=1,media=disk"]
+    assert "-snapshot" in argv
+
+
+def test_serial_login_guest_gets_a_console_socket_that_is_still_logged() -> None:
+    argv = build_argv(dataclasses.replace(IMAGE, channel="serial", login=("tester", "pw")), ENDS)
+    assert argv[argv.index("-serial") - 1] == (
+        "socket,path=/var/lib/nk/run/l1/serial.sock,server=on,wait=off,logfile=/var/lib/nk/run/l1/console.log,"
+        "id=console")
+    assert "pw" not in " ".join(argv)  # the password never reaches a command line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -396,3 +397,38 @@ def test_qemu_args_with_an_open_quote_rejected() -> None:
     message = config_error(env={"NESTEDKVM_QEMU_ARGS": "-device 'virtio-rng-pci"})
     assert message == ("--nested-qemu-args=\"-device 'virtio-rng-pci\" (from env NESTEDKVM_QEMU_ARGS): cannot split "
                        "into arguments (No closing quotation): check the quotes")
+
+
+# -- disk images and the serial login ---------------------------------------------------------
+
+
+def test_l1_image_accepts_qcow2_and_raw_disks_with_a_boot_sector(tmp_path: Path) -> None:
+    qcow2, raw = tmp_path / "a.qcow2", tmp_path / "b.img"
+    qcow2.write_bytes(b"QFI\xfb\0\0\0\3" + b"\0" * 1000)
+    raw.write_bytes(b"\0" * 510 + b"\x55\xaa" + b"\0" * 512)
+    assert build({"l1_image": str(qcow2)}).l1_image == qcow2.resolve()
+    assert build({"l1_image": str(raw)}).l1_image == raw.resolve()
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "is not a file"),
+        (lambda p: p.write_bytes(b"#!/bin/sh\necho not a disk\n"), "is not a bootable disk image (neither qcow2 nor"),
+        (lambda p: p.write_bytes(b"\0" * 4096), "is not a bootable disk image"),
+    ],
+    ids=["missing", "directory", "script", "zeros"],
+)
+def test_l1_image_rejections_say_what_is_wrong(tmp_path: Path, make: Any, reason: str) -> None:
+    path = tmp_path / "l1.qcow2"
+    make(path)
+    message = config_error({"l1_image": str(path)})
+    assert message.startswith(f"--nested-l1-image={str(path)!r} (from command line): ")
+    assert reason in message
+
+
+@pytest.mark.parametrize("raw", ["tester", ":secret", ""])
+def test_login_needs_user_and_password(raw: str) -> None:
+    message = config_error(env={"NESTEDKVM_LOGIN": raw} if raw else {}, ini={"login": raw or "x"})
+    assert "--nested-login" in message and "expected USER:PASSWORD" in message

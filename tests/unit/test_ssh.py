@@ -56,5 +56,6 @@ def test_connect_to_a_closed_port_gives_up_with_the_last_error(tmp_path: Path) -
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
-    with pytest.raises(ssh.SshError, match=rf"l9: SSH on port {port} did not answer within 0.5 s \(last: .*Unable to connect"):
+    expected = rf"l9: SSH on port {port} did not answer within 0.5 s \(last: .*Unable to connect"
+    with pytest.raises(ssh.SshError, match=expected):
         ssh.connect("l9", port, ssh.make_session_key(tmp_path / "k"), timeout=0.5)

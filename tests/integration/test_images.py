@@ -1,0 +1,121 @@
+"""A real distribution image as L1: Debian 12 built here from Debian's packages (tests/images.py).
+
+Booted by its own GRUB under TCG, its SSH key given through the NoCloud seed the plugin
+writes, commands over SSH; the serial-console login fallback; the image never changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("no_qemu_left")
+
+
+def _load_images() -> ModuleType:
+    path = Path(__file__).parents[1] / "images.py"
+    spec = importlib.util.spec_from_file_location("nestedkvm_test_images", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+images = _load_images()
+
+
+@pytest.fixture(scope="module")
+def debian_image() -> Path:
+    try:
+        return Path(images.debian_image())
+    except images.ImageUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_debian_image_as_l1_over_ssh_and_pristine_after_a_crash(pytester: pytest.Pytester, debian_image: Path) -> None:
+    before = sha256(debian_image)
+    pytester.makepyfile(
+        """
+        import os, stat
+
+        def test_it_is_the_image_with_its_own_kernel(l1):
+            assert 'ID=debian' in l1.succeed("cat /etc/os-release")
+            assert l1.succeed("uname -r").strip().endswith("-cloud-amd64")
+            assert l1.succeed("id -u") == "0\\n"
+
+        def test_exact_results_over_the_ssh_channel(l1):
+            result = l1.run("printf 'a\\\\0b\\\\n'; echo oops >&2; exit 7")
+            assert (result.exit_status, result.stdout, result.stderr) == (7, "a\\0b\\n", "oops\\n")
+            assert l1.fail("false") == ""
+
+        def test_ssh_and_sftp(l1, tmp_path):
+            _, out, _ = l1.ssh.exec_command("hostname")
+            assert out.read() == b"nestedkvm-l1\\n"
+            source = tmp_path / "tool"
+            source.write_bytes(os.urandom(1 << 20))
+            source.chmod(0o700)
+            l1.put(source, "/root/tool")
+            l1.get("/root/tool", tmp_path / "back")
+            assert (tmp_path / "back").read_bytes() == source.read_bytes()
+            assert stat.S_IMODE((tmp_path / "back").stat().st_mode) == 0o700
+
+        def test_write_to_the_disk_then_panic(l1):
+            l1.succeed("echo changed > /etc/nestedkvm-mark && sync")
+            l1.crash()
+
+        def test_the_next_l1_boots_the_pristine_image(l1):
+            l1.fail("test -e /etc/nestedkvm-mark")
+            l1.fail("test -e /root/tool")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--nested-l1-image={debian_image}")
+    result.assert_outcomes(passed=4, failed=1)
+    result.stdout.fnmatch_lines(["*L1 kernel panic during this test*"])
+    assert sha256(debian_image) == before, "the image file changed"
+
+
+def test_serial_console_login_when_there_is_no_cloud_init(pytester: pytest.Pytester, debian_image: Path) -> None:
+    pytester.makepyfile(
+        """
+        def test_commands_run_as_the_login_user_on_the_console(l1):
+            assert l1.succeed("id -un") == "tester\\n"
+            assert l1.succeed("readlink /proc/$$/fd/1") == "/dev/ttyS0\\n"
+            result = l1.run("printf 'x\\\\r\\\\ny'; echo e >&2; exit 4")
+            assert (result.exit_status, result.stdout, result.stderr) == (4, "x\\r\\ny", "e\\n")
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--nested-l1-image={debian_image}", f"--nested-login={images.TESTER}:{images.TESTER}"
+    )
+    result.assert_outcomes(passed=1)
+
+
+def test_an_image_that_does_not_take_the_key_is_a_clear_boot_error(
+    pytester: pytest.Pytester, debian_image: Path
+) -> None:
+    # Drop the NoCloud seed: cloud-init finds no key to authorize, as in an image without cloud-init.
+    pytester.makeconftest(
+        """
+        import dataclasses
+
+        def pytest_nestedkvm_guest_spec(config, level, spec):
+            return dataclasses.replace(spec, disks=spec.disks[:1])
+        """
+    )
+    pytester.makepyfile("def test_uses_l1(l1):\n    raise AssertionError('must not run')\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--nested-l1-image={debian_image}")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([
+        "*BootError: l1: the guest rejected the session key for 'root'*",
+        "*pass --nested-login USER:PASSWORD to log in on its serial console instead*",
+    ])
