@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -339,10 +340,12 @@ class Guest:
     def qmp(self) -> Qmp:
         """The QMP monitor of this guest's QEMU (for a deeper guest: through L1's virtio port)."""
         if self._qmp is None:
-            if self.parent is None:
-                self._qmp = Qmp(self.paths.qmp)
-            else:
-                self._qmp = Qmp(self.root.streams[(self.level, "qmp")].dup())
+            address = self.paths.qmp if self.parent is None else self.root.streams[(self.level, "qmp")].dup()
+            try:
+                self._qmp = Qmp(address)
+            except TimeoutError as exc:
+                self._check_alive()  # a QEMU that died says so, with its own words
+                raise ChannelError(f"{self.name}: {exc}") from None
         return self._qmp
 
     def qmp_events(self, wait: float = 0.0) -> list[dict[str, Any]]:
@@ -403,19 +406,15 @@ class Guest:
         """Connect to the guest's sshd: the built-in guest's is started here, a disk image runs its own."""
         if self.ssh_key is None:
             raise SshError(f"{self.name}: SSH needs the session key, and this guest was started without one")
-        host_key = None
-        if self.spec.channel == "agent":
-            host_key = self.succeed(sshd_script(self.ssh_key.public_line), timeout=60).strip().splitlines()[-1]
-        elif self.parent is None:
-            wait_for(f"{self.name} QMP socket", partial(self._alive_and, self.paths.qmp.exists), timeout)
-        port = self.qmp().forwarded_port(SSH_GUEST_PORT)
-        if port is None:
-            raise SshError(f"{self.name}: its QEMU forwards no port to the guest's port {SSH_GUEST_PORT} "
-                           "(a -nic edit in extra QEMU arguments?)")
+        deadline = time.monotonic() + timeout
+        try:
+            port, host_key = self._sshd_port(self.ssh_key, timeout)
+        except TimeoutError as exc:
+            raise BootError(f"{self.name}: {exc}\nlast console lines:\n{self.console.tail()}") from None
         via = None if self.parent is None else self.parent.ssh
         try:
-            return ssh.connect(self.name, port, self.ssh_key, host_key=host_key, via=via, timeout=timeout,
-                               check=self._check_alive)
+            return ssh.connect(self.name, port, self.ssh_key, host_key=host_key, via=via,
+                               timeout=deadline - time.monotonic(), check=self._check_alive)
         except SshError as exc:
             if not booting:
                 raise
@@ -423,6 +422,22 @@ class Guest:
                 f"{exc}\nIf the image has no cloud-init, pass --nested-login USER:PASSWORD to log in on its "
                 f"serial console instead.\nlast console lines:\n{self.console.tail()}"
             ) from None
+
+    def _sshd_port(self, key: SessionKey, timeout: float) -> tuple[int, str | None]:
+        """The port (on the parent's loopback) forwarded to this guest's sshd, and its host key if known."""
+        host_key = None
+        if self.spec.channel == "agent":
+            host_key = self.succeed(sshd_script(key.public_line), timeout=60).strip().splitlines()[-1]
+        elif self.parent is None:
+            wait_for(f"{self.name} QMP socket", partial(self._alive_and, self.paths.qmp.exists), timeout)
+        else:  # QEMU inside the parent is up once its QMP greeting arrives (before that, connecting would block)
+            greeting = self.root.streams[(self.level, "qmp")]
+            wait_for(f"{self.name} QMP greeting", partial(self._alive_and, partial(_readable, greeting)), timeout)
+        port = self.qmp().forwarded_port(SSH_GUEST_PORT)
+        if port is None:
+            raise SshError(f"{self.name}: its QEMU forwards no port to the guest's port {SSH_GUEST_PORT} "
+                           "(a -nic edit in extra QEMU arguments?)")
+        return port, host_key
 
     def put(self, local: str | os.PathLike[str], remote: str) -> None:
         """Copy a file from L0 into the guest over SFTP; bytes and permission bits stay exact."""
@@ -496,6 +511,10 @@ def _last_lines(path: Path, count: int) -> str:
         return "\n".join(path.read_text(errors="replace").strip().splitlines()[-count:])
     except FileNotFoundError:
         return ""
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _drain(sock: socket.socket) -> None:

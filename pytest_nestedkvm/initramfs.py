@@ -36,7 +36,7 @@ PORT_DIR = "/run/nestedkvm"
 
 # Drivers the guest cannot boot without, and ones it uses when the kernel has them.
 REQUIRED_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p")
-OPTIONAL_MODULES = ("virtio_net", "pvpanic_pci")
+OPTIONAL_MODULES = ("virtio_net", "pvpanic_pci", "virtio_blk")  # virtio_blk: an L2 image as /dev/vda
 # Loaded in parallel with the drivers above (kvm.ko alone takes ~0.4 s to load under TCG).
 KVM_MODULES = ("kvm_amd", "kvm_intel")
 MODULE_PARAMS = {"kvm_amd": "nested=1", "kvm_intel": "nested=1"}

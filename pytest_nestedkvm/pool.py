@@ -33,6 +33,9 @@ log = logging.getLogger("pytest_nestedkvm.pool")
 # Seconds to first command. L0's accelerator sets the pace of the whole chain (under
 # TCG every level is emulated), and each level multiplies the cost.
 BOOT_TIMEOUT = {"kvm": 30.0, "tcg": 90.0}
+# A disk image boots firmware, a bootloader and its whole init system (systemd, cloud-init):
+# ~20-45 s under TCG where the built-in guest takes ~3 s.
+IMAGE_BOOT_FACTOR = 4
 COMMAND_TIMEOUT = {"kvm": 60.0, "tcg": 120.0}
 RUN_DIR_PREFIX = "nestedkvm-"
 NESTED_BOOT_ATTEMPTS = 3
@@ -139,6 +142,8 @@ class GuestPool:
         assert self.report.qemu is not None
         if level == 1 and self.settings.l1_image is not None:
             return self.image_spec(level, self.settings.l1_image)
+        if level == 2 and self.settings.l2_image is not None:
+            return self.image_spec(level, self.settings.l2_image)
         kernel = find_kernel(self.settings.kernel, self.settings.modules)
         initrd = build_initramfs(kernel)
         if level >= 2:
@@ -149,6 +154,7 @@ class GuestPool:
             memory_mib=self.settings.memory_for(level), smp=self.settings.smp_for(level),
             kernel=boot_image(kernel), initrd=initrd, append=self.settings.append,
             share_root=Path("/"), firmware=QBOOT if QBOOT.is_file() else None, deepest=self.settings.levels,
+            disks=self._l2_image_disks() if level == 1 else (),
             extra_args=self.settings.qemu_args_for(level),
         )
 
@@ -159,19 +165,31 @@ class GuestPool:
         over SSH; with --nested-login they run on the serial console after a login.
         """
         assert self.report.qemu is not None
-        login = self.settings.login
-        disks: tuple[Path, ...] = (image,)
-        if login is None:
-            seed = self.run_root / f"l{level}-seed.iso"
-            write_nocloud_seed(seed, public_key=self.ssh_key.public_line, hostname=f"nestedkvm-l{level}",
-                               instance_id=f"nestedkvm-{os.getpid()}-{secrets.token_hex(4)}")
-            disks += (seed,)
+        login = self.settings.login if level == 1 else None
+        if level == 1:
+            disks = (image,) if login else (image, self._seed(level))
+        else:  # L1 holds the image and its seed as its own virtio disks (see _l2_image_disks)
+            disks = (Path("/dev/vda"), Path("/dev/vdb"))
         return GuestSpec(
-            level=level, qemu=self.report.qemu.binary, accel=self.report.accel,
+            level=level, qemu=self.report.qemu.binary, accel=self.report.accel if level == 1 else "kvm",
             cpu=self.settings.cpu_for(level, self.report.cpu), memory_mib=self.settings.memory_for(level),
             smp=self.settings.smp_for(level), disks=disks, extra_args=self.settings.qemu_args_for(level),
             channel="serial" if login else "ssh", login=login,
         )
+
+    def _l2_image_disks(self) -> tuple[Path, ...]:
+        """What L1 is given for an L2 image: the image itself, then L2's seed (/dev/vda, /dev/vdb in L1)."""
+        if self.settings.l2_image is None or self.settings.levels < 2:
+            return ()
+        return (self.settings.l2_image, self._seed(2))
+
+    def _seed(self, level: int) -> Path:
+        """The NoCloud seed that gives the guest at `level` the session key (written once per session)."""
+        seed = self.run_root / f"l{level}-seed.iso"
+        if not seed.exists():
+            write_nocloud_seed(seed, public_key=self.ssh_key.public_line, hostname=f"nestedkvm-l{level}",
+                               instance_id=f"nestedkvm-{os.getpid()}-{secrets.token_hex(4)}")
+        return seed
 
     def get(self, level: int) -> Guest:
         """The running guest at `level`, started (or started again) when needed."""
@@ -183,11 +201,14 @@ class GuestPool:
             return guest
         parent = self.get(level - 1) if level > 1 else None
         if guest is None or guest.parent is not parent:
+            spec = self.spec_for(level)
+            boot_timeout = BOOT_TIMEOUT[self.report.accel] * level
+            if spec.channel != "agent":
+                boot_timeout *= IMAGE_BOOT_FACTOR
             guest = Guest(
-                self.spec_for(level), self.run_root, parent=parent,
-                boot_timeout=self.settings.boot_timeout or BOOT_TIMEOUT[self.report.accel] * level,
+                spec, self.run_root, parent=parent, boot_timeout=self.settings.boot_timeout or boot_timeout,
                 command_timeout=self.settings.command_timeout or COMMAND_TIMEOUT[self.report.accel] * level,
-                edit_argv=functools.partial(self.hooks.qemu_argv, self.spec_for(level)), ssh_key=self.ssh_key,
+                edit_argv=functools.partial(self.hooks.qemu_argv, spec), ssh_key=self.ssh_key,
             )
             self.guests[level] = guest
         else:

@@ -15,12 +15,23 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 
 
+class _Monitor(QEMUMonitorProtocol):
+    def connect_within(self, timeout: float) -> None:
+        """connect(), bounded: the legacy facade waits forever for an answer, and a QEMU inside a
+        guest that dies after its greeting never closes the stream (the parent's port stays open)."""
+        self._qmp.await_greeting = self._qmp.negotiate = True
+        self._sync(self._qmp.connect(self._address), timeout)
+
+
 class Qmp:
     """One QMP connection to a running QEMU's control socket."""
 
     def __init__(self, address: Path | socket.socket, timeout: float = 10.0) -> None:
-        self._qmp = QEMUMonitorProtocol(address if isinstance(address, socket.socket) else str(address))
-        self._qmp.connect()
+        self._qmp = _Monitor(address if isinstance(address, socket.socket) else str(address))
+        try:
+            self._qmp.connect_within(timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"QMP did not answer within {timeout:g} s") from None
         self._qmp.settimeout(timeout)
 
     def command(self, name: str, **arguments: Any) -> Any:

@@ -68,7 +68,8 @@ OPTIONS: tuple[Option, ...] = (
            "reached over SSH with a key given through a generated cloud-init seed", "PATH"),
     Option("login", "USER:PASSWORD for a serial-console login into a --nested-l1-image that lacks cloud-init "
            "(the command channel then runs on the serial console)", "USER:PASSWORD"),
-    Option("l2_image", "disk image (qcow2/raw) to boot as L2 instead of the built-in guest", "PATH"),
+    Option("l2_image", "disk image (qcow2/raw) to boot as L2 instead of the built-in guest: L1 gets it as its "
+           "virtio disk /dev/vda (and its cloud-init seed as /dev/vdb) and boots it with -snapshot", "PATH"),
     Option("boot_timeout", "seconds a guest may take to answer its first command (default scales with "
            "accelerator and depth)", "S"),
     Option("command_timeout", "default seconds a guest command may run (default 60 x level with KVM, 120 x level "
@@ -79,12 +80,6 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
-
-# Declared (they are part of the public option set) but not built yet: refusing them
-# is better than silently booting something else than what was asked for.
-NOT_YET = {
-    "l2_image": "an L2 disk image is not supported yet; boot the built-in L2 (or a user image as L1)",
-}
 
 
 @dataclass(frozen=True)
@@ -130,8 +125,6 @@ class Settings:
             raw, source = _pick(option, cli, env, ini)
             if raw is None:
                 continue
-            if option.name in NOT_YET:
-                raise ConfigError(f"{option.cli} (from {source}) is not supported yet: {NOT_YET[option.name]}")
             try:
                 values[option.name] = _PARSERS[option.name](raw)
             except ValueError as exc:

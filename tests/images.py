@@ -57,11 +57,20 @@ MASKED_UNITS = (
     "e2scrub_all.timer",
     "e2scrub_reap.service",
     "fstrim.timer",
+    # No tty1 (no display), and modules that load on first use of their /dev node anyway.
+    "getty@tty1.service",
+    "modprobe@dm_mod.service",
+    "modprobe@drm.service",
+    "modprobe@efi_pstore.service",
+    "modprobe@fuse.service",
+    "modprobe@loop.service",
 )
 DISK_MIB = 2048  # virtual size; qcow2 stores only what is used
 PART_START = 2048  # sectors: the first partition starts at 1 MiB, GRUB's core.img lives before it
 ROOT_UUID = "6e657374-6564-4b56-4d00-000000000001"  # fixed, so grub.cfg and fstab can name it
-KERNEL_ARGS = "ro console=ttyS0,115200n8"
+# Every byte on the emulated UART costs: print only warnings and worse (panics, oopses
+# and WARNs still show; dmesg has everything) and no systemd status lines unless a unit fails.
+KERNEL_ARGS = "ro console=ttyS0,115200n8 loglevel=5 systemd.show_status=error"
 TESTER = "tester"  # user and password
 
 FILES = {
@@ -76,10 +85,20 @@ FILES = {
     # skips RSA key generation (each seconds under TCG; also when no seed is attached).
     "etc/cloud/cloud.cfg.d/91_nestedkvm.cfg": (
         "network: {config: disabled}\nlocale: C.UTF-8\nssh_deletekeys: false\nssh_genkeytypes: [ed25519]\n"
+        # Only the modules a test guest uses. sshd waits for the first list; the others run
+        # after SSH is up but compete with the first tests for the CPU. Dropping set-passwords
+        # also stops it restarting sshd (refusing connections) seconds after SSH came up.
+        "cloud_init_modules: [seed_random, bootcmd, write_files, set_hostname, update_hostname,"
+        " update_etc_hosts, users_groups, ssh]\n"
+        "cloud_config_modules: [runcmd]\n"
+        "cloud_final_modules: [scripts_per_once, scripts_per_boot, scripts_per_instance, scripts_user, final_message]\n"
     ),
     # The tester password is for the serial console only, never for SSH.
     "etc/ssh/sshd_config.d/10-nestedkvm.conf": "PasswordAuthentication no\nKbdInteractiveAuthentication no\n",
     "etc/default/locale": "LANG=C.UTF-8\n",
+    # getty units are Type=idle: systemd holds them back up to 5 s while other jobs (here
+    # cloud-init's later stages) run. Prompt on the serial console as soon as logins are allowed.
+    "etc/systemd/system/serial-getty@ttyS0.service.d/10-nestedkvm.conf": "[Service]\nType=simple\n",
     # DHCPv4 only: QEMU's user network forwards IPv4 ports, and waiting for IPv6
     # router advertisements would only delay "network online".
     "etc/systemd/network/80-dhcp.network": "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\nIPv6AcceptRA=no\n",
@@ -133,14 +152,14 @@ def debian_mirror(apt: Path = Path("/etc/apt")) -> str:
         return mirror
     for sources in sorted(apt.glob("sources.list.d/*.sources")):  # deb822: stanzas of "Field: value" lines
         for stanza in re.split(r"\n\s*\n", sources.read_text()):
-            fields = dict(re.findall(r"^([\w-]+):[ \t]*(.*)$", stanza, re.MULTILINE))
+            fields: dict[str, str] = dict(re.findall(r"^([\w-]+):[ \t]*(.*)$", stanza, re.MULTILINE))
             if SUITE in fields.get("Suites", "").split() and "deb" in fields.get("Types", "deb").split():
                 if fields.get("URIs") and fields.get("Enabled", "yes") != "no":
                     return fields["URIs"].split()[0]
     one_line = apt / "sources.list"  # "deb [options] URI suite components"
     text = one_line.read_text() if one_line.exists() else ""
     if found := re.search(rf"^\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+{SUITE}(\s|$)", text, re.MULTILINE):
-        return found.group(1)
+        return str(found[1])
     raise ImageUnavailable(
         f"no Debian mirror for {SUITE} in {apt}/sources.list.d/*.sources or {apt}/sources.list: "
         "set NESTEDKVM_DEBIAN_MIRROR to one (a URL like those in sources.list)"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pytest_nestedkvm.errors import ConfigError
-from pytest_nestedkvm.settings import MAX_LEVELS, NOT_YET, OPTION_BY_NAME, OPTIONS, Option, Settings
+from pytest_nestedkvm.settings import MAX_LEVELS, OPTION_BY_NAME, OPTIONS, Option, Settings
 
 # An empty environment: nothing from the real process environment leaks into a test.
 NO_ENV: dict[str, str] = {}
@@ -169,16 +169,6 @@ def test_file_and_directory_options_resolve(tmp_path: Path) -> None:
     settings = build({"kernel": str(kernel), "modules": str(modules)})
     assert settings.kernel == kernel.resolve()
     assert settings.modules == modules.resolve()
-
-
-@pytest.mark.parametrize("name", sorted(NOT_YET))
-def test_options_not_built_yet_are_refused_with_their_source(name: str, tmp_path: Path) -> None:
-    image = tmp_path / "disk.qcow2"
-    image.write_bytes(b"q")
-    option = OPTION_BY_NAME[name]
-    with pytest.raises(ConfigError) as caught:
-        Settings.from_sources({}, {option.env: str(image)})
-    assert str(caught.value).startswith(f"{option.cli} (from env {option.env}) is not supported yet: ")
 
 
 # -- rejections and their messages -----------------------------------------------------------

@@ -119,3 +119,45 @@ def test_an_image_that_does_not_take_the_key_is_a_clear_boot_error(
         "*BootError: l1: the guest rejected the session key for 'root'*",
         "*pass --nested-login USER:PASSWORD to log in on its serial console instead*",
     ])
+
+
+@pytest.mark.nested(level=2)
+def test_debian_image_as_l2_booted_by_l1_on_its_kvm(pytester: pytest.Pytester, debian_image: Path) -> None:
+    before = sha256(debian_image)
+    pytester.makepyfile(
+        """
+        def test_l2_is_the_image_on_l1s_kvm(l1, l2):
+            assert 'ID=debian' in l2.succeed("cat /etc/os-release")
+            assert l2.succeed("uname -r").strip().endswith("-cloud-amd64")
+            assert l2.qmp().query_kvm() == {"enabled": True, "present": True}
+            # L1 holds the image and L2's seed as its virtio disks; L2 reached over SSH through L1
+            assert l1.succeed("cat /sys/block/vda/size /sys/block/vdb/size").split()[0] == str(2048 * 2048)
+            _, out, _ = l2.ssh.exec_command("hostname")
+            assert out.read() == b"nestedkvm-l2\\n"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-levels=2",
+                                           f"--nested-l2-image={debian_image}")
+    result.assert_outcomes(passed=1)
+    assert sha256(debian_image) == before, "the image file changed"
+
+
+@pytest.mark.nested(level=2)
+def test_an_l2_qemu_that_dies_after_its_qmp_greeting_is_an_error_not_a_hang(
+    pytester: pytest.Pytester, debian_image: Path
+) -> None:
+    # TCG cannot run `-cpu host`: QEMU greets on QMP, then exits; the stream through L1 never closes.
+    pytester.makeconftest(
+        """
+        import dataclasses
+
+        def pytest_nestedkvm_guest_spec(config, level, spec):
+            return dataclasses.replace(spec, accel="tcg") if level == 2 else None
+        """
+    )
+    pytester.makepyfile("def test_uses_l2(l2):\n    raise AssertionError('must not run')\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-levels=2",
+                                           f"--nested-l2-image={debian_image}")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*GuestCrashed: l2 QEMU exited with status 1*",
+                                 "*CPU model 'host' requires KVM*"])

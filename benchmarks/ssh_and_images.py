@@ -1,0 +1,101 @@
+"""SSH and disk-image figures (prints a table, writes JSON).
+
+    python benchmarks/ssh_and_images.py [--runs 3] [--levels 2] [--image debian.qcow2] [--mib 50]
+
+Built-in guests, per level: shell channel ready -> `guest.ssh` connected (sshd started in
+the guest, port read over QMP, L2 through L1), and `put`/`get` of a --mib file checked
+byte for byte. With --image (e.g. the one `python tests/images.py` builds): that image
+as L1, QEMU start to first command over its SSH channel, and the command round trip.
+Each run boots fresh guests through the plugin's pool. Medians over runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from boot_and_latency import latency
+
+from pytest_nestedkvm.host import find_qemu, probe
+from pytest_nestedkvm.pool import GuestPool
+from pytest_nestedkvm.settings import Settings
+
+RESULT = Path(__file__).parent / "results" / "ssh_and_images.json"
+
+
+def pool_for(**options: str) -> GuestPool:
+    settings = Settings.from_sources(options, env={})
+    return GuestPool(settings, probe(qemu=find_qemu(platform.machine())), progress=lambda _: None)
+
+
+def builtin_run(levels: int, mib: int) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    pool = pool_for(levels=str(levels))
+    with tempfile.TemporaryDirectory() as scratch:
+        payload, back = Path(scratch, "payload"), Path(scratch, "back")
+        payload.write_bytes(os.urandom(mib << 20))
+        try:
+            for level in range(1, levels + 1):
+                guest = pool.get(level)
+                started = time.monotonic()
+                guest.ssh  # noqa: B018 (first use: sshd starts, the client connects)
+                figures[f"L{level} shell ready -> SSH ready s"] = time.monotonic() - started
+                started = time.monotonic()
+                guest.put(payload, "/tmp/payload")
+                figures[f"L{level} put {mib} MiB s"] = time.monotonic() - started
+                started = time.monotonic()
+                guest.get("/tmp/payload", back)
+                figures[f"L{level} get {mib} MiB s"] = time.monotonic() - started
+                if back.read_bytes() != payload.read_bytes():
+                    raise SystemExit(f"L{level}: the file came back different")
+                guest.succeed("rm /tmp/payload")
+        finally:
+            pool.close()
+    return figures
+
+
+def image_run(image: Path, commands: int) -> dict[str, float]:
+    pool = pool_for(levels="1", l1_image=str(image))
+    try:
+        guest = pool.get(1)
+        figures = {"image L1 ready s": guest.boot_seconds or 0.0}
+        for command in ("true", "cat /proc/uptime"):
+            figures[f"image L1 {command!r} median ms"] = latency(guest, command, commands)["median_ms"]
+    finally:
+        pool.close()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--levels", type=int, default=2)
+    parser.add_argument("--mib", type=int, default=50)
+    parser.add_argument("--image", type=Path)
+    parser.add_argument("--commands", type=int, default=100)
+    args = parser.parse_args()
+    runs = []
+    for _ in range(args.runs):
+        figures = builtin_run(args.levels, args.mib)
+        if args.image is not None:
+            figures |= image_run(args.image, args.commands)
+        runs.append(figures)
+    print(f"pytest-nestedkvm SSH and images, {args.runs} runs ({os.cpu_count()} cores, {platform.node()})")
+    width = max(len(key) for key in runs[0])
+    summary = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        summary[key] = statistics.median(values)
+        print(f"  {key:<{width}}  {summary[key]:8.2f}  (runs: {', '.join(f'{v:.2f}' for v in values)})")
+    RESULT.parent.mkdir(exist_ok=True)
+    RESULT.write_text(json.dumps({"runs": runs, "median": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
