@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 packages=(qemu-system-x86 qemu-utils busybox-static linux-image-amd64 openssh-server python3-venv)
 # Tests only: tests/images.py builds a Debian disk image (debootstrap, mkfs.ext4 -d, GRUB for BIOS).
 packages+=(debootstrap debian-archive-keyring e2fsprogs grub-pc-bin)
+# Tests only: isoinfo reads back the cloud-init seed ISO the plugin writes.
+packages+=(genisoimage)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

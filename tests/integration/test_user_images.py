@@ -1,4 +1,4 @@
-"""A real distribution image as L1: Debian 12 built here from Debian's packages (tests/images.py).
+"""A real distribution image as L1 and as L2: Debian 12 built here from Debian's packages (tests/images.py).
 
 Booted by its own GRUB under TCG, its SSH key given through the NoCloud seed the plugin
 writes, commands over SSH; the serial-console login fallback; the image never changes.
@@ -7,27 +7,12 @@ writes, commands over SSH; the serial-console login fallback; the image never ch
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
+import images  # tests/images.py (pyproject: pythonpath)
 import pytest
 
 pytestmark = pytest.mark.usefixtures("no_qemu_left")
-
-
-def _load_images() -> ModuleType:
-    path = Path(__file__).parents[1] / "images.py"
-    spec = importlib.util.spec_from_file_location("nestedkvm_test_images", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-images = _load_images()
 
 
 @pytest.fixture(scope="module")

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import struct
-import sys
 from pathlib import Path
-from types import ModuleType
 
+import images  # tests/images.py (pyproject: pythonpath)
 import pytest
-
-
-def load_images() -> ModuleType:
-    path = Path(__file__).parents[1] / "images.py"
-    spec = importlib.util.spec_from_file_location("nestedkvm_test_images", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-images = load_images()
 
 
 def test_image_is_named_by_the_recipe_in_the_user_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
