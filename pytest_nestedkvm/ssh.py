@@ -11,6 +11,7 @@ Password authentication is never offered or accepted.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shlex
 import stat
@@ -25,6 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from .errors import HostError, NestedKvmError
 from .initramfs import PORT_DIR
+
+# While a guest boots, QEMU accepts on the forwarded port and the guest resets the connection:
+# each retry would log a traceback at ERROR. connect() reports what matters as an exception.
+logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 SSHD = Path("/usr/sbin/sshd")
 GUEST_PORT = 22
