@@ -1,9 +1,9 @@
 """Drive the KVM inside the guests by hand: /dev/kvm ioctls, a VM of our own, its exits.
 
 `kvm_hello.py` (next to this file) creates a VM through /dev/kvm, runs a few
-real-mode instructions in it and prints each VM exit. The guests see the host
-root read-only at the same path, so L1 and L2 run that very file with the
-host's python3. In L1 the little VM runs on L1's KVM; in L2 it runs on L2's
+real-mode instructions in it and prints each VM exit. Each test copies it into
+the guest with `guest.put` (SFTP) and runs it with the host's python3, which the
+guests see through the shared root. In L1 the little VM runs on L1's KVM; in L2 it runs on L2's
 KVM, which itself runs on L1's: KVM on KVM on KVM where L0 has KVM too.
 
     pytest --nested-levels=2 example_suites/kvm_api
@@ -34,9 +34,19 @@ def expected_exits(addend: int) -> list[str]:
     ]
 
 
+def copied_in(guest: Guest) -> str:
+    """kvm_hello.py, copied into the guest over SFTP; its path there.
+
+    (The guest sees the host root, but not a checkout under /tmp or /var/tmp: the guest
+    has its own tmpfs there.)
+    """
+    guest.put(PROGRAM, "/tmp/kvm_hello.py")
+    return "/tmp/kvm_hello.py"
+
+
 def run_program(guest: Guest, *args: str) -> list[str]:
     """Run kvm_hello.py in `guest`; its stdout lines."""
-    command = shlex.join(["python3", "-B", str(PROGRAM), *args])
+    command = shlex.join(["python3", "-B", copied_in(guest), *args])
     return guest.succeed(command).splitlines()
 
 
@@ -61,7 +71,7 @@ def test_l2_runs_a_vm_of_its_own_through_dev_kvm(l2: Guest) -> None:
 
 def test_the_program_refuses_a_device_that_is_not_kvm(l1: Guest) -> None:
     """The checks are real: pointed at /dev/null, the first ioctl fails and the program says so."""
-    result = l1.run(shlex.join(["python3", "-B", str(PROGRAM), "--device", "/dev/null"]))
+    result = l1.run(shlex.join(["python3", "-B", copied_in(l1), "--device", "/dev/null"]))
     assert result.exit_status == 2
     assert "Inappropriate ioctl for device" in result.stderr
     assert "kvm_hello: OK" not in result.stdout
