@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from collections.abc import Generator
 from pathlib import Path
@@ -64,7 +65,7 @@ def pytest_configure(config: pytest.Config) -> None:
         settings = Settings.from_sources(
             {o.name: config.getoption(o.dest) for o in OPTIONS},
             ini={o.name: str(config.getini(o.ini)) for o in OPTIONS},
-            host_memory_mib=_host_memory_mib(),
+            host_memory_mib=_host_memory_mib(), host_cpus=len(os.sched_getaffinity(0)),
         )
         arch = platform.machine()
         try:

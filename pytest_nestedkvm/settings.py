@@ -102,6 +102,7 @@ class Settings:
     command_timeout: float | None = None
     artifacts: Path | None = None
     enable: bool = False
+    l1_smp_default: int = 2  # see from_sources: fewer when xdist workers share the host's cores
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -112,10 +113,14 @@ class Settings:
         ini: Mapping[str, str | None] | None = None,
         *,
         host_memory_mib: int | None = None,
+        host_cpus: int | None = None,
     ) -> Settings:
         """Take each option from the first source that sets it and validate it.
 
         `cli` and `ini` are keyed by option name; `env` is the process environment.
+        L1 gets 2 vCPUs by default, fewer when the pytest-xdist workers on this host
+        (PYTEST_XDIST_WORKER_COUNT) would otherwise give their L1s more vCPUs than
+        `host_cpus` (under TCG each vCPU keeps a host core busy).
         """
         env = os.environ if env is None else env
         ini = ini or {}
@@ -130,7 +135,9 @@ class Settings:
             except ValueError as exc:
                 raise ConfigError(f"{option.cli}={raw!r} (from {source}): {exc}") from None
             sources[option.name] = source
-        settings = cls(**values, sources=sources)
+        workers = int(env.get("PYTEST_XDIST_WORKER_COUNT", "") or 1)
+        l1_smp_default = max(1, min(2, host_cpus // workers)) if host_cpus else 2
+        settings = cls(**values, l1_smp_default=l1_smp_default, sources=sources)
         settings._check_memory(host_memory_mib)
         return settings
 
@@ -151,7 +158,7 @@ class Settings:
         return self.qemu_args if level == 1 else self.l2_qemu_args
 
     def smp_for(self, level: int) -> int:
-        return _per_level(self.smp, level, lambda lv: 2 if lv == 1 else 1)
+        return _per_level(self.smp, level, lambda lv: self.l1_smp_default if lv == 1 else 1)
 
     def _check_memory(self, host_memory_mib: int | None) -> None:
         if not self.memory:

@@ -422,3 +422,17 @@ def test_l1_image_rejections_say_what_is_wrong(tmp_path: Path, make: Any, reason
 def test_login_needs_user_and_password(raw: str) -> None:
     message = config_error(env={"NESTEDKVM_LOGIN": raw} if raw else {}, ini={"login": raw or "x"})
     assert "--nested-login" in message and "expected USER:PASSWORD" in message
+
+
+@pytest.mark.parametrize(
+    ("cpus", "workers", "expected"),
+    [(2, None, 2), (2, "2", 1), (2, "4", 1), (16, "4", 2), (None, "2", 2), (8, "", 2)],
+)
+def test_l1_vcpus_by_default_do_not_oversubscribe_the_cores_of_xdist_workers(
+    cpus: int | None, workers: str | None, expected: int
+) -> None:
+    env = {} if workers is None else {"PYTEST_XDIST_WORKER_COUNT": workers}
+    settings = Settings.from_sources({}, env, host_cpus=cpus)
+    assert settings.smp_for(1) == expected
+    assert settings.smp_for(2) == 1
+    assert Settings.from_sources({"smp": "2"}, env, host_cpus=cpus).smp_for(1) == 2  # an explicit value wins
