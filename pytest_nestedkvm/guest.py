@@ -441,11 +441,11 @@ class Guest:
 
     def put(self, local: str | os.PathLike[str], remote: str) -> None:
         """Copy a file from L0 into the guest over SFTP; bytes and permission bits stay exact."""
-        ssh.put(self.ssh, Path(local), remote)
+        ssh.put(self.ssh, Path(local), remote, self.command_timeout)
 
     def get(self, remote: str, local: str | os.PathLike[str]) -> None:
         """Copy a file out of the guest to L0 over SFTP; bytes and permission bits stay exact."""
-        ssh.get(self.ssh, remote, Path(local))
+        ssh.get(self.ssh, remote, Path(local), self.command_timeout)
 
     # -- commands --------------------------------------------------------------------------
 

@@ -166,16 +166,23 @@ def shell(client: paramiko.SSHClient) -> paramiko.Channel:
     return channel
 
 
-def put(client: paramiko.SSHClient, local: Path, remote: str) -> None:
+def _sftp(client: paramiko.SSHClient, timeout: float) -> paramiko.SFTPClient:
+    """An SFTP session whose every wait is bounded: a guest that hangs mid-copy is an error, not a hang."""
+    sftp = client.open_sftp()
+    sftp.get_channel().settimeout(timeout)  # type: ignore[union-attr]
+    return sftp
+
+
+def put(client: paramiko.SSHClient, local: Path, remote: str, timeout: float) -> None:
     """Copy a file into the guest, bytes and permission bits exact."""
-    with client.open_sftp() as sftp:
+    with _sftp(client, timeout) as sftp:
         sftp.put(str(local), remote)
         sftp.chmod(remote, stat.S_IMODE(local.stat().st_mode))
 
 
-def get(client: paramiko.SSHClient, remote: str, local: Path) -> None:
+def get(client: paramiko.SSHClient, remote: str, local: Path, timeout: float) -> None:
     """Copy a file out of the guest, bytes and permission bits exact."""
-    with client.open_sftp() as sftp:
+    with _sftp(client, timeout) as sftp:
         sftp.get(remote, str(local))
         mode = sftp.stat(remote).st_mode
     if mode is not None:

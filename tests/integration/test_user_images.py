@@ -44,7 +44,7 @@ def test_debian_image_as_l1_over_ssh_and_pristine_after_a_crash(pytester: pytest
             assert l1.fail("false") == ""
 
         def test_ssh_and_sftp(l1, tmp_path):
-            _, out, _ = l1.ssh.exec_command("hostname")
+            _, out, _ = l1.ssh.exec_command("hostname", timeout=120)
             assert out.read() == b"nestedkvm-l1\\n"
             source = tmp_path / "tool"
             source.write_bytes(os.urandom(1 << 20))
@@ -117,7 +117,7 @@ def test_debian_image_as_l2_booted_by_l1_on_its_kvm(pytester: pytest.Pytester, d
             assert l2.qmp().query_kvm() == {"enabled": True, "present": True}
             # L1 holds the image and L2's seed as its virtio disks; L2 reached over SSH through L1
             assert l1.succeed("cat /sys/block/vda/size /sys/block/vdb/size").split()[0] == str(2048 * 2048)
-            _, out, _ = l2.ssh.exec_command("hostname")
+            _, out, _ = l2.ssh.exec_command("hostname", timeout=120)
             assert out.read() == b"nestedkvm-l2\\n"
         """
     )
