@@ -119,9 +119,10 @@ class GuestPool:
             return "QEMU not found: apt-get install qemu-system-x86"
         if level >= 2 and not self.report.nesting_possible:
             return f"L{level} needs nested virtualization, which this host cannot provide: {self.report.nesting_fix}"
-        if level >= 2 and self.settings.l1_image is not None:
-            return (f"L{level} inside a --nested-l1-image is not supported yet: the plugin starts deeper levels "
-                    "inside its built-in L1 only")
+        image_level = 1 if self.settings.l1_image else 2 if self.settings.l2_image else None
+        if image_level is not None and level > image_level:
+            return (f"L{level} inside a --nested-l{image_level}-image is not supported yet: the plugin starts "
+                    "deeper levels inside its built-in guests only")
         return None
 
     @functools.cache  # noqa: B019 (one pool per session: caching per instance is the point)

@@ -511,6 +511,26 @@ def test_guest_fixtures_under_levels_0_are_skipped_not_errored(
     )
 
 
+@pytest.mark.parametrize("image_level", [1, 2])
+def test_levels_inside_a_disk_image_are_skipped_with_the_reason(pytester: pytest.Pytester, image_level: int) -> None:
+    image = pytester.path / "disk.qcow2"
+    image.write_bytes(b"QFI\xfb" + b"\0" * 508)
+    deeper = image_level + 1
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.nested(level={deeper})
+        def test_deeper():
+            raise AssertionError("must not run")
+        """
+    )
+    result = pytester.runpytest("-rs", "--nested-levels=3", f"--nested-l{image_level}-image={image}")
+    result.assert_outcomes(skipped=1)
+    assert_skipped_with(result, [f"L{deeper} inside a --nested-l{image_level}-image is not supported yet: the "
+                                 "plugin starts deeper levels inside its built-in guests only"])
+
+
 def test_l0_works_under_levels_0(pytester: pytest.Pytester) -> None:
     accel = "kvm" if _kvm_can_run_ordinary_guest() else "tcg"
     pytester.makepyfile(
