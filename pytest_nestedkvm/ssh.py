@@ -63,9 +63,9 @@ def make_session_key(directory: Path) -> SessionKey:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(text)
-    pkey = paramiko.Ed25519Key.from_private_key(io.StringIO(text.decode()))
-    (directory / "id_ed25519.pub").write_text(f"{pkey.get_name()} {pkey.get_base64()} pytest-nestedkvm\n")
-    return SessionKey(path, pkey)
+    key = SessionKey(path, paramiko.Ed25519Key.from_private_key(io.StringIO(text.decode())))
+    (directory / "id_ed25519.pub").write_text(key.public_line + "\n")
+    return key
 
 
 def sshd_script(public_line: str) -> str:
