@@ -5,7 +5,8 @@
 Each run boots a fresh chain L1 -> L2 -> ... through the plugin's own pool, so the
 figures are what a test session sees. "ready" is QEMU start to the first command
 result for L1, and parent ready to first command result for deeper levels.
-Medians over runs; latency is the median and p95 over `--commands` round trips.
+Medians over runs; latency is the median and p95 over `--commands` round trips (a tenth
+of them for the 1000-line pipe, a shell loop echoing into `cat`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pytest_nestedkvm.pool import GuestPool
 from pytest_nestedkvm.settings import Settings
 
 LATENCY_COMMANDS = ("true", "cat /proc/uptime")
+# One write per line into a pipe: what the guest's scheduler tuning is for (initramfs.stage2_script).
+PIPE_COMMAND = "i=0; while [ $i -lt 1000 ]; do echo $i; i=$((i+1)); done | cat > /dev/null"
 
 
 def latency(guest: Guest, command: str, count: int) -> dict[str, float]:
@@ -44,6 +47,7 @@ def one_run(levels: int, commands: int) -> dict[str, object]:
             figures[f"L{level} ready s"] = guest.boot_seconds if level == 1 else time.monotonic() - started
             for command in LATENCY_COMMANDS:
                 figures[f"L{level} {command!r}"] = latency(guest, command, commands)
+            figures[f"L{level} 1000-line pipe"] = latency(guest, PIPE_COMMAND, max(10, commands // 10))
     finally:
         pool.close()
     return figures

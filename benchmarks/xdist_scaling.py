@@ -1,6 +1,6 @@
 """pytest-xdist scaling: one 20-test suite on L1 with `-n 0` and with `-n 2` (each worker boots its own L1).
 
-    python benchmarks/xdist_scaling.py [--runs 3] [--pytest-args '--nested-smp=1']
+    python benchmarks/xdist_scaling.py [--runs 3] [--pytest-args='--nested-smp=1']
 
 Both runs are real pytest sessions with `--nested-levels=1` in a subprocess; the figure
 is each session's wall time (pytest start, L1 boot(s), tests, teardown), median over

@@ -7,6 +7,7 @@ import pytest
 from pytest_nestedkvm.errors import CommandFailed, CommandTimeout
 from pytest_nestedkvm.guest import Guest
 from pytest_nestedkvm.host import HostReport
+from pytest_nestedkvm.initramfs import WAKEUP_GRANULARITY_NS
 
 pytestmark = pytest.mark.nested(level=1)
 
@@ -83,3 +84,17 @@ def test_root_is_read_only_and_tmp_is_writable(l1: Guest) -> None:
 def test_complete_dev(l1: Guest) -> None:
     l1.succeed("test -e /dev/fd/0 && test -e /dev/stdin && test -d /dev/pts && test -d /dev/shm")
     assert l1.succeed("bash -c 'cat <(echo via-process-substitution)'") == "via-process-substitution\n"
+
+
+def test_a_pipe_reader_does_not_preempt_its_writer_on_every_line(l1: Guest) -> None:
+    # Both ends on one vCPU, one write per line. Under emulation a context switch is
+    # ~50 us, so the guest's wakeup granularity is raised (initramfs.stage2_script).
+    assert l1.succeed("cat /sys/kernel/debug/sched/wakeup_granularity_ns") == f"{WAKEUP_GRANULARITY_NS}\n"
+    l1.succeed("cat > /tmp/writer.sh <<'EOF'\n"
+               "i=0; while [ $i -lt 5000 ]; do echo $i; i=$((i+1)); done\n"
+               "grep ^nonvoluntary_ctxt_switches /proc/$$/status >&2\n"
+               "EOF")
+    result = l1.run("taskset -c 0 sh -c 'sh /tmp/writer.sh | cat > /dev/null'")
+    assert result.exit_status == 0, result
+    preempted = int(result.stderr.split()[-1])
+    assert preempted < 500, f"the writer was preempted {preempted} times for 5000 lines"
