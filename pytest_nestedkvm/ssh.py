@@ -32,7 +32,6 @@ from .initramfs import PORT_DIR
 logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 SSHD = Path("/usr/sbin/sshd")
-GUEST_PORT = 22
 # The built-in guest's sshd keeps everything in its tmpfs, under the plugin's run directory.
 SSHD_DIR = f"{PORT_DIR}/ssh"
 
