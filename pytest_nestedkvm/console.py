@@ -66,23 +66,24 @@ def serial_login(sock: socket.socket, user: str, password: str, timeout: float, 
     """
     session = pexpect.fdpexpect.fdspawn(sock.fileno(), timeout=1)
     deadline = time.monotonic() + timeout
-    sent = {"user": False, "password": False}
+    sent_user = sent_password = False
     while True:
         check()
         if time.monotonic() > deadline:
             raise TimeoutError(f"no shell prompt after logging in within {timeout:g} s")
-        session.send(b"\r" if not sent["user"] else b"")
+        if not sent_user:
+            session.send(b"\r")  # wakes a getty that printed its prompt before we connected
         index = session.expect([rb"login: ?$", rb"[Pp]assword: ?$", rb"Login incorrect", rb"[$#] ?$",
                                 pexpect.TIMEOUT, pexpect.EOF])
         if index == 0:
             session.send(user.encode() + b"\r")
-            sent["user"] = True
-        elif index == 1 and sent["user"]:
+            sent_user = True
+        elif index == 1 and sent_user:
             session.send(password.encode() + b"\r")
-            sent["password"] = True
+            sent_password = True
         elif index == 2:
             raise PermissionError(f"the guest refused the login as {user!r}: check --nested-login")
-        elif index == 3 and sent["password"]:
+        elif index == 3 and sent_password:
             session.send(RAW_SHELL)
             return
         elif index == 5:
