@@ -34,9 +34,14 @@ def latency(guest: Guest, command: str, count: int) -> dict[str, float]:
     return {"median_ms": statistics.median(samples), "p95_ms": samples[int(0.95 * (count - 1))]}
 
 
+def pool_for(**options: str) -> GuestPool:
+    """The plugin's own pool with these options and the defaults: no NESTEDKVM_* from the environment."""
+    settings = Settings.from_sources(options, env={})
+    return GuestPool(settings, probe(qemu=find_qemu(platform.machine())), progress=lambda _: None)
+
+
 def one_run(levels: int, commands: int) -> dict[str, object]:
-    settings = Settings.from_sources({"levels": str(levels)}, env={})
-    pool = GuestPool(settings, probe(qemu=find_qemu(platform.machine())), progress=lambda _: None)
+    pool = pool_for(levels=str(levels))
     figures: dict[str, object] = {}
     try:
         for level in range(1, levels + 1):

@@ -14,15 +14,12 @@ import platform
 import statistics
 import time
 
-from pytest_nestedkvm.host import find_qemu, probe
-from pytest_nestedkvm.pool import GuestPool
-from pytest_nestedkvm.settings import Settings
+from boot_and_latency import pool_for
 
 
 def measure(levels: int, runs: int) -> dict[int, dict[str, list[float]]]:
     """Per level: the boot time of the guest that was panicked, and panic -> answering again, per run."""
-    settings = Settings.from_sources({"levels": str(levels)}, env={})
-    pool = GuestPool(settings, probe(qemu=find_qemu(platform.machine())), progress=lambda _: None)
+    pool = pool_for(levels=str(levels))
     figures: dict[int, dict[str, list[float]]] = {level: {"boot_s": [], "recovery_s": []} for level in
                                                   range(1, levels + 1)}
     try:

@@ -20,18 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from boot_and_latency import latency
-
-from pytest_nestedkvm.host import find_qemu, probe
-from pytest_nestedkvm.pool import GuestPool
-from pytest_nestedkvm.settings import Settings
+from boot_and_latency import latency, pool_for
 
 RESULT = Path(__file__).parent / "results" / "ssh_and_images.json"
-
-
-def pool_for(**options: str) -> GuestPool:
-    settings = Settings.from_sources(options, env={})
-    return GuestPool(settings, probe(qemu=find_qemu(platform.machine())), progress=lambda _: None)
 
 
 def builtin_run(levels: int, mib: int) -> dict[str, float]:
