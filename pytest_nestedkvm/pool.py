@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from .cloudinit import write_nocloud_seed
-from .errors import BootError, ConfigError, HostError, NestedKvmError
+from .errors import BootError, ConfigError, GuestCrashed, HostError, NestedKvmError
 from .guest import Guest
 from .host import HostReport
 from .initramfs import TMPFS_DIRS, boot_image, build_initramfs, find_kernel
@@ -275,7 +275,7 @@ class GuestPool:
             try:
                 guest.start()
                 return
-            except BootError as exc:
+            except (BootError, GuestCrashed) as exc:  # an image's QEMU found dead while SSH waits: GuestCrashed
                 reset = "QEMU exited with status 0" in str(exc) and "Kernel panic" not in str(exc)
                 if guest.parent is None or not reset or attempt == NESTED_BOOT_ATTEMPTS:
                     raise
