@@ -1,54 +1,33 @@
-"""The NoCloud seed: user-data content, and the ISO9660 image read back by an independent reader."""
+"""The NoCloud seed: user-data content, and the ISO9660 image read back by independent readers."""
 
 from __future__ import annotations
 
 import shutil
-import struct
+import stat
 import subprocess
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.cloudinit import iso9660, meta_data, user_data, write_nocloud_seed
+from pytest_nestedkvm.cloudinit import meta_data, user_data, write_nocloud_seed
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH5+J/NxwWP9zvdqhxRhJGAd/MQuk39PNCk0f3iyLblk me@host"
+needs_isoinfo = pytest.mark.skipif(shutil.which("isoinfo") is None, reason="isoinfo (genisoimage) is not installed")
 
 
-def read_iso(image: bytes, *, joliet: bool) -> tuple[str, dict[str, bytes]]:
-    """(volume id, {name: bytes}) of the root directory of the primary or the Joliet tree.
+def seed(tmp_path: Path) -> Path:
+    return write_nocloud_seed(tmp_path / "seed.iso", public_key=KEY, hostname="l1", instance_id="iid-1")
 
-    Written from ECMA-119 independently of the writer: find the descriptor by type,
-    follow its root record, walk the directory records.
-    """
-    sector = 2048
-    wanted = 2 if joliet else 1
-    for index in range(16, len(image) // sector):
-        descriptor = image[index * sector : (index + 1) * sector]
-        assert descriptor[1:6] == b"CD001", f"sector {index} is not a volume descriptor"
-        if descriptor[0] == 255:
-            raise AssertionError("no such volume descriptor")
-        if descriptor[0] == wanted and (not joliet or descriptor[88:91] == b"%/E"):
-            break
-    encoding = "utf-16-be" if joliet else "ascii"
-    assert struct.unpack("<H", descriptor[128:130])[0] == sector
-    volume_id = descriptor[40:72].decode(encoding).rstrip()
-    root = descriptor[156:190]
-    start, size = struct.unpack("<I", root[2:6])[0], struct.unpack("<I", root[10:14])[0]
-    # Both-endian fields must agree.
-    assert struct.unpack(">I", root[6:10])[0] == start and struct.unpack(">I", root[14:18])[0] == size
-    directory = image[start * sector : start * sector + size]
-    files: dict[str, bytes] = {}
-    offset = 0
-    while offset < len(directory) and directory[offset]:
-        length = directory[offset]
-        record = directory[offset : offset + length]
-        extent, data_size = struct.unpack("<I", record[2:6])[0], struct.unpack("<I", record[10:14])[0]
-        name = record[33 : 33 + record[32]]
-        if not record[25] & 2:  # not a directory
-            files[name.decode(encoding)] = image[extent * sector : extent * sector + data_size]
-        offset += length
-    return volume_id, files
+
+def expected() -> dict[str, bytes]:
+    return {
+        "meta-data": meta_data(hostname="l1", instance_id="iid-1").encode(),
+        "user-data": user_data(public_key=KEY).encode(),
+    }
+
+
+def isoinfo(path: Path, *args: str) -> bytes:
+    return subprocess.run(["isoinfo", "-i", str(path), *args], capture_output=True, check=True).stdout
 
 
 def test_user_data_is_cloud_config_with_the_key_for_root_and_default_user() -> None:
@@ -84,46 +63,44 @@ def test_meta_data_rejects_bad_host_names(hostname: str) -> None:
         meta_data(hostname=hostname, instance_id="iid")
 
 
-def test_seed_holds_both_files_byte_exact_in_both_trees(tmp_path: Path) -> None:
-    path = write_nocloud_seed(tmp_path / "seed.iso", public_key=KEY, hostname="l1", instance_id="iid-1")
+def test_seed_replaces_the_file_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
+    (tmp_path / "seed.iso").write_bytes(b"old")
+    path = seed(tmp_path)
     image = path.read_bytes()
-    expected = {
-        "meta-data": meta_data(hostname="l1", instance_id="iid-1").encode(),
-        "user-data": user_data(public_key=KEY).encode(),
-    }
-    assert read_iso(image, joliet=True) == ("cidata", expected)
-    # Without Joliet, Linux (map=normal) lower-cases the names and drops ".;1".
-    volume_id, files = read_iso(image, joliet=False)
-    assert volume_id == "cidata"
-    assert {name.lower().removesuffix(".;1"): data for name, data in files.items()} == expected
-    assert len(image) % 2048 == 0
-    assert struct.unpack("<I", image[16 * 2048 + 80 : 16 * 2048 + 84])[0] * 2048 == len(image)
-
-
-def test_files_larger_than_a_sector_and_empty_files() -> None:
-    big = bytes(range(256)) * 40  # 10 KiB, spans 5 sectors
-    image = iso9660("vol", {"b": big, "a": b""}, when=datetime(2024, 1, 2, tzinfo=timezone.utc))
-    assert read_iso(image, joliet=True) == ("vol", {"a": b"", "b": big})
-
-
-def test_too_many_files_for_one_directory_sector() -> None:
-    with pytest.raises(ValueError, match="one-sector"):
-        iso9660("vol", {f"file-{i:03}": b"" for i in range(100)})
+    assert len(image) % 2048 == 0 and image[16 * 2048 + 1 : 16 * 2048 + 6] == b"CD001"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["seed.iso"]
+    with pytest.raises(ValueError, match="public key"):
+        write_nocloud_seed(tmp_path / "seed.iso", public_key="nope", hostname="l1", instance_id="iid-2")
+    assert [p.name for p in tmp_path.iterdir()] == ["seed.iso"] and path.read_bytes() == image
 
 
 @pytest.mark.skipif(shutil.which("blkid") is None, reason="blkid (util-linux) is not installed")
 def test_blkid_sees_an_iso9660_labelled_cidata(tmp_path: Path) -> None:
-    path = write_nocloud_seed(tmp_path / "seed.iso", public_key=KEY, hostname="l1", instance_id="iid-1")
+    path = seed(tmp_path)
     # -p probes the file itself (no cache, no need for root).
     out = subprocess.run(["blkid", "-p", "-o", "export", str(path)], capture_output=True, text=True, check=True).stdout
     fields = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     assert (fields["TYPE"], fields["LABEL"]) == ("iso9660", "cidata")
 
 
-@pytest.mark.skipif(shutil.which("isoinfo") is None, reason="isoinfo (genisoimage) is not installed")
-def test_isoinfo_lists_the_joliet_names(tmp_path: Path) -> None:
-    path = write_nocloud_seed(tmp_path / "seed.iso", public_key=KEY, hostname="l1", instance_id="iid-1")
-    listing = subprocess.run(["isoinfo", "-J", "-f", "-i", str(path)], capture_output=True, text=True, check=True)
-    assert listing.stdout.split() == ["/meta-data", "/user-data"]
-    data = subprocess.run(["isoinfo", "-J", "-x", "/user-data", "-i", str(path)], capture_output=True, check=True)
-    assert data.stdout == user_data(public_key=KEY).encode()
+@needs_isoinfo
+def test_isoinfo_reads_the_label_cidata(tmp_path: Path) -> None:
+    out = isoinfo(seed(tmp_path), "-d").decode()
+    assert "Volume id: cidata\n" in out
+    assert "Joliet with UCS level 3 found" in out and "Rock Ridge signatures version 1 found" in out
+
+
+@needs_isoinfo
+@pytest.mark.parametrize(
+    ("tree", "names"),
+    [
+        pytest.param(["-J"], {"meta-data": "/meta-data", "user-data": "/user-data"}, id="joliet"),
+        pytest.param(["-R"], {"meta-data": "/meta-data", "user-data": "/user-data"}, id="rock-ridge"),
+        pytest.param([], {"meta-data": "/META_DATA.;1", "user-data": "/USER_DATA.;1"}, id="iso9660"),
+    ],
+)
+def test_isoinfo_reads_both_files_byte_exact(tmp_path: Path, tree: list[str], names: dict[str, str]) -> None:
+    path = seed(tmp_path)
+    assert isoinfo(path, *tree, "-f").decode().split() == sorted(names.values())
+    assert {name: isoinfo(path, *tree, "-x", names[name]) for name in names} == expected()
