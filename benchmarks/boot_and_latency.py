@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 from pytest_nestedkvm.guest import Guest
-from pytest_nestedkvm.host import find_qemu, probe
-from pytest_nestedkvm.pool import GuestPool
+from pytest_nestedkvm.session import NestedSession
 from pytest_nestedkvm.settings import Settings
 
 LATENCY_COMMANDS = ("true", "cat /proc/uptime")
@@ -34,19 +33,18 @@ def latency(guest: Guest, command: str, count: int) -> dict[str, float]:
     return {"median_ms": statistics.median(samples), "p95_ms": samples[int(0.95 * (count - 1))]}
 
 
-def pool_for(**options: str) -> GuestPool:
-    """The plugin's own pool with these options and the defaults: no NESTEDKVM_* from the environment."""
-    settings = Settings.from_sources(options, env={})
-    return GuestPool(settings, probe(qemu=find_qemu(platform.machine())), progress=lambda _: None)
+def session_for(**options: str) -> NestedSession:
+    """The plugin's own session with these options and the defaults: no NESTEDKVM_* from the environment."""
+    return NestedSession(Settings.from_sources(options, env={}))
 
 
 def one_run(levels: int, commands: int) -> dict[str, object]:
-    pool = pool_for(levels=str(levels))
+    session = session_for(levels=str(levels))
     figures: dict[str, object] = {}
     try:
         for level in range(1, levels + 1):
             started = time.monotonic()
-            guest = pool.get(level)
+            guest = session.guest(level)
             # L1: QEMU start to first command result. Deeper: parent ready to first command result,
             # which includes starting QEMU inside the parent and checking that it uses KVM.
             figures[f"L{level} ready s"] = guest.boot_seconds if level == 1 else time.monotonic() - started
@@ -54,7 +52,7 @@ def one_run(levels: int, commands: int) -> dict[str, object]:
                 figures[f"L{level} {command!r}"] = latency(guest, command, commands)
             figures[f"L{level} 1000-line pipe"] = latency(guest, PIPE_COMMAND, max(10, commands // 10))
     finally:
-        pool.close()
+        session.close()
     return figures
 
 

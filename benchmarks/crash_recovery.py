@@ -14,27 +14,27 @@ import platform
 import statistics
 import time
 
-from boot_and_latency import pool_for
+from boot_and_latency import session_for
 
 
 def measure(levels: int, runs: int) -> dict[int, dict[str, list[float]]]:
     """Per level: the boot time of the guest that was panicked, and panic -> answering again, per run."""
-    pool = pool_for(levels=str(levels))
+    session = session_for(levels=str(levels))
     figures: dict[int, dict[str, list[float]]] = {level: {"boot_s": [], "recovery_s": []} for level in
                                                   range(1, levels + 1)}
     try:
         for level, lists in figures.items():
-            pool.get(level)
+            session.guest(level)
             for _ in range(runs):
-                guest = pool.get(level)
+                guest = session.guest(level)
                 lists["boot_s"].append(guest.boot_seconds or 0.0)
                 started = time.monotonic()
                 guest.crash()
-                pool.restore(level)
-                pool.get(level).succeed("true")
+                session.pool.ensure_running(level)
+                session.guest(level).succeed("true")
                 lists["recovery_s"].append(time.monotonic() - started)
     finally:
-        pool.close()
+        session.close()
     return figures
 
 

@@ -20,20 +20,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from boot_and_latency import latency, pool_for
+from boot_and_latency import latency, session_for
 
 RESULT = Path(__file__).parent / "results" / "ssh_and_images.json"
 
 
 def builtin_run(levels: int, mib: int) -> dict[str, float]:
     figures: dict[str, float] = {}
-    pool = pool_for(levels=str(levels))
+    session = session_for(levels=str(levels))
     with tempfile.TemporaryDirectory() as scratch:
         payload, back = Path(scratch, "payload"), Path(scratch, "back")
         payload.write_bytes(os.urandom(mib << 20))
         try:
             for level in range(1, levels + 1):
-                guest = pool.get(level)
+                guest = session.guest(level)
                 started = time.monotonic()
                 guest.ssh  # noqa: B018 (first use: sshd starts, the client connects)
                 figures[f"L{level} shell ready -> SSH ready s"] = time.monotonic() - started
@@ -47,19 +47,19 @@ def builtin_run(levels: int, mib: int) -> dict[str, float]:
                     raise SystemExit(f"L{level}: the file came back different")
                 guest.succeed("rm /tmp/payload")
         finally:
-            pool.close()
+            session.close()
     return figures
 
 
 def image_run(image: Path, commands: int) -> dict[str, float]:
-    pool = pool_for(levels="1", l1_image=str(image))
+    session = session_for(levels="1", l1_image=str(image))
     try:
-        guest = pool.get(1)
+        guest = session.guest(1)
         figures = {"image L1 ready s": guest.boot_seconds or 0.0}
         for command in ("true", "cat /proc/uptime"):
             figures[f"image L1 {command!r} median ms"] = latency(guest, command, commands)["median_ms"]
     finally:
-        pool.close()
+        session.close()
     return figures
 
 

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .pool import GuestPool, Mark
+from .forensics import ConsoleMark
 from .qemu import shell_line
+
+if TYPE_CHECKING:
+    from .guest import Guest
 
 
 def directory_for(root: Path, nodeid: str) -> Path:
     return root / re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")
 
 
-def save(directory: Path, pool: GuestPool, marks: dict[int, Mark]) -> Path:
+def save(directory: Path, guests: dict[int, Guest], marks: dict[int, ConsoleMark]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    for level, guest in sorted(pool.guests.items()):
+    for level, guest in sorted(guests.items()):
         mark = marks.get(level)
         start = mark.console if mark is not None else guest.console_start
         (directory / f"l{level}-console.log").write_text(guest.console.read(start))
@@ -28,7 +32,7 @@ def save(directory: Path, pool: GuestPool, marks: dict[int, Mark]) -> Path:
             f"#!/bin/sh\n# L{level}, started {where}\n{shell_line(guest.qemu_argv)}\n"
         )
         if mark is not None and mark.kernel_log_tag is not None and guest.alive:
-            dmesg = guest.run("dmesg", timeout=30).stdout
+            dmesg = guest.run("dmesg").stdout
             (directory / f"l{level}-dmesg.txt").write_text(_after_tag(dmesg, mark.kernel_log_tag))
     return directory
 

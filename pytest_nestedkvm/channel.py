@@ -6,40 +6,67 @@ function, with the command text single-quoted so no input can desynchronise the
 shell's parser. The reply is framed by markers that carry a per-command random
 nonce:
 
-    <stdout bytes> \\n@@NK<nonce>:E\\n <stderr bytes> \\n@@NK<nonce>:X <status>\\n
+    \\n@@NK<nonce>:S\\n <stdout bytes> \\n@@NK<nonce>:E\\n <stderr bytes> \\n@@NK<nonce>:X <status>\\n
 
-A command runs in a subshell (its `exit`, `cd` and `set` stay there) with stdin
-from /dev/null; `true` costs one fork, no exec. stdout goes straight to the
-stream; stderr is spooled to a file and sent after the first marker, so a command
-with empty stderr costs nothing more.
+Bytes before the start marker (late output of an earlier command, messages of
+the shell itself) are dropped. A command runs in a subshell (its `exit`, `cd`
+and `set` stay there) with stdin from /dev/null, no positional parameters and
+no variable holding the nonce, so it cannot forge a marker. Its stdout and
+stderr are spooled to files under $TMPDIR created afresh for each command (new
+names, so new inodes), and the reply is sent when the command has ended: a
+background job it left behind writes into its own command's files, never into
+a later reply. `true` costs one fork and two file creations, no exec: a file
+is only sent (`cat`) and emptied when non-empty, and the spool files are removed
+every 64 commands. What a command killed after a timeout (`interrupt`) printed
+is still sent by the shell; without `interrupt` it is lost with the channel.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
-from .errors import ChannelError, CommandTimeout
+import paramiko
+
+from . import ssh
+from .console import serial_login
+from .deadline import Deadline
+from .errors import ChannelError, CommandFailed, CommandTimeout, LoginFailed
+from .ssh import sshd_script
+
+if TYPE_CHECKING:
+    from .link import Link
 
 MARK = b"\n@@NK"
 # Grace for a killed command's markers to arrive before the channel counts as broken.
 KILL_GRACE = 10.0
 POLL = 0.25  # how often a blocked read checks whether the guest is still alive
 
-# Defined once per connection. __nk_kill lists every descendant of a pid by
-# walking /proc (repeated passes until the set stops growing) and SIGKILLs them.
+# Defined once per connection. __nk runs command $2 with reply nonce $1; the
+# subshell drops both from its positional parameters before the command runs.
+# __nk_kill lists every descendant of a pid by walking /proc (repeated passes
+# until the set stops growing) and SIGKILLs them.
 PREAMBLE = r"""
-__nk_err=${TMPDIR:-/tmp}/.nestedkvm-stderr.$$
+__nk_d=${TMPDIR:-/tmp}/.nestedkvm.$$
+rm -rf "$__nk_d"; mkdir -p -m 700 "$__nk_d"
+__nk_i=0
 __nk() {
-  ( eval "$2" ) </dev/null 2>"$__nk_err"
+  __nk_i=$((__nk_i + 1))
+  if [ "$__nk_i" -gt 64 ]; then rm -f "$__nk_d"/*; __nk_i=1; fi
+  [ -d "$__nk_d" ] || mkdir -p -m 700 "$__nk_d"
+  __nk_o=$__nk_d/o$__nk_i; __nk_e=$__nk_d/e$__nk_i
+  ( __nk_c=$2; set --; eval "$__nk_c" ) </dev/null >"$__nk_o" 2>"$__nk_e"
   __nk_s=$?
+  printf '\n@@NK%s:S\n' "$1"
+  [ -s "$__nk_o" ] && cat "$__nk_o" && : >"$__nk_o"
   printf '\n@@NK%s:E\n' "$1"
-  [ -s "$__nk_err" ] && cat "$__nk_err"
+  [ -s "$__nk_e" ] && cat "$__nk_e" && : >"$__nk_e"
   printf '\n@@NK%s:X %d\n' "$1" "$__nk_s"
 }
 __nk_kill() {
@@ -92,14 +119,31 @@ class CommandResult:
     def stderr_bytes(self) -> bytes:
         return self.stderr.encode("utf-8", "surrogateescape")
 
+    def failure(self, guest: str, expectation: str) -> CommandFailed:
+        """The assertion error for this result when it is not what `expectation` says."""
+        def clip(text: str) -> str:
+            text = text.rstrip("\n")
+            return text if len(text) <= 2000 else "..." + text[-2000:]
 
-def _markers(nonce: bytes) -> tuple[bytes, bytes, bytes]:
-    """What ends stdout, stderr and the status line of the reply to command `nonce`."""
-    return MARK + nonce + b":E\n", MARK + nonce + b":X ", b"\n"
+        return CommandFailed(
+            f"{guest}: {self.command!r} exited {self.exit_status}, {expectation}\n"
+            f"stdout:\n{clip(self.stdout)}\nstderr:\n{clip(self.stderr)}",
+            command=self.command, exit_status=self.exit_status, stdout=self.stdout, stderr=self.stderr,
+        )
+
+
+def _markers(nonce: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """What starts the reply to command `nonce`, and ends its stdout, its stderr and its status line."""
+    return MARK + nonce + b":S\n", MARK + nonce + b":E\n", MARK + nonce + b":X ", b"\n"
 
 
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
+
+
+def _number(data: bytes) -> int | None:
+    """The decimal number `data` holds exactly, else None."""
+    return int(data) if re.fullmatch(rb"[0-9]{1,9}", data) else None
 
 
 class ShellChannel:
@@ -132,8 +176,11 @@ class ShellChannel:
         """Define the helper functions at the far end and learn the shell's pid."""
         self.stream.sendall(PREAMBLE.encode())
         result = self.run("echo $$", timeout)
-        self.shell_pid = int(result.stdout.split()[-1])  # the last word: bytes of a dead predecessor may lead
-        return self.shell_pid
+        pid = _number(result.stdout_bytes.strip())
+        if not pid:
+            raise ChannelError(f"{self.name}: the shell answered {result.stdout!r} when asked for its pid")
+        self.shell_pid = pid
+        return pid
 
     def run(self, command: str, timeout: float) -> CommandResult:
         if self.broken:
@@ -144,35 +191,51 @@ class ShellChannel:
         start = time.monotonic()
         self.stream.sendall(b"__nk " + nonce + b" " + shlex.quote(command).encode() + b"\n")
         markers = _markers(nonce)
-        deadline = start + timeout
-        parts: list[bytes] = []  # stdout, stderr, status as each completes
+        parts: list[bytes] = []  # what came before the start marker, stdout, stderr, status: as each completes
         try:
-            for marker in markers:
-                parts.append(self._read_until(marker, deadline))
+            self._read_reply(markers, parts, start + timeout)
         except TimeoutError:
-            received = [*parts, bytes(self._buffer)]  # what arrived: stdout first, stderr after it ended
-            stopped = self._recover(command, markers[len(parts):])
-            what = "was killed" if stopped else "could not be stopped, so this channel is now unusable"
-            printed = b"".join(received).decode("utf-8", "replace").rstrip().splitlines()[-5:]
-            raise CommandTimeout(
-                f"{self.name}: command timed out after {timeout:g} s and {what}: {command!r}"
-                + ("\nits last output:\n" + "\n".join(printed) if printed else "\nit printed nothing"),
-                command=command, timeout=timeout, stdout=received[0],
-                stderr=received[1] if len(received) > 1 else b"",
-            ) from None
-        stdout, stderr, status = parts
-        return CommandResult(command, int(status), _text(stdout), _text(stderr), time.monotonic() - start)
+            raise self._timed_out(command, timeout, markers, parts) from None
+        _, stdout, stderr, raw_status = parts
+        status = _number(raw_status)
+        if status is None:
+            self.broken = f"the status line of {command!r} was {raw_status!r}, not a number"
+            raise ChannelError(f"{self.name}: {self.broken}")
+        return CommandResult(command, status, _text(stdout), _text(stderr), time.monotonic() - start)
 
-    def _recover(self, command: str, pending: tuple[bytes, ...]) -> bool:
-        """Kill the timed-out command and drain its reply so the next command starts clean."""
+    def _read_reply(self, markers: tuple[bytes, ...], parts: list[bytes], deadline: float) -> None:
+        """Read the parts of the reply that `parts` still lacks, appending each as it completes."""
+        for marker in markers[len(parts):]:
+            parts.append(self._read_until(marker, deadline))
+
+    def _timed_out(
+        self, command: str, timeout: float, markers: tuple[bytes, ...], parts: list[bytes],
+    ) -> CommandTimeout:
+        """Stop the timed-out command and describe it with what it printed, where that arrived."""
+        stopped = self._recover(command, markers, parts)
+        what = "was killed" if stopped else "could not be stopped, so this channel is now unusable"
+        # stdout, then stderr, as far as they arrived; the part in progress is in the buffer
+        received = [*parts[1:], bytes(self._buffer)] if parts else []
+        stdout = received[0] if received else b""
+        stderr = received[1] if len(received) > 1 else b""
+        printed = (stdout + stderr).decode("utf-8", "replace").rstrip().splitlines()[-5:]
+        if printed:
+            tail = "\nits last output:\n" + "\n".join(printed)
+        else:
+            tail = "\nit printed nothing" if parts else "\nits output did not arrive (it is sent when a command ends)"
+        return CommandTimeout(
+            f"{self.name}: command timed out after {timeout:g} s and {what}: {command!r}{tail}",
+            command=command, timeout=timeout, stdout=stdout, stderr=stderr,
+        )
+
+    def _recover(self, command: str, markers: tuple[bytes, ...], parts: list[bytes]) -> bool:
+        """Kill the timed-out command and read the rest of its reply so the next command starts clean."""
         if self.interrupt is None or self.shell_pid is None:
             self.broken = f"{command!r} timed out and this channel cannot interrupt it"
             return False
         self.interrupt(self.shell_pid)
-        deadline = time.monotonic() + KILL_GRACE
         try:
-            for marker in pending:
-                self._read_until(marker, deadline)
+            self._read_reply(markers, parts, time.monotonic() + KILL_GRACE)
         except TimeoutError:
             self.broken = f"{command!r} timed out and did not stop when killed"
             return False
@@ -208,3 +271,143 @@ class ShellChannel:
                 self._buffer += chunk
             elif self.watchdog:
                 self.watchdog()
+
+
+# -- channel kinds: how a guest's shells are reached -----------------------------------------
+
+ChannelKind = Literal["agent", "ssh", "serial"]
+# A disk image's own kernel: make a panic end QEMU (-no-reboot), as panic=-1 does for the
+# built-in guest, and let panic() use sysrq (both need root; quietly skipped otherwise).
+IMAGE_SETUP = "{ echo -1 > /proc/sys/kernel/panic; echo 1 > /proc/sys/kernel/sysrq; } 2>/dev/null"
+PANIC = "echo c > /proc/sysrq-trigger"
+
+
+@dataclass(frozen=True)
+class ChannelSetup:
+    """What a channel needs from its guest to open."""
+
+    name: str  # the guest's, e.g. "l2"
+    link: Link
+    check: Callable[[], None]  # raises GuestCrashed when the guest's QEMU is gone
+    login: tuple[str, str] | None = None  # the serial channel's user and password
+    open_ssh: Callable[[Deadline], paramiko.SSHClient] | None = None  # the SSH channel's client
+
+
+class Channel:
+    """Commands to one guest: a main shell, and for the kinds that have one, a control shell
+    that interrupts a command that timed out and triggers panics while the main one is busy."""
+
+    # What the guest's QEMU must provide for this kind (read by qemu.build_argv).
+    agent_ports: ClassVar[bool] = False  # the built-in init's shells on virtio-serial ports
+    console_role: ClassVar[str] = "console"  # "serial": a console socket to log in on
+    # A disk image boots firmware, a bootloader and a whole init system (systemd, cloud-init):
+    # ~20-45 s under TCG where the built-in guest takes ~3 s.
+    boot_factor: ClassVar[int] = 4
+
+    def __init__(self, setup: ChannelSetup) -> None:
+        self.setup = setup
+        self.shell: ShellChannel | None = None
+        self.control: ShellChannel | None = None
+        self.ssh_client: paramiko.SSHClient | None = None
+
+    def open(self, deadline: Deadline) -> None:
+        raise NotImplementedError
+
+    @property
+    def broken(self) -> str | None:
+        """Why the main shell stopped working, if it did; "not open" before open()."""
+        return "not open" if self.shell is None else self.shell.broken
+
+    def run(self, command: str, timeout: float) -> CommandResult:
+        if self.shell is None:
+            raise ChannelError(f"{self.setup.name} is not running")
+        return self.shell.run(command, timeout)
+
+    def panic(self) -> None:
+        """Make the guest kernel panic for real (sysrq-c); the reply may never come."""
+        if self.shell is None:
+            raise ChannelError(f"{self.setup.name} is not running")
+        (self.control or self.shell).run(PANIC, timeout=5)
+
+    def host_key(self, public_line: str, timeout: float) -> str | None:
+        """Start the guest's sshd when this kind has to, and return its host key if known."""
+        return None  # a disk image runs its own sshd
+
+    def close(self) -> None:
+        self.shell = self.control = None
+        if self.ssh_client is not None:
+            self.ssh_client.close()
+            self.ssh_client = None
+
+    def _connect(self, role: str, stream: ByteStream, deadline: Deadline, interruptible: bool) -> ShellChannel:
+        channel = ShellChannel(stream, f"{self.setup.name}.{role}", watchdog=self.setup.check,
+                               interrupt=self._interrupt if interruptible else None)
+        channel.connect(deadline.remaining())
+        return channel
+
+    def _open_pair(self, streams: tuple[ByteStream, ByteStream], deadline: Deadline) -> None:
+        self.shell = self._connect("cmd", streams[0], deadline, interruptible=True)
+        self.control = self._connect("ctl", streams[1], deadline, interruptible=False)
+
+    def _interrupt(self, shell_pid: int) -> None:
+        if self.control is not None:
+            self.control.run(f"__nk_kill {shell_pid}", timeout=KILL_GRACE)
+
+
+class AgentChannel(Channel):
+    """The built-in guest: its init runs a root shell on each of two virtio-serial ports."""
+
+    agent_ports = True
+    boot_factor = 1
+
+    def open(self, deadline: Deadline) -> None:
+        link, check = self.setup.link, self.setup.check
+        self._open_pair((link.stream("cmd", deadline, check), link.stream("ctl", deadline, check)), deadline)
+
+    def host_key(self, public_line: str, timeout: float) -> str | None:
+        return self.run_ok(sshd_script(public_line), timeout).strip().splitlines()[-1]
+
+    def run_ok(self, command: str, timeout: float) -> str:
+        result = self.run(command, timeout)
+        if result.exit_status != 0:
+            raise result.failure(self.setup.name, "expected exit status 0")
+        return result.stdout
+
+
+class SshChannel(Channel):
+    """A disk image with cloud-init: two shells over one SSH connection with the session key."""
+
+    def open(self, deadline: Deadline) -> None:
+        assert self.setup.open_ssh is not None
+        self.ssh_client = self.setup.open_ssh(deadline)
+        self._open_pair((ssh.shell(self.ssh_client, deadline.remaining()),
+                         ssh.shell(self.ssh_client, deadline.remaining())), deadline)
+        self.shell.run(IMAGE_SETUP, deadline.remaining())  # type: ignore[union-attr]
+
+
+class SerialChannel(Channel):
+    """A disk image without cloud-init: a login on the serial console (--nested-login).
+
+    One console, one shell: nothing can interrupt a command that hangs.
+    """
+
+    console_role = "serial"
+
+    def open(self, deadline: Deadline) -> None:
+        assert self.setup.login is not None
+        user, password = self.setup.login
+        sock = self.setup.link.stream("serial", deadline, self.setup.check)
+        try:
+            serial_login(sock, user, password, deadline.remaining(), self.setup.check)
+        except (TimeoutError, PermissionError, ConnectionError) as exc:
+            raise LoginFailed(f"{self.setup.name}: serial console login as {user!r} failed: {exc}") from None
+        self.shell = self._connect("cmd", sock, deadline, interruptible=False)
+        self.shell.run(IMAGE_SETUP, deadline.remaining())
+
+
+CHANNELS: dict[ChannelKind, type[Channel]] = {"agent": AgentChannel, "ssh": SshChannel, "serial": SerialChannel}
+
+
+def channel_class(kind: ChannelKind) -> type[Channel]:
+    """The one place a channel kind picks its class."""
+    return CHANNELS[kind]

@@ -16,6 +16,8 @@ PROBLEM = re.compile(
     rb"^.*(Kernel panic - not syncing|BUG: |Oops: |general protection fault|WARNING: CPU: ).*$", re.MULTILINE
 )
 
+PANIC = re.compile(rb"^.*Kernel panic - not syncing.*$", re.MULTILINE)
+
 
 class Console:
     def __init__(self, path: Path) -> None:
@@ -44,13 +46,20 @@ class Console:
 
     def first_problem(self, start: int = 0) -> str | None:
         """The first panic/oops/BUG/WARN line printed at or after byte `start`."""
+        return self._first(PROBLEM, start)
+
+    def first_panic(self, start: int = 0) -> str | None:
+        """The first kernel panic line at or after byte `start` (a WARN may come before it)."""
+        return self._first(PANIC, start)
+
+    def _first(self, pattern: re.Pattern[bytes], start: int) -> str | None:
         try:
             with self.path.open("rb") as f:
                 f.seek(start)
                 data = f.read()
         except FileNotFoundError:
             return None
-        match = PROBLEM.search(data)
+        match = pattern.search(data)
         return match.group(0).decode("utf-8", "replace").strip() if match else None
 
 

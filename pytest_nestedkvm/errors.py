@@ -1,11 +1,17 @@
-"""One exception tree for the whole plugin.
+"""One exception tree for the whole plugin; each exception carries the fields callers decide on.
 
 Infrastructure problems (a guest that will not boot, a missing binary) derive from
 NestedKvmError and surface as test *errors*; a command whose outcome a test asserted
 on raises CommandFailed, an AssertionError, so it surfaces as a test *failure*.
+Code decides on the fields (`why`, `exit_status`, `panicked` ...), never on the text.
 """
 
 from __future__ import annotations
+
+from typing import Literal
+
+# Why a boot ended without a ready guest.
+BootEnd = Literal["timeout", "reset", "crashed", "parent_down", "login", "ssh"]
 
 
 class NestedKvmError(Exception):
@@ -15,21 +21,61 @@ class NestedKvmError(Exception):
 class ConfigError(NestedKvmError):
     """A setting is invalid; the message names the setting, its source and the fix."""
 
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option  # the setting at fault ("accel", "cpu", ...), when one is
+
 
 class HostError(NestedKvmError):
     """The host lacks something the requested setup needs (binary, kernel, module)."""
 
 
+class GuestCrashed(NestedKvmError):
+    """A guest's QEMU is gone (exited, killed, or its parent went down) while it was in use."""
+
+    def __init__(
+        self, message: str, *, level: int, exit_status: int | None = None, panicked: bool = False,
+        parent_down: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.level = level
+        self.exit_status = exit_status  # QEMU's; None when unknown (the parent took it down)
+        self.panicked = panicked  # the console or QMP showed a kernel panic
+        self.parent_down = parent_down
+
+
 class BootError(NestedKvmError):
     """A guest did not become ready; the message quotes its last console lines."""
 
+    def __init__(
+        self, message: str, *, level: int, why: BootEnd, exit_status: int | None = None, panicked: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.level = level
+        self.why = why
+        self.exit_status = exit_status
+        self.panicked = panicked
 
-class GuestCrashed(NestedKvmError):
-    """A guest died (QEMU exited, kernel panic) while it was in use."""
+    @property
+    def reset(self) -> bool:
+        """QEMU ended cleanly (status 0, -no-reboot) while booting, with no panic: a reset."""
+        return self.why == "reset"
 
 
 class ChannelError(NestedKvmError):
     """The command channel to a guest broke or answered something unexpected."""
+
+
+class SshError(ChannelError):
+    """A guest's SSH server could not be reached or refused the session key."""
+
+    def __init__(self, message: str, *, rejected_key: bool = False) -> None:
+        super().__init__(message)
+        self.rejected_key = rejected_key
+
+
+class LoginFailed(ChannelError):
+    """The serial console refused the login, or no shell prompt came."""
 
 
 class CommandTimeout(NestedKvmError):

@@ -1,50 +1,35 @@
-"""The fixtures tests ask for. Thin: the pool decides what runs where."""
+"""The fixtures tests ask for. Thin: the session object decides what runs where."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
 
 import pytest
 
-from .errors import NestedKvmError
 from .guest import Guest
 from .host import HostReport
-from .pool import GuestPool
+from .session import SESSION_KEY, NestedSession, reported
 
-POOL_KEY = pytest.StashKey[GuestPool]()
-T = TypeVar("T")
-
-
-def reported(call: Callable[[int], T], level: int) -> T:
-    """`call(level)`, with plugin errors turned into a test error that shows just the message.
-
-    Infrastructure trouble says what and why; the plugin's own stack does not help.
-    """
-    try:
-        return call(level)
-    except NestedKvmError as exc:
-        error = exc
-    pytest.fail(f"{type(error).__name__}: {error}", pytrace=False)
+POOL_KEY = SESSION_KEY  # deprecated alias (0.1): use SESSION_KEY; the object also has .settings and .report
 
 
-def _pool(config: pytest.Config) -> GuestPool:
-    return config.stash[POOL_KEY]
+def _session(config: pytest.Config) -> NestedSession:
+    return config.stash[SESSION_KEY]
 
 
 @pytest.fixture(scope="session")
 def l0(pytestconfig: pytest.Config) -> HostReport:
     """The host check: KVM, nesting, and the accelerator plan for L1, with reasons."""
-    return _pool(pytestconfig).report
+    return reported(lambda: _session(pytestconfig).report)
 
 
 @pytest.fixture(scope="session")
 def nested_guest(pytestconfig: pytest.Config) -> Callable[[int], Guest]:
     """Factory: `nested_guest(level)` returns the running guest at that level."""
-    pool = _pool(pytestconfig)
+    session = _session(pytestconfig)
 
     def get(level: int) -> Guest:
-        return reported(pool.get, level)
+        return reported(session.guest, level)
 
     return get
 

@@ -19,16 +19,20 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pytest_nestedkvm.errors import ConfigError, HostError
 
-ACCELS = ("auto", "kvm", "tcg")
-HARDWARE_BACKENDS = ("kvm_intel", "kvm_amd")
+Accel = Literal["kvm", "tcg"]  # what L1 runs on
+AccelChoice = Literal["auto", "kvm", "tcg"]  # what a user may ask for
+ACCELS: tuple[AccelChoice, ...] = get_args(AccelChoice)
+# The KVM module that drives each CPU virtualization flag (the one place these names live).
+KVM_MODULE_BY_FLAG = {"vmx": "kvm_intel", "svm": "kvm_amd"}
+HARDWARE_BACKENDS = tuple(KVM_MODULE_BY_FLAG.values())
 # Checked in this order: a hardware module wins over kvm_pvm when both are loaded, since
 # the hardware one is what an ordinary guest needs and what /dev/kvm normally belongs to.
 KNOWN_BACKENDS = (*HARDWARE_BACKENDS, "kvm_pvm")
-VIRT_FLAGS = ("vmx", "svm")
+VIRT_FLAGS = tuple(KVM_MODULE_BY_FLAG)
 VENDOR_IDS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 # Debian package that ships qemu-system-<arch>, for the "not found" hint.
 QEMU_PACKAGES = {
@@ -58,7 +62,7 @@ class HostReport:
     kvm_backend: str | None
     kvm_usable: bool
     nested: bool | None
-    accel: str
+    accel: Accel
     cpu: str
     qemu: QemuInfo | None
     reasons: list[str]
@@ -325,7 +329,7 @@ def probe(
     ordinary guest, and for ``-cpu host`` under TCG (QEMU refuses it).
     """
     if accel not in ACCELS:
-        raise ConfigError(f"accelerator {accel!r} is not one of {', '.join(ACCELS)}")
+        raise ConfigError(f"accelerator {accel!r} is not one of {', '.join(ACCELS)}", option="accel")
     arch = arch or platform.machine()
     flags = cpu_flags(root)
     in_vm = "hypervisor" in flags
@@ -333,43 +337,10 @@ def probe(
     openable = device and kvm_device_openable(root)
     backend = kvm_backend(root)
     raw_nested = nested_raw(root, backend)
-    unusable = _unusable_kvm_reason(
-        device=device,
-        openable=openable,
-        backend=backend,
-        flags=flags,
-        in_vm=in_vm,
-    )
+    unusable = _unusable_kvm_reason(device=device, openable=openable, backend=backend, flags=flags, in_vm=in_vm)
     usable = unusable is None
-
-    if accel == "kvm" and not usable:
-        raise ConfigError(
-            f"accelerator kvm requested but {unusable}: use --nested-accel=auto or tcg"
-        )
-    chosen = "kvm" if accel == "kvm" or (accel == "auto" and usable) else "tcg"
-    cpu_value = cpu or default_cpu(chosen)
-    if chosen == "tcg" and _cpu_features(cpu_value)[0] == "host":
-        raise ConfigError(
-            f"-cpu {cpu_value} needs KVM but L1 uses TCG: use --nested-cpu max"
-        )
-
-    plan = f"L1 uses {_accel_name(chosen)} with -cpu {cpu_value}."
-    reasons: list[str] = []
-    if unusable is not None:
-        reasons.append(f"{unusable}: {plan}")
-    elif chosen == "tcg":
-        reasons.append(f"KVM is usable ({backend}) but TCG was requested: {plan}")
-    else:
-        reasons.append(f"/dev/kvm is provided by {backend}: {plan}")
-    if in_vm:
-        seen = ", ".join(sorted(flags & set(VIRT_FLAGS))) or "neither vmx nor svm"
-        reasons.append(
-            f"The host is itself a VM (cpuinfo flag 'hypervisor'); its CPU shows {seen}."
-        )
-    if backend in HARDWARE_BACKENDS and module_loaded(root, "kvm_pvm"):
-        reasons.append(
-            f"kvm_pvm is loaded next to {backend}; assuming /dev/kvm belongs to {backend}."
-        )
+    chosen, cpu_value = _choose(accel, cpu, unusable)
+    reasons = _accel_reasons(unusable, chosen, cpu_value, backend, flags, root)
     possible, nesting_reason, fix = _nesting(
         chosen, cpu_value, backend, raw_nested, root
     )
@@ -397,6 +368,38 @@ def probe(
         nesting_possible=possible,
         nesting_fix=fix,
     )
+
+
+def _choose(accel: str, cpu: str | None, unusable: str | None) -> tuple[Accel, str]:
+    """L1's accelerator and -cpu value; ConfigError when they contradict what the host can do."""
+    if accel == "kvm" and unusable is not None:
+        raise ConfigError(f"accelerator kvm requested but {unusable}: use --nested-accel=auto or tcg", option="accel")
+    chosen: Accel = "kvm" if accel == "kvm" or (accel == "auto" and unusable is None) else "tcg"
+    cpu_value = cpu or default_cpu(chosen)
+    if chosen == "tcg" and _cpu_features(cpu_value)[0] == "host":
+        raise ConfigError(f"-cpu {cpu_value} needs KVM but L1 uses TCG: use --nested-cpu max",
+                          option="cpu" if cpu else "accel")
+    return chosen, cpu_value
+
+
+def _accel_reasons(
+    unusable: str | None, chosen: Accel, cpu: str, backend: str | None, flags: frozenset[str], root: Path
+) -> list[str]:
+    """The sentences that explain the accelerator plan: why this accelerator, and what L0 is."""
+    plan = f"L1 uses {_accel_name(chosen)} with -cpu {cpu}."
+    reasons: list[str] = []
+    if unusable is not None:
+        reasons.append(f"{unusable}: {plan}")
+    elif chosen == "tcg":
+        reasons.append(f"KVM is usable ({backend}) but TCG was requested: {plan}")
+    else:
+        reasons.append(f"/dev/kvm is provided by {backend}: {plan}")
+    if "hypervisor" in flags:
+        seen = ", ".join(sorted(flags & set(VIRT_FLAGS))) or "neither vmx nor svm"
+        reasons.append(f"The host is itself a VM (cpuinfo flag 'hypervisor'); its CPU shows {seen}.")
+    if backend in HARDWARE_BACKENDS and module_loaded(root, "kvm_pvm"):
+        reasons.append(f"kvm_pvm is loaded next to {backend}; assuming /dev/kvm belongs to {backend}.")
+    return reasons
 
 
 # --- QEMU lookup --------------------------------------------------------------------
@@ -457,41 +460,10 @@ def enable_nested(
     Safe means: we are root and no VM holds the module (refcnt 0). Otherwise the
     sentences give the exact commands to run by hand. Never raises for these cases.
     """
-    module = report.kvm_backend
-    if module not in HARDWARE_BACKENDS:
-        return [
-            f"Nothing to do: nested applies to kvm_intel/kvm_amd, and the KVM backend is {module}."
-        ]
-    assert module is not None  # narrowed by the membership test above
-    if report.nested is None:
-        return [f"Nothing done: /sys/module/{module}/parameters/nested cannot be read."]
-    if report.nested:
-        return [f"Nothing to do: {module} nested is already on."]
-    if module_is_builtin(root, module):
-        return [
-            (
-                f"Not done: {module} is built into the kernel and cannot be reloaded; "
-                f"add {module}.nested=1 to the kernel command line and reboot."
-            )
-        ]
-    euid = os.geteuid()
-    if euid != 0:
-        return [
-            (
-                f"Not done: reloading {module} needs root (euid is {euid}). "
-                f"Run by hand as root: {_manual_commands(module)}."
-            )
-        ]
-    refcnt = module_refcnt(root, module)
-    if refcnt != 0:
-        held = "an unknown number of" if refcnt is None else str(refcnt)
-        return [
-            (
-                f"Not done: {held} users hold {module} (a VM is probably running); stop them, "
-                f"then run {_manual_commands(module)}."
-            )
-        ]
-
+    refusal = _why_not_reload(report, root)
+    if refusal is not None:
+        return [refusal]
+    module = str(report.kvm_backend)
     done: list[str] = []
     for argv in (["modprobe", "-r", module], ["modprobe", module, "nested=1"]):
         failure = _run_quietly(run, argv)
@@ -508,6 +480,31 @@ def enable_nested(
     else:
         done.append(f"{module} nested still reads {raw}: nesting is NOT enabled.")
     return done
+
+
+def _why_not_reload(report: HostReport, root: Path) -> str | None:
+    """The sentence that says why the module is not reloaded, or None when reloading is safe."""
+    module = report.kvm_backend
+    if module not in HARDWARE_BACKENDS:
+        return f"Nothing to do: nested applies to kvm_intel/kvm_amd, and the KVM backend is {module}."
+    assert module is not None  # narrowed by the membership test above
+    if report.nested is None:
+        return f"Nothing done: /sys/module/{module}/parameters/nested cannot be read."
+    if report.nested:
+        return f"Nothing to do: {module} nested is already on."
+    if module_is_builtin(root, module):
+        return (f"Not done: {module} is built into the kernel and cannot be reloaded; "
+                f"add {module}.nested=1 to the kernel command line and reboot.")
+    euid = os.geteuid()
+    if euid != 0:
+        return (f"Not done: reloading {module} needs root (euid is {euid}). "
+                f"Run by hand as root: {_manual_commands(module)}.")
+    refcnt = module_refcnt(root, module)
+    if refcnt != 0:
+        held = "an unknown number of" if refcnt is None else str(refcnt)
+        return (f"Not done: {held} users hold {module} (a VM is probably running); stop them, "
+                f"then run {_manual_commands(module)}.")
+    return None
 
 
 def _run_quietly(run: Runner, argv: Sequence[str]) -> str | None:

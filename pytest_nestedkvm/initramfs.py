@@ -25,23 +25,16 @@ from pathlib import Path
 from filelock import FileLock
 
 from .errors import HostError
+from .host import HARDWARE_BACKENDS, KVM_MODULE_BY_FLAG
+from .layout import COMMAND_PORT, CONTROL_PORT, PORT_DIR, ROOT_TAG, TMPFS_DIRS
 
 FORMAT_VERSION = "1"
-ROOT_TAG = "hostroot"
-# virtio-serial port names the init starts a shell on (see channel.py).
-COMMAND_PORT = "nestedkvm.cmd"
-CONTROL_PORT = "nestedkvm.ctl"
-# Where the guest links each named virtio port as port.<name> (udev would use /dev/virtio-ports).
-PORT_DIR = "/run/nestedkvm"
-
 # Drivers the guest cannot boot without, and ones it uses when the kernel has them.
 REQUIRED_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p")
 OPTIONAL_MODULES = ("virtio_net", "pvpanic_pci", "virtio_blk")  # virtio_blk: an L2 image as /dev/vda
 # Loaded in parallel with the drivers above (kvm.ko alone takes ~0.4 s to load under TCG).
-KVM_MODULES = ("kvm_amd", "kvm_intel")
-MODULE_PARAMS = {"kvm_amd": "nested=1", "kvm_intel": "nested=1"}
-# Writable places on top of the read-only host root.
-TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/var/log", "/mnt")
+KVM_MODULES = HARDWARE_BACKENDS
+MODULE_PARAMS = {name: "nested=1" for name in KVM_MODULES}
 # cache=loose: the shared root is read-only and static for the session, and caching it
 # makes each exec several times cheaper under TCG.
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose"
@@ -259,6 +252,8 @@ def init_script(drivers: list[str], kvm: list[str]) -> str:
         return "; ".join(f"load {name} {MODULE_PARAMS.get(name, '')}".rstrip() for name in names) or ":"
 
     tmpfs = " ".join(TMPFS_DIRS)
+    vendor_cases = "\n".join(f"    {module}) grep -qw {flag} /proc/cpuinfo ;;"
+                             for flag, module in KVM_MODULE_BY_FLAG.items())
     return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -269,8 +264,7 @@ say() {{ echo "nestedkvm: $*" > /dev/console; }}
 fail() {{ say "FATAL: $*"; echo c > /proc/sysrq-trigger; }}
 vendor_ok() {{
   case $1 in
-    kvm_amd) grep -qw svm /proc/cpuinfo ;;
-    kvm_intel) grep -qw vmx /proc/cpuinfo ;;
+{vendor_cases}
     *) true ;;
   esac
 }}

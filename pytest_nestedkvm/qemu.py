@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .initramfs import COMMAND_PORT, CONTROL_PORT, PORT_DIR, ROOT_TAG
+from .channel import ChannelKind, channel_class
+from .host import Accel
+from .layout import COMMAND_PORT, CONTROL_PORT, PORT_DIR, ROOT_TAG
 
 # Kernel arguments of the built-in guest. panic=-1 + -no-reboot: a panic ends QEMU.
 # The i8042 ones skip probing a keyboard controller nobody uses; pci=noearly skips the
@@ -35,7 +37,7 @@ class GuestSpec:
 
     level: int
     qemu: str
-    accel: str  # "kvm" | "tcg"
+    accel: Accel
     cpu: str
     memory_mib: int
     smp: int
@@ -48,7 +50,7 @@ class GuestSpec:
     deepest: int = 1  # the deepest level of the chain: this QEMU carries the streams of levels below
     # How commands reach the guest: "agent" (the built-in guest's shells on virtio ports),
     # "ssh" (a disk image's sshd, key from a cloud-init seed), "serial" (a login on the console).
-    channel: str = "agent"
+    channel: ChannelKind = "agent"
     login: tuple[str, str] | None = None  # user, password for the "serial" channel
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
@@ -152,8 +154,9 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
             "-m", str(spec.memory_mib), "-smp", str(spec.smp)]
     if spec.firmware is not None:
         argv += ["-bios", str(spec.firmware)]
+    kind = channel_class(spec.channel)
     ports = []
-    if spec.channel == "agent":
+    if kind.agent_ports:
         ports = [(spec.level, role, name) for role, name in OWN_PORTS.items()]
         ports += [(level, role, passthrough_port(level, role))
                   for level in range(spec.level + 1, spec.deepest + 1) for role in ROLES]
@@ -164,8 +167,7 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
         append = " ".join(filter(None, (BASE_APPEND, boot_loglevel(spec.level), f"nestedkvm.ports={len(ports)}",
                                         spec.append)))
         argv += ["-append", append]
-    console = "serial" if spec.channel == "serial" else "console"
-    argv += ["-chardev", f"{ends.chardev(spec.level, console)},id=console", "-serial", "chardev:console",
+    argv += ["-chardev", f"{ends.chardev(spec.level, kind.console_role)},id=console", "-serial", "chardev:console",
              "-chardev", f"{ends.chardev(spec.level, 'qmp')},id=qmp", "-mon", "chardev=qmp,mode=control"]
     if ports:
         argv += ["-device", "virtio-serial-pci,id=vser"]

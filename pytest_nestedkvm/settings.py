@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .host import ACCELS, AccelChoice
 
 MAX_LEVELS = 4
-ACCELS = ("auto", "kvm", "tcg")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 @dataclass(frozen=True)
 class Settings:
     levels: int = 1
-    accel: str = "auto"
+    accel: AccelChoice = "auto"
     cpu: str | None = None
     l2_cpu: str | None = None
     qemu_args: tuple[str, ...] = ()
@@ -133,7 +133,7 @@ class Settings:
             try:
                 values[option.name] = _PARSERS[option.name](raw)
             except ValueError as exc:
-                raise ConfigError(f"{option.cli}={raw!r} (from {source}): {exc}") from None
+                raise ConfigError(f"{option.cli}={raw!r} (from {source}): {exc}", option=option.name) from None
             sources[option.name] = source
         workers = int(env.get("PYTEST_XDIST_WORKER_COUNT", "") or 1)
         l1_smp_default = max(1, min(2, host_cpus // workers)) if host_cpus else 2

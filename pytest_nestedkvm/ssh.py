@@ -15,7 +15,6 @@ import logging
 import os
 import shlex
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +23,18 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from .errors import HostError, NestedKvmError
-from .initramfs import PORT_DIR
+from .deadline import Deadline, retry
+from .errors import HostError, SshError
+from .layout import PORT_DIR
 
 # While a guest boots, QEMU accepts on the forwarded port and the guest resets the connection:
 # each retry would log a traceback at ERROR. connect() reports what matters as an exception.
 logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 SSHD = Path("/usr/sbin/sshd")
+CONNECT_STEP = 10.0  # seconds one connection attempt may take, within the caller's budget
 # The built-in guest's sshd keeps everything in its tmpfs, under the plugin's run directory.
 SSHD_DIR = f"{PORT_DIR}/ssh"
-
-
-class SshError(NestedKvmError):
-    """A guest's SSH server could not be reached or refused the session key."""
 
 
 @dataclass(frozen=True)
@@ -125,42 +122,56 @@ def connect(
     Retries while the server is not up yet (calling `check`, which raises when the guest
     died, before each try); a rejected key is not retried.
     """
-    deadline = time.monotonic() + timeout
-    last = "nothing tried"
-    while True:
+    deadline = Deadline.after(timeout)
+    last = ["nothing tried"]
+
+    def attempt() -> paramiko.SSHClient | None:
         if check is not None:
             check()
-        client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(_PinnedHostKey(host_key))
         try:
-            sock = None
-            if via is not None:
-                transport = via.get_transport()
-                if transport is None or not transport.is_active():
-                    raise SshError(f"{what}: the SSH connection to its parent is closed")
-                sock = transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), timeout=10)
-            client.connect(
-                "127.0.0.1", port, username=user, pkey=key.pkey, sock=sock, timeout=10, banner_timeout=10,
-                auth_timeout=10, allow_agent=False, look_for_keys=False,
-            )
-            return client
-        except paramiko.AuthenticationException as exc:
-            client.close()
-            raise SshError(f"{what}: the guest rejected the session key for {user!r} ({exc}): its sshd does not "
-                           f"authorize {key.path}.pub (for a disk image: does it run cloud-init?)") from None
+            return _connect_once(what, port, key, user, host_key, via, deadline.share(CONNECT_STEP))
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            client.close()
-            last = f"{type(exc).__name__}: {exc}"
-        if time.monotonic() >= deadline:
-            raise SshError(f"{what}: SSH on port {port} did not answer within {timeout:g} s (last: {last})")
-        time.sleep(0.2)
+            last[0] = f"{type(exc).__name__}: {exc}"
+            return None
+
+    try:
+        return retry(f"{what}: SSH on port {port} answering", attempt, deadline, interval=0.2)
+    except TimeoutError:
+        raise SshError(f"{what}: SSH on port {port} did not answer within {timeout:g} s (last: {last[0]})") from None
 
 
-def shell(client: paramiko.SSHClient) -> paramiko.Channel:
+def _connect_once(
+    what: str, port: int, key: SessionKey, user: str, host_key: str | None, via: paramiko.SSHClient | None,
+    step: Deadline,
+) -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(_PinnedHostKey(host_key))
+    wait = max(step.remaining(), 0.1)
+    try:
+        sock = None
+        if via is not None:
+            transport = via.get_transport()
+            if transport is None or not transport.is_active():
+                raise SshError(f"{what}: the SSH connection to its parent is closed")
+            sock = transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), timeout=wait)
+        client.connect("127.0.0.1", port, username=user, pkey=key.pkey, sock=sock, timeout=wait,
+                       banner_timeout=wait, auth_timeout=wait, allow_agent=False, look_for_keys=False)
+        return client
+    except paramiko.AuthenticationException as exc:
+        client.close()
+        raise SshError(f"{what}: the guest rejected the session key for {user!r} ({exc}): its sshd does not "
+                       f"authorize {key.path}.pub (for a disk image: does it run cloud-init?)",
+                       rejected_key=True) from None
+    except BaseException:
+        client.close()
+        raise
+
+
+def shell(client: paramiko.SSHClient, timeout: float) -> paramiko.Channel:
     """A session running a plain `sh` that reads commands from the channel (see channel.py)."""
     transport = client.get_transport()
     assert transport is not None
-    channel = transport.open_session(timeout=30)
+    channel = transport.open_session(timeout=timeout)
     channel.exec_command("exec sh")
     return channel
 

@@ -2,7 +2,8 @@
 
 The plugin fails the test during which a guest crashed, with a headline such as
 `L1 kernel panic during this test: ...` (that is what a hypervisor under test
-crashing its guest should cost). A test whose job is to panic the guest says so
+crashing its guest should cost), and offers what it saw as `trouble_of(report)`:
+the level, the kind of trouble, the headline and the console. A test whose job is to panic the guest says so
 with this marker, and then passes only if exactly that happened:
 
 - the plugin blamed a kernel panic of LN on it, and the test itself raised nothing:
@@ -16,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Generator
 
 import pytest
+
+from pytest_nestedkvm import trouble_of
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,10 +35,11 @@ def pytest_runtest_makereport(
     if marker is None or call.when != "call":
         return report
     level = int(marker.kwargs.get("level", 1))
-    headline = f"L{level} kernel panic during this test: "
-    longrepr = report.longrepr  # the plugin's headline, a str, when it blamed a crash on the test
-    if report.failed and isinstance(longrepr, str) and longrepr.startswith(headline) and call.excinfo is None:
-        report.sections.append(("expected crash", longrepr))
+    trouble = trouble_of(report)  # what the plugin blamed on this test, if anything
+    expected = trouble is not None and trouble.level == level and trouble.kind == "kernel panic"
+    if report.failed and expected and call.excinfo is None:
+        assert trouble is not None
+        report.sections.append(("expected crash", trouble.headline))
         report.outcome = "passed"
         report.longrepr = None
     elif report.passed:

@@ -17,15 +17,16 @@ from typing import Any
 
 import pytest
 
-from pytest_nestedkvm.guest import Guest, HostProcess
+from pytest_nestedkvm import Guest
+from pytest_nestedkvm.process import HostProcess
 
 MARK = "/tmp/written-before-the-crash"  # the guest's /tmp: a tmpfs in its memory
 
 
 def qemu_pid(guest: Guest) -> int:
     """The pid of L1's QEMU on this host."""
-    assert isinstance(guest.process, HostProcess) and guest.process.process is not None
-    return guest.process.process.pid
+    assert isinstance(guest.process, HostProcess) and guest.process.pid is not None
+    return guest.process.pid
 
 
 def boot_id(guest: Guest) -> str:

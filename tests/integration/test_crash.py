@@ -70,7 +70,7 @@ def test_l2_crash_restarts_l2_only(pytester: pytest.Pytester) -> None:
 
         @pytest.fixture(scope="session")
         def first_l1_pid(l1):
-            return l1.process.process.pid
+            return l1.process.pid
 
         def test_a(l2, first_l1_pid):
             l2.succeed("true")
@@ -80,7 +80,7 @@ def test_l2_crash_restarts_l2_only(pytester: pytest.Pytester) -> None:
 
         def test_c(l2, l1, first_l1_pid):
             assert l2.succeed("echo back") == "back\\n"
-            assert l1.process.process.pid == first_l1_pid  # L1 kept running
+            assert l1.process.pid == first_l1_pid  # L1 kept running
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-levels=2")
@@ -192,7 +192,7 @@ def test_sigkill_of_l1_qemu_mid_test_is_reported_and_recovered(pytester: pytest.
         import os, signal
 
         def test_kills_qemu(l1):
-            os.kill(l1.process.process.pid, signal.SIGKILL)
+            os.kill(l1.process.pid, signal.SIGKILL)
             l1.run("sleep 5", timeout=60)
 
         def test_after(l1):

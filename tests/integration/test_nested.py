@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from pytest_nestedkvm.errors import BootError, CommandTimeout
-from pytest_nestedkvm.fixtures import POOL_KEY
-from pytest_nestedkvm.guest import Guest
+from pytest_nestedkvm.guest import Guest, new_guest
+from pytest_nestedkvm.session import SESSION_KEY
 
 
 @pytest.mark.nested(level=1)
@@ -63,10 +63,10 @@ def test_l3_runs_on_l2s_kvm(nested_guest) -> None:  # type: ignore[no-untyped-de
 
 
 def test_l2_that_never_boots_reports_its_console_and_l1_survives(l1: Guest, l2: Guest, pytestconfig) -> None:  # type: ignore[no-untyped-def]
-    pool = pytestconfig.stash[POOL_KEY]
-    pool.restart(2)  # free L2's streams for the broken guest; the next L2 user gets a fresh one
-    spec = dataclasses.replace(pool.spec_for(2), append="rdinit=/no/such/init")
-    broken = Guest(spec, pool.run_root, parent=l1, boot_timeout=120, command_timeout=10)
+    session = pytestconfig.stash[SESSION_KEY]
+    session.pool.stop_from(2)  # free L2's streams for the broken guest; the next L2 user gets a fresh one
+    spec = dataclasses.replace(session.spec_for(2), append="rdinit=/no/such/init")
+    broken = new_guest(spec, session.run_root, parent=l1, boot_timeout=120, command_timeout=10)
     try:
         with pytest.raises(BootError) as caught:
             broken.start()
@@ -74,4 +74,5 @@ def test_l2_that_never_boots_reports_its_console_and_l1_survives(l1: Guest, l2: 
         broken.close()
     message = str(caught.value)
     assert "l2" in message and "Kernel panic" in message
+    assert (caught.value.level, caught.value.why, caught.value.panicked) == (2, "crashed", True)
     assert l1.succeed("echo L1 still answers") == "L1 still answers\n"

@@ -11,7 +11,8 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from pytest_nestedkvm.guest import Guest, HostProcess
+from pytest_nestedkvm import Guest
+from pytest_nestedkvm.process import HostProcess
 
 MIB = 1 << 20
 
@@ -38,8 +39,8 @@ def listening_tcp(pid: int) -> list[tuple[str, int]]:
 
 
 def qemu_pid(guest: Guest) -> int:
-    assert isinstance(guest.process, HostProcess) and guest.process.process is not None
-    return guest.process.process.pid
+    assert isinstance(guest.process, HostProcess) and guest.process.pid is not None
+    return guest.process.pid
 
 
 def test_l1_ssh_is_root_with_the_session_key(l1: Guest) -> None:

@@ -144,5 +144,5 @@ def test_an_l2_qemu_that_dies_after_its_qmp_greeting_is_an_error_not_a_hang(
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-levels=2",
                                            f"--nested-l2-image={debian_image}")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*GuestCrashed: l2 QEMU exited with status 1*",
+    result.stdout.fnmatch_lines(["*BootError: l2 died while booting: l2 QEMU exited with status 1*",
                                  "*CPU model 'host' requires KVM*"])

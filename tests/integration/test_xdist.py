@@ -31,7 +31,7 @@ def chardev_paths(argv):
 
 @pytest.mark.parametrize("n", range({TESTS}))
 def test_records_its_l1(l1, n, pytestconfig):
-    qemu = l1.process.process
+    qemu = l1.process
     stat = Path(f"/proc/{{qemu.pid}}/stat").read_text()
     argv = Path(f"/proc/{{qemu.pid}}/cmdline").read_bytes().decode().split("\\0")[:-1]
     record = {{
@@ -40,10 +40,10 @@ def test_records_its_l1(l1, n, pytestconfig):
         "pytest_pid": os.getpid(),
         "qemu_pid": qemu.pid,
         "qemu_ppid": int(stat.rsplit(")", 1)[1].split()[1]),
-        "run_root": str(l1.run_root),
-        "run_root_exists": l1.run_root.is_dir(),
+        "run_root": str(l1.link.run_root),
+        "run_root_exists": l1.link.run_root.is_dir(),
         "qemu_paths": chardev_paths(argv),
-        "qmp": str(l1.paths.qmp),
+        "qmp": str(l1.link.paths(1).qmp),
         "boot_id": l1.succeed("cat /proc/sys/kernel/random/boot_id").strip(),
         "echo": l1.succeed(f"echo {{n}}"),
     }}
@@ -93,7 +93,7 @@ def test_two_workers_boot_two_separate_l1s(pytester: pytest.Pytester) -> None:
     for run_root in run_roots:
         assert not run_root.exists(), f"{run_root} outlived the session"
 
-    # The header comes from the controller alone, each of its nestedkvm lines once.
+    # The plan comes from the controller alone (what its workers used), each of its lines once.
     header = [line for line in result.outlines if line.startswith("nestedkvm: ") and " ready in " not in line]
     assert any(line.startswith("nestedkvm: L1 accel=") for line in header), result.outlines[:20]
     assert header.count("nestedkvm: levels 1") == 1

@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import json
 import os
+import platform
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -314,7 +315,7 @@ def test_levels_line_in_header_follows_precedence(
         monkeypatch.setenv("NESTEDKVM_LEVELS", "2")
     if source == "cli":
         args.append("--nested-levels=3")
-    result = pytester.runpytest(*args)
+    result = pytester.runpytest("-v", *args)
     result.assert_outcomes(passed=1)
     assert f"nestedkvm: levels {expected}" in header_lines(result)
     assert sum(line.startswith("nestedkvm: levels ") for line in header_lines(result)) == 1
@@ -325,7 +326,7 @@ def test_levels_line_in_header_follows_precedence(
 
 def test_header_shows_plan_and_levels(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
-    result = pytester.runpytest("--nested-levels=0")
+    result = pytester.runpytest("-v", "--nested-levels=0")
     lines = header_lines(result)
     accel = "kvm" if _kvm_can_run_ordinary_guest() else "tcg"
     cpu = "host" if accel == "kvm" else "max"
@@ -335,10 +336,53 @@ def test_header_shows_plan_and_levels(pytester: pytest.Pytester) -> None:
 
 def test_header_follows_accel_and_cpu_options(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
-    result = pytester.runpytest("--nested-levels=2", "--nested-accel=tcg", "--nested-cpu=qemu64")
+    result = pytester.runpytest("-v", "--nested-levels=2", "--nested-accel=tcg", "--nested-cpu=qemu64")
     lines = header_lines(result)
     assert any(line.startswith("nestedkvm: L1 accel=tcg cpu=qemu64 ") for line in lines), lines
     assert "nestedkvm: levels 2" in lines
+
+
+def fake_qemu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A qemu-system-<arch> first on PATH that only answers --version; returns the file its calls go to."""
+    called, bin_dir = tmp_path / "qemu-called", tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / f"qemu-system-{platform.machine()}"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {called}\necho 'QEMU emulator version 7.2.0'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return called
+
+
+def test_header_without_verbose_leaves_the_plan_for_the_first_guest(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_nothing(): pass")
+    assert header_lines(pytester.runpytest("--nested-levels=2")) == []
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--collect-only"], [], ["-p", "xdist", "-n", "1"]],
+                         ids=["help", "collect-only", "no-guest-tests", "xdist"])
+def test_a_session_without_guests_starts_no_process_and_writes_nothing(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str]
+) -> None:
+    """No QEMU (not even `--version`), no run directory, no key until a test asks for a guest."""
+    called = fake_qemu(monkeypatch, tmp_path)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    pytester.makepyfile("def test_nothing(): pass\ndef test_other(): pass")
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    result = pytester.runpytest_subprocess("--nested-levels=2", *args)
+    assert result.ret == pytest.ExitCode.OK, result.outlines
+    assert not called.exists(), called.read_text()
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_session_that_uses_the_host_report_runs_qemu_version_once(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    called = fake_qemu(monkeypatch, tmp_path)
+    pytester.makepyfile("def test_a(l0): assert l0.qemu.version == '7.2.0'\ndef test_b(l0): pass")
+    result = pytester.runpytest_subprocess("--nested-levels=0")
+    result.assert_outcomes(passed=2)
+    assert called.read_text() == "--version\n"
 
 
 # --- bad input ----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.channel import MARK, CommandResult, ShellChannel
+from pytest_nestedkvm.channel import MARK, ByteStream, CommandResult, ShellChannel
 from pytest_nestedkvm.errors import ChannelError, CommandTimeout, GuestCrashed
 
 SHELLS = [pytest.param(["/bin/sh"], id="sh")]
@@ -170,6 +170,76 @@ def test_nul_in_command_is_rejected(channel: ShellChannel) -> None:
     assert channel.run("echo ok", 5).stdout == "ok\n"
 
 
+class Recording:
+    """A stream that remembers what was sent, to learn the nonces."""
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self.sent = bytearray()
+
+    def sendall(self, data: bytes, /) -> None:
+        self.sent += data
+        self.stream.sendall(data)
+
+    def recv(self, size: int, /) -> bytes:
+        return self.stream.recv(size)
+
+    def settimeout(self, timeout: float | None, /) -> None:
+        self.stream.settimeout(timeout)
+
+
+def test_a_command_cannot_forge_its_end_markers(channel: ShellChannel) -> None:
+    forge = r"""printf '\n@@NK%s:E\n\n@@NK%s:X 0\n' "$1" "$1"; echo tail; exit 7"""
+    result = channel.run(forge, 5)
+    assert result.exit_status == 7
+    assert result.stdout.endswith("tail\n")
+    assert channel.run("echo next", 5).stdout == "next\n"
+
+
+def test_a_command_cannot_see_its_nonce(channel: ShellChannel) -> None:
+    recording = Recording(channel.stream)
+    channel.stream = recording
+    result = channel.run('echo "$# [$*] [$_] [$0]"; set', 5)
+    nonces = re.findall(rb"__nk ([0-9a-f]{16}) ", bytes(recording.sent))
+    assert len(nonces) == 1
+    assert result.stdout.startswith("0 [] [")
+    assert nonces[0].decode() not in result.stdout + result.stderr
+    assert "__nk_c=" in result.stdout  # `set` listed the shell's variables
+
+
+def test_late_background_output_between_commands_is_dropped(channel: ShellChannel) -> None:
+    started = time.monotonic()
+    result = channel.run("(sleep 0.3; echo LATE; echo LATE >&2) &", 5)
+    assert (result.stdout, result.stderr, result.exit_status) == ("", "", 0)
+    assert time.monotonic() - started < 0.3
+    time.sleep(0.8)
+    result = channel.run("echo next", 5)
+    assert (result.stdout, result.stderr) == ("next\n", "")
+
+
+def test_late_background_output_during_the_next_command_is_not_its_output(channel: ShellChannel) -> None:
+    channel.run("(sleep 0.3; echo LATE; echo LATE >&2) &", 5)
+    result = channel.run("sleep 1; echo next", 5)
+    assert (result.stdout, result.stderr, result.exit_status) == ("next\n", "", 0)
+    assert channel.run("echo last", 5).stdout == "last\n"
+
+
+def test_daemons_do_not_hold_the_command(channel: ShellChannel) -> None:
+    started = time.monotonic()
+    assert channel.run("sleep 30 </dev/null >/dev/null 2>&1 &", 5).exit_status == 0
+    assert channel.run("sleep 30 & echo started", 5).stdout == "started\n"  # even with stdio left open
+    assert time.monotonic() - started < 2
+
+
+def test_spool_files_are_reused_safely(channel: ShellChannel) -> None:
+    # more commands than the shell sweeps its spool files after, with and without output
+    for i in range(150):
+        result = channel.run(f"echo {i}; echo e{i} >&2" if i % 3 else "true", 5)
+        assert (result.stdout, result.stderr) == ((f"{i}\n", f"e{i}\n") if i % 3 else ("", ""))
+    listing = channel.run('ls -A "${TMPDIR:-/tmp}"/.nestedkvm.$$ | wc -l', 5).stdout
+    assert 0 < int(listing) <= 2 * 64
+
+
 def test_timeout_with_interrupt_kills_and_keeps_the_channel(spawn: Spawn) -> None:
     control = spawn()
     kills: list[str] = []
@@ -182,7 +252,8 @@ def test_timeout_with_interrupt_kills_and_keeps_the_channel(spawn: Spawn) -> Non
     with pytest.raises(CommandTimeout) as info:
         channel.run("echo partial; sleep 30; echo never", 0.5)
     assert time.monotonic() - started < 8
-    assert info.value.stdout == b"partial\n"
+    assert info.value.stdout == b"partial\n"  # sent by the shell once the command was killed
+    assert "its last output:\npartial" in str(info.value)
     assert info.value.command == "echo partial; sleep 30; echo never"
     assert info.value.timeout == 0.5
     assert len(kills) == 1 and int(kills[0]) >= 1  # the subshell and its sleep were killed
@@ -197,7 +268,8 @@ def test_timeout_with_interrupt_kills_and_keeps_the_channel(spawn: Spawn) -> Non
 def test_timeout_without_interrupt_breaks_the_channel(channel: ShellChannel) -> None:
     with pytest.raises(CommandTimeout) as info:
         channel.run("echo before; sleep 30", 0.3)
-    assert info.value.stdout == b"before\n"
+    assert info.value.stdout == b""  # spooled until the command ends, which it never did
+    assert "did not arrive" in str(info.value)
     assert channel.broken
     with pytest.raises(ChannelError, match="unusable"):
         channel.run("echo after", 5)
@@ -242,8 +314,13 @@ class ScriptedStream:
         self.timeouts.append(timeout)
 
 
-def framed(nonce: bytes, stdout: bytes, stderr: bytes, status: int) -> bytes:
-    return stdout + MARK + nonce + b":E\n" + stderr + MARK + nonce + b":X " + str(status).encode() + b"\n"
+def started(nonce: bytes) -> bytes:
+    return MARK + nonce + b":S\n"
+
+
+def framed(nonce: bytes, stdout: bytes, stderr: bytes, status: int | bytes) -> bytes:
+    raw = status if isinstance(status, bytes) else str(status).encode()
+    return started(nonce) + stdout + MARK + nonce + b":E\n" + stderr + MARK + nonce + b":X " + raw + b"\n"
 
 
 def split(data: bytes, size: int) -> list[bytes | BaseException]:
@@ -280,10 +357,36 @@ def test_connect_learns_the_shell_pid() -> None:
 
 def test_stale_marker_with_another_nonce_is_data() -> None:
     stale = framed(b"0000000000000000", b"old", b"", 1)
-    stream = ScriptedStream(lambda nonce: [stale + framed(nonce, b"new", b"", 0)])
+    stream = ScriptedStream(lambda nonce: [framed(nonce, stale + b"new", b"", 0)])
     result = ShellChannel(stream, "scripted").run("x", 5)
     assert result.stdout_bytes == stale + b"new"
     assert result.exit_status == 0
+
+
+@pytest.mark.parametrize("size", [1, 3, 1 << 16])
+def test_bytes_before_the_start_marker_are_dropped(size: int) -> None:
+    stray = b"LATE\n" + framed(b"0000000000000000", b"old", b"", 1) + b"\n@@NK" + b"half a marker"
+    stream = ScriptedStream(lambda nonce: split(stray + framed(nonce, b"new\n", b"err\n", 3), size))
+    result = ShellChannel(stream, "scripted").run("x", 5)
+    assert (result.stdout, result.stderr, result.exit_status) == ("new\n", "err\n", 3)
+
+
+@pytest.mark.parametrize("status", [b"abc", b"", b" 1", b"1 2", b"-1", b"1_0", b"\xff"])
+def test_malformed_status_line_is_a_channel_error(status: bytes) -> None:
+    stream = ScriptedStream(lambda nonce: [framed(nonce, b"out", b"", status)])
+    channel = ShellChannel(stream, "scripted")
+    with pytest.raises(ChannelError, match="status"):
+        channel.run("x", 5)
+    assert channel.broken
+
+
+@pytest.mark.parametrize("stdout", [b"", b"\n", b"pid\n", b"12 34\n", b"0\n", b"-5\n", b"99999999999999999999\n"])
+def test_connect_rejects_a_malformed_pid(stdout: bytes) -> None:
+    stream = ScriptedStream(lambda nonce: [framed(nonce, stdout, b"", 0)])
+    channel = ShellChannel(stream, "scripted")
+    with pytest.raises(ChannelError, match="pid"):
+        channel.connect(5)
+    assert channel.shell_pid is None
 
 
 def test_eof_raises_channel_error_and_calls_watchdog() -> None:
@@ -302,7 +405,7 @@ def test_eof_raises_channel_error_and_calls_watchdog() -> None:
 
 def test_eof_reports_what_the_watchdog_found() -> None:
     def watchdog() -> None:
-        raise GuestCrashed("l1 QEMU exited with status 1")
+        raise GuestCrashed("l1 QEMU exited with status 1", level=1)
 
     stream = ScriptedStream(lambda nonce: [b""])
     with pytest.raises(GuestCrashed, match="exited"):
@@ -340,7 +443,7 @@ def test_connection_error_breaks_the_channel() -> None:
 
 
 def test_scripted_timeout_keeps_partial_stdout() -> None:
-    stream = ScriptedStream(lambda nonce: [b"par", b"tial"])
+    stream = ScriptedStream(lambda nonce: [b"stray" + started(nonce) + b"par", b"tial"])
     channel = ShellChannel(stream, "scripted")
     with pytest.raises(CommandTimeout) as info:
         channel.run("x", 0.1)
@@ -349,8 +452,9 @@ def test_scripted_timeout_keeps_partial_stdout() -> None:
 
 
 def test_timeout_while_stderr_arrives_reports_stdout_as_stdout() -> None:
-    stream = ScriptedStream(lambda nonce: [b"the stdout" + MARK + nonce + b":E\n", b"half of the stderr"])
+    stream = ScriptedStream(lambda nonce: [started(nonce) + b"the stdout" + MARK + nonce + b":E\n", b"half"])
     channel = ShellChannel(stream, "scripted")
     with pytest.raises(CommandTimeout) as info:
         channel.run("x", 0.1)
     assert info.value.stdout == b"the stdout"
+    assert info.value.stderr == b"half"

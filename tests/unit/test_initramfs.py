@@ -446,7 +446,7 @@ def test_build_initramfs_archive(kernel: Kernel, busybox: Path, tmp_path: Path) 
         "virtio_pci_modern_dev", "virtio_ring", "virtio", "virtio_pci", "virtio_console", "netfs", "9pnet",
         "9pnet_virtio", "9p",
     ]
-    assert kvm == ["irqbypass", "kvm", "ccp", "kvm_amd", "kvm_intel"]
+    assert kvm == ["irqbypass", "kvm", "kvm_intel", "ccp", "kvm_amd"]
     modules = [e.name for e in entries if e.name.startswith("modules/") and e.name.endswith(".ko")]
     assert modules == [f"modules/{name}.ko" for name in drivers + kvm]
     rel_by_name = {module_name(rel): rel for rel in MODULES}

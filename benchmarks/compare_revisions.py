@@ -1,0 +1,79 @@
+"""Boot and latency of two revisions side by side, in one run (prints a table, writes JSON).
+
+    python benchmarks/compare_revisions.py OLD_REV [--new WORKTREE] [--levels 2] [--rounds 3] [--commands 200]
+
+OLD_REV is checked out into a temporary git worktree. Each round runs each revision's own
+benchmarks/boot_and_latency.py once (one fresh chain, --runs 1), alternating which goes
+first, with that revision's package first on PYTHONPATH: both see the same machine load.
+The table gives the median over rounds of each figure and new/old.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = Path("benchmarks") / "boot_and_latency.py"
+
+
+def one_run(tree: Path, levels: int, commands: int) -> dict[str, object]:
+    """One chain booted by the package in `tree`, through that tree's own benchmark script."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {k: v for k, v in env.items() if not k.startswith("NESTEDKVM_")}
+    subprocess.run([sys.executable, str(tree / SCRIPT), "--levels", str(levels), "--runs", "1",
+                    "--commands", str(commands)], cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+    result: dict[str, object] = json.loads((tree / "benchmarks" / "results" / "boot_and_latency.json").read_text())
+    return result["runs"][0]  # type: ignore[index, no-any-return]
+
+
+def figure(value: object) -> float:
+    """Seconds for a boot figure, ms (median) for a latency figure."""
+    return float(value["median_ms"]) if isinstance(value, dict) else float(value)  # type: ignore[arg-type]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("old")
+    parser.add_argument("--new", type=Path, default=HERE.parent, help="the tree to compare (default: this one)")
+    parser.add_argument("--levels", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--commands", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="nk-old-") as tmp:
+        old = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(HERE.parent), "worktree", "add", "-q", "--detach", str(old), args.old],
+                       check=True)
+        try:
+            runs: dict[str, list[dict[str, object]]] = {"old": [], "new": []}
+            for round_ in range(args.rounds):
+                order = [("old", old), ("new", args.new)]
+                for name, tree in order if round_ % 2 == 0 else reversed(order):
+                    runs[name].append(one_run(tree, args.levels, args.commands))
+        finally:
+            subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(old)], check=False)
+    print(f"{args.old} (old) vs {args.new} (new): medians of {args.rounds} rounds, {os.cpu_count()} cores")
+    rows = {}
+    for key in runs["new"][0]:
+        if key not in runs["old"][0]:
+            continue
+        old_value = statistics.median(figure(run[key]) for run in runs["old"])
+        new_value = statistics.median(figure(run[key]) for run in runs["new"])
+        unit = "ms" if isinstance(runs["new"][0][key], dict) else "s"
+        rows[key] = {"old": old_value, "new": new_value, "unit": unit}
+        ratio = new_value / old_value
+        print(f"  {key:<28} old {old_value:8.2f} {unit}   new {new_value:8.2f} {unit}   new/old {ratio:.2f}")
+    out = HERE / "results" / "compare_revisions.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"old": args.old, "rounds": args.rounds, "median": rows, "runs": runs}, indent=2))
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

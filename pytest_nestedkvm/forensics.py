@@ -1,0 +1,184 @@
+"""What went wrong with a guest, and which test it happened to.
+
+Marks record where each running guest stood when a test started; after the test,
+`trouble_since` names the first (outermost) guest that crashed or printed a kernel
+problem meanwhile. The Trouble of a test is public: `trouble_of(report or item)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import pytest
+
+from .deadline import Deadline, retry
+from .errors import BootEnd, BootError, ChannelError, GuestCrashed, LoginFailed, NestedKvmError, SshError
+
+if TYPE_CHECKING:
+    from .guest import Guest
+
+TroubleKind = Literal[
+    "kernel panic", "kernel oops", "kernel BUG", "kernel WARN", "kernel problem",  # seen on the console
+    "shut down", "qemu exited", "unresponsive",  # seen from outside
+]
+# First matching fragment of a console problem line -> its kind.
+PROBLEM_KINDS: tuple[tuple[str, TroubleKind], ...] = (
+    ("Kernel panic", "kernel panic"), ("Oops", "kernel oops"), ("BUG:", "kernel BUG"),
+    ("general protection", "kernel oops"), ("WARNING:", "kernel WARN"),
+)
+TROUBLE_KEY = pytest.StashKey["Trouble"]()
+REPORT_ATTRIBUTE = "nestedkvm_trouble"  # a plain dict on the report: it travels from xdist workers
+CLOSE_GRACE = 5.0  # at most this much of the boot budget waits for a QEMU whose channel closed to exit
+
+
+@dataclass(frozen=True)
+class Trouble:
+    """A guest that crashed or complained during a test: which level, what kind, a one-line
+    headline, and its console output from the start of the test."""
+
+    level: int
+    kind: TroubleKind
+    headline: str
+    console: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def trouble_of(node: pytest.TestReport | pytest.Item) -> Trouble | None:
+    """The trouble the plugin blamed on a test, from its report (any phase) or its item; else None."""
+    if isinstance(node, pytest.Item):
+        return node.stash.get(TROUBLE_KEY, None)
+    data = getattr(node, REPORT_ATTRIBUTE, None)
+    return None if data is None else Trouble(**data)
+
+
+@dataclass(frozen=True)
+class ConsoleMark:
+    """Where a running guest stood when a test started."""
+
+    console: int  # bytes in its console log
+    kernel_log_tag: str | None  # a line written into its kernel log (only when artifacts are kept)
+
+
+def problem_kind(line: str) -> TroubleKind:
+    return next((kind for fragment, kind in PROBLEM_KINDS if fragment in line), "kernel problem")
+
+
+def mark(guests: dict[int, Guest], number: int, tag_kernel_log: bool) -> dict[int, ConsoleMark]:
+    """Where each running guest stands now: a test's trouble is what comes after."""
+    return {
+        level: ConsoleMark(guest.console.size(), _tag_kernel_log(guest, number) if tag_kernel_log else None)
+        for level, guest in guests.items() if guest.alive
+    }
+
+
+def trouble_since(guests: dict[int, Guest], marks: dict[int, ConsoleMark]) -> Trouble | None:
+    """The first guest (outermost) that crashed or printed a kernel problem since `marks`."""
+    for level, at in sorted(marks.items()):
+        guest = guests[level]
+        if guest.stopped_on_purpose:
+            continue  # the test (or the plugin, for nested_fresh) stopped it
+        since = max(at.console, guest.console_ready)  # a reboot inside the test starts a new boot log
+        problem = guest.console.first_problem(since)
+        if problem is None and guest.alive:
+            continue
+        status = guest.process.exit_status()
+        kind, headline = _what_happened(guest, problem, status)
+        deeper = [f"L{d}" for d in sorted(marks) if d > level]
+        if deeper and status is not None:
+            headline += f"; {', '.join(deeper)} went down with it"
+        return Trouble(level, kind, f"L{level} {headline}", guest.console.read(at.console))
+    return None
+
+
+def _what_happened(guest: Guest, problem: str | None, status: int | None) -> tuple[TroubleKind, str]:
+    if problem is not None:
+        kind = problem_kind(problem)
+        return kind, f"{kind} during this test: {problem}"
+    event = _exit_event(guest) if status is not None else None  # waits up to 0.5 s
+    if event is not None:
+        kind, source = event
+        return kind, f"{kind} during this test ({source}; QEMU exit status {status})"
+    if status is not None:
+        return "qemu exited", f"QEMU exited with status {status} during this test (no panic on its console)"
+    broken = guest.channel_trouble or "its QEMU runs but its shell does not answer"
+    return "unresponsive", f"stopped answering during this test: {broken}"
+
+
+def _exit_event(guest: Guest) -> tuple[TroubleKind, str] | None:
+    """What QEMU's own events say ended the guest: a pvpanic report, or a guest shutdown/reset."""
+    events = guest.qmp_events(wait=0.5)
+    for event in events:
+        if event.get("event") == "GUEST_PANICKED":
+            return "kernel panic", "QMP GUEST_PANICKED"
+    for event in events:
+        if event.get("event") == "SHUTDOWN":
+            return "shut down", f"QMP SHUTDOWN, reason {event.get('data', {}).get('reason', 'unknown')}"
+    return None
+
+
+def exit_error(guest: Guest) -> GuestCrashed:
+    """The error for a guest whose QEMU is gone: status, console problem, QEMU's last words."""
+    if guest.process.parent_lost:
+        parent = guest.parent
+        assert parent is not None
+        why = (str(exit_error(parent)) if parent.process.exit_status() is not None or parent.process.parent_lost
+               else parent.channel_trouble or f"{parent.name} was restarted (boot {parent.boots})")
+        return GuestCrashed(f"{guest.name} went down with its parent: {why}", level=guest.level, parent_down=True)
+    status = guest.process.exit_status()
+    problem = guest.console.first_problem(guest.console_start)
+    what = f"kernel problem: {problem}" if problem else "no kernel panic on the console"
+    qemu_said = guest.process.output(5)
+    return GuestCrashed(
+        f"{guest.name} QEMU exited with status {status} ({what})"
+        + (f"\nQEMU said:\n{qemu_said}" if qemu_said else "")
+        + f"\nlast console lines:\n{guest.console.tail()}",
+        level=guest.level, exit_status=status,
+        panicked=guest.console.first_panic(guest.console_start) is not None,
+    )
+
+
+def boot_error(guest: Guest, exc: NestedKvmError | TimeoutError, deadline: Deadline) -> BootError:
+    """Why a boot ended without a ready guest, as a BootError whose `why` callers decide on."""
+    tail = f"\nlast console lines:\n{guest.console.tail()}"
+    if isinstance(exc, ChannelError) and not isinstance(exc, SshError | LoginFailed):
+        # A closed channel usually means QEMU is exiting: give it a moment to be reaped.
+        with contextlib.suppress(TimeoutError):
+            retry("QEMU exit", guest.exited, deadline.share(CLOSE_GRACE), interval=0.1)
+            exc = exit_error(guest)
+    if isinstance(exc, GuestCrashed):
+        why: BootEnd = "parent_down" if exc.parent_down else (
+            "reset" if exc.exit_status == 0 and not exc.panicked else "crashed")
+        return BootError(f"{guest.name} died while booting: {exc}", level=guest.level, why=why,
+                         exit_status=exc.exit_status, panicked=exc.panicked)
+    if isinstance(exc, LoginFailed):
+        return BootError(f"{exc}{tail}", level=guest.level, why="login")
+    if isinstance(exc, SshError):
+        hint = ("\nIf the image has no cloud-init, pass --nested-login USER:PASSWORD to log in on its serial "
+                "console instead.")
+        return BootError(f"{exc}{hint}{tail}", level=guest.level, why="ssh")
+    what = str(exc) if isinstance(exc, TimeoutError) else "its command channel never answered"
+    qemu_said = guest.process.output(5)
+    return BootError(
+        f"{guest.name} did not boot within {guest.boot_timeout:g} s: {what} "
+        "(raise --nested-boot-timeout if the host is just slow)"
+        + (f"\nQEMU said:\n{qemu_said}" if qemu_said else "") + tail,
+        level=guest.level, why="timeout",
+    )
+
+
+def _tag_kernel_log(guest: Guest, number: int) -> str | None:
+    """Write a line into the guest's kernel log: what a test added comes after it.
+
+    (A tag, not a timestamp: printk's clock and /proc/uptime drift apart under TCG.)
+    """
+    tag = f"nestedkvm: test {number} starts"
+    try:
+        guest.succeed(f"echo '{tag}' > /dev/kmsg")
+    except (NestedKvmError, AssertionError):
+        return None
+    return tag
+

@@ -1,0 +1,123 @@
+"""The plan: settings + host report + the user's guest_spec hooks -> what each level boots, or why not.
+
+Pure: no file is read or written and no process started here. What has to exist on disk
+first (kernel, initramfs, cloud-init seeds) comes in as `BootFiles`, made by the session.
+Skips are decided here and only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .channel import channel_class
+from .errors import ConfigError, HostError
+from .host import HostReport
+from .layout import TMPFS_DIRS
+from .qemu import GuestSpec
+from .settings import Settings
+
+# Seconds to first command. L0's accelerator sets the pace of the whole chain (under
+# TCG every level is emulated), and each level multiplies the cost.
+BOOT_TIMEOUT = {"kvm": 30.0, "tcg": 90.0}
+COMMAND_TIMEOUT = {"kvm": 60.0, "tcg": 120.0}
+# Where L1 holds an L2 disk image and its seed (its first two virtio disks).
+L2_IMAGE_DISKS = (Path("/dev/vda"), Path("/dev/vdb"))
+
+GuestSpecHook = Callable[[int, GuestSpec], GuestSpec]
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """What the built-in guest boots from, and the cloud-init seed of each level that needs one."""
+
+    kernel: Path | None  # the file for -kernel (a PVH vmlinux or the bzImage); None: L1 is a disk image
+    initrd: Path | None
+    firmware: Path | None
+    seeds: Mapping[int, Path]
+
+
+def skip_reason(level: int, settings: Settings, report: HostReport) -> str | None:
+    """Why a test at `level` cannot run in this session, or None."""
+    if level > settings.levels:
+        return f"needs L{level}, but this session provides up to L{settings.levels} (run with --nested-levels={level})"
+    if report.qemu is None:
+        return "QEMU not found: apt-get install qemu-system-x86"
+    if level >= 2 and not report.nesting_possible:
+        return f"L{level} needs nested virtualization, which this host cannot provide: {report.nesting_fix}"
+    image_level = image_level_of(settings)
+    if image_level is not None and level > image_level:
+        return (f"L{level} inside a --nested-l{image_level}-image is not supported yet: the plugin starts "
+                "deeper levels inside its built-in guests only")
+    return None
+
+
+def image_level_of(settings: Settings) -> int | None:
+    """The level a user's disk image boots at, if any."""
+    return 1 if settings.l1_image else 2 if settings.l2_image else None
+
+
+def seed_levels(settings: Settings) -> tuple[int, ...]:
+    """Levels whose disk image gets the session key through a cloud-init seed."""
+    if settings.l1_image is not None:
+        return () if settings.login else (1,)
+    return (2,) if settings.l2_image is not None and settings.levels >= 2 else ()
+
+
+def spec_for(level: int, settings: Settings, report: HostReport, files: BootFiles, hook: GuestSpecHook) -> GuestSpec:
+    """What to boot at `level`: the built-in guest or a disk image, as the user's guest_spec hooks leave it."""
+    spec = hook(level, builtin_spec(level, settings, report, files))
+    if not isinstance(spec, GuestSpec) or spec.level != level:
+        raise ConfigError(f"pytest_nestedkvm_guest_spec returned {spec!r} for L{level}: return a GuestSpec "
+                          f"for level {level} (e.g. dataclasses.replace(spec, ...)) or None")
+    return spec
+
+
+def builtin_spec(level: int, settings: Settings, report: HostReport, files: BootFiles) -> GuestSpec:
+    """The guest at `level` before hooks. L1 gets the host plan (accelerator, CPU model); deeper
+    levels always run on their parent's KVM, with -cpu host unless --nested-l2-cpu says otherwise."""
+    assert report.qemu is not None
+    common = GuestSpec(
+        level=level, qemu=report.qemu.binary, accel=report.accel if level == 1 else "kvm",
+        cpu=settings.cpu_for(level, report.cpu), memory_mib=settings.memory_for(level), smp=settings.smp_for(level),
+        extra_args=settings.qemu_args_for(level),
+    )
+    image = settings.l1_image if level == 1 else settings.l2_image if level == 2 else None
+    if image is not None:
+        return _image(common, image, settings, files)
+    if level >= 2 and files.initrd is not None:
+        _check_visible_to_guests(files.initrd)
+    l2_image_disks = (settings.l2_image, files.seeds[2]) if level == 1 and 2 in files.seeds else ()
+    return dataclasses.replace(
+        common, kernel=files.kernel, initrd=files.initrd, append=settings.append, share_root=Path("/"),
+        firmware=files.firmware, deepest=settings.levels, disks=tuple(p for p in l2_image_disks if p is not None),
+    )
+
+
+def _image(common: GuestSpec, image: Path, settings: Settings, files: BootFiles) -> GuestSpec:
+    """A user's disk image, booted by its own bootloader with -snapshot. With cloud-init the session
+    key arrives through a NoCloud seed and commands run over SSH; with --nested-login on the serial console."""
+    login = settings.login if common.level == 1 else None
+    disks: tuple[Path, ...]
+    if common.level == 2:
+        disks = L2_IMAGE_DISKS  # L1 holds them (see builtin_spec)
+    else:
+        disks = (image,) if login else (image, files.seeds[1])
+    return dataclasses.replace(common, disks=disks, channel="serial" if login else "ssh", login=login)
+
+
+def timeouts(spec: GuestSpec, settings: Settings, report: HostReport) -> tuple[float, float]:
+    """(boot, command) seconds for a guest: the user's, or scaled with accelerator, depth and kind."""
+    boot = BOOT_TIMEOUT[report.accel] * spec.level * channel_class(spec.channel).boot_factor
+    command = COMMAND_TIMEOUT[report.accel] * spec.level
+    return settings.boot_timeout or boot, settings.command_timeout or command
+
+
+def _check_visible_to_guests(path: Path) -> None:
+    """Deeper levels read boot files through the shared root, where /tmp and /run are hidden."""
+    hidden = next((d for d in TMPFS_DIRS if path.is_relative_to(d)), None)
+    if hidden is not None:
+        raise HostError(f"{path} is under {hidden}, which guests cover with their own tmpfs, so L2 could not "
+                        "boot from it: point XDG_CACHE_HOME somewhere else (e.g. ~/.cache)")

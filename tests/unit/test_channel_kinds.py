@@ -1,0 +1,171 @@
+"""Unit tests for the channel kinds behind `Channel`: the class per kind, its traits, and AgentChannel
+over a fake link whose "cmd" and "ctl" streams are socketpairs to real local shells."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_nestedkvm.channel import (
+    PANIC,
+    AgentChannel,
+    Channel,
+    ChannelSetup,
+    CommandResult,
+    SerialChannel,
+    SshChannel,
+    channel_class,
+)
+from pytest_nestedkvm.deadline import Deadline
+from pytest_nestedkvm.errors import ChannelError, CommandTimeout
+
+
+def fine() -> None:
+    return None
+
+
+class ShellLink:
+    """The part of a Link that AgentChannel uses: each stream is a local `sh` on a socketpair."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.asked: list[tuple[str, object]] = []
+        self.shells: list[tuple[subprocess.Popen[bytes], socket.socket]] = []
+
+    def stream(self, role: str, deadline: Deadline, check: object) -> socket.socket:
+        self.asked.append((role, check))
+        ours, theirs = socket.socketpair()
+        process = subprocess.Popen(
+            ["/bin/sh"], stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(self.tmp_path), "LC_ALL": "C"},
+        )
+        theirs.close()
+        self.shells.append((process, ours))
+        return ours
+
+    def stop(self) -> None:
+        for process, sock in self.shells:
+            sock.close()
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def link(tmp_path: Path) -> Iterator[ShellLink]:
+    shell_link = ShellLink(tmp_path)
+    yield shell_link
+    shell_link.stop()
+
+
+@pytest.fixture
+def agent(link: ShellLink) -> AgentChannel:
+    channel = AgentChannel(ChannelSetup("l1", link, fine))  # type: ignore[arg-type]
+    channel.open(Deadline.after(10))
+    return channel
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("agent", AgentChannel), ("ssh", SshChannel), ("serial", SerialChannel)])
+def test_channel_class_maps_each_kind(kind: str, cls: type[Channel]) -> None:
+    assert channel_class(kind) is cls  # type: ignore[arg-type]
+    assert issubclass(cls, Channel)
+
+
+def test_unknown_kind_is_rejected() -> None:
+    with pytest.raises(KeyError):
+        channel_class("telnet")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("cls", "agent_ports", "console_role", "boot_factor"),
+    [(AgentChannel, True, "console", 1), (SshChannel, False, "console", 4), (SerialChannel, False, "serial", 4)],
+)
+def test_class_traits(cls: type[Channel], agent_ports: bool, console_role: str, boot_factor: int) -> None:
+    assert (cls.agent_ports, cls.console_role, cls.boot_factor) == (agent_ports, console_role, boot_factor)
+
+
+def test_broken_is_not_open_before_open_and_run_refuses(link: ShellLink) -> None:
+    channel = AgentChannel(ChannelSetup("l1", link, fine))  # type: ignore[arg-type]
+    assert channel.broken == "not open"
+    with pytest.raises(ChannelError, match="l1 is not running"):
+        channel.run("true", 5)
+    with pytest.raises(ChannelError, match="l1 is not running"):
+        channel.panic()
+    assert link.asked == []
+
+
+def test_agent_open_connects_cmd_then_ctl_with_the_guests_check(agent: AgentChannel, link: ShellLink) -> None:
+    assert link.asked == [("cmd", fine), ("ctl", fine)]
+    assert agent.shell is not None and agent.control is not None
+    assert agent.shell.shell_pid == link.shells[0][0].pid
+    assert agent.control.shell_pid == link.shells[1][0].pid
+    assert agent.shell.watchdog is fine
+    assert agent.broken is None
+
+
+def test_agent_runs_commands(agent: AgentChannel) -> None:
+    result = agent.run("echo out; echo err >&2; exit 3", 5)
+    assert isinstance(result, CommandResult)
+    assert (result.stdout, result.stderr, result.exit_status) == ("out\n", "err\n", 3)
+    assert agent.run_ok("echo fine", 5) == "fine\n"
+    with pytest.raises(AssertionError, match="expected exit status 0"):
+        agent.run_ok("false", 5)
+
+
+def test_a_timed_out_command_is_killed_through_the_control_shell(
+    agent: AgentChannel, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert agent.shell is not None and agent.control is not None
+    control_commands: list[str] = []
+    run = agent.control.run
+
+    def recording_run(command: str, timeout: float) -> CommandResult:
+        control_commands.append(command)
+        return run(command, timeout)
+
+    monkeypatch.setattr(agent.control, "run", recording_run)
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        agent.run("sleep 30", 0.5)
+    assert time.monotonic() - started < 8
+    assert control_commands == [f"__nk_kill {agent.shell.shell_pid}"]
+    assert agent.broken is None
+    assert agent.run("echo still here", 5).stdout == "still here\n"
+
+
+def test_panic_goes_through_the_control_shell(agent: AgentChannel, monkeypatch: pytest.MonkeyPatch) -> None:
+    # never forwarded: run as root on a real host, sysrq-c would crash it
+    sent: list[tuple[str, str, float]] = []
+    assert agent.shell is not None and agent.control is not None
+    for name, shell in (("shell", agent.shell), ("control", agent.control)):
+        monkeypatch.setattr(shell, "run", lambda command, timeout, name=name: sent.append((name, command, timeout)))
+    agent.panic()
+    assert sent == [("control", PANIC, 5)]
+    assert PANIC == "echo c > /proc/sysrq-trigger"
+
+
+def test_panic_without_a_control_shell_uses_the_main_one(agent: AgentChannel, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+    assert agent.shell is not None
+    monkeypatch.setattr(agent.shell, "run", lambda command, timeout: sent.append(command))
+    agent.control = None  # as a serial channel has it
+    agent.panic()
+    assert sent == [PANIC]
+
+
+def test_close_resets_the_channel(agent: AgentChannel) -> None:
+    agent.close()
+    assert (agent.shell, agent.control, agent.ssh_client) == (None, None, None)
+    assert agent.broken == "not open"
+    with pytest.raises(ChannelError, match="not running"):
+        agent.run("true", 5)

@@ -1,0 +1,276 @@
+"""Unit tests for forensics.py on fake guests: a real Console on a file, a scripted process and QMP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_nestedkvm.console import Console
+from pytest_nestedkvm.forensics import (
+    REPORT_ATTRIBUTE,
+    TROUBLE_KEY,
+    ConsoleMark,
+    Trouble,
+    exit_error,
+    mark,
+    problem_kind,
+    trouble_of,
+    trouble_since,
+)
+
+PANIC = "[    5.1] Kernel panic - not syncing: sysrq triggered crash"
+WARN = "[    3.0] WARNING: CPU: 0 PID: 1 at arch/x86/kvm/vmx/nested.c:42 nested_vmx_run+0x1/0x2"
+
+
+@dataclass
+class FakeProcess:
+    status: int | None = None
+    parent_lost: bool = False
+    said: str = ""
+
+    def exit_status(self) -> int | None:
+        return self.status
+
+    def output(self, lines: int) -> str:
+        return self.said
+
+
+@dataclass
+class FakeGuest:
+    """The attributes forensics reads of a Guest."""
+
+    level: int
+    console: Console
+    process: FakeProcess = field(default_factory=FakeProcess)
+    channel_trouble: str | None = None
+    parent: FakeGuest | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    stopped_on_purpose: bool = False
+    console_start: int = 0
+    console_ready: int = 0
+    boots: int = 1
+    commands: list[str] = field(default_factory=list)
+    refuse: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"l{self.level}"
+
+    @property
+    def alive(self) -> bool:
+        return self.channel_trouble is None and not self.process.parent_lost and self.process.status is None
+
+    def qmp_events(self, wait: float = 0.0) -> list[dict[str, Any]]:
+        return self.events
+
+    def succeed(self, command: str, timeout: float | None = None) -> str:
+        if self.refuse:
+            raise AssertionError("exited 1")
+        self.commands.append(command)
+        return ""
+
+    def print(self, *lines: str) -> None:
+        with self.console.path.open("a") as f:
+            f.write("".join(line + "\n" for line in lines))
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Any:
+    def guest(level: int = 1, *lines: str, **attributes: Any) -> FakeGuest:
+        path = tmp_path / f"l{level}.log"
+        path.write_text("".join(line + "\n" for line in ["booting", *lines]))
+        return FakeGuest(level, Console(path), **attributes)
+
+    return guest
+
+
+def marked(*guests: FakeGuest) -> tuple[dict[int, Any], dict[int, ConsoleMark]]:
+    by_level: dict[int, Any] = {g.level: g for g in guests}
+    return by_level, mark(by_level, 1, False)
+
+
+@pytest.mark.parametrize(
+    ("line", "kind"),
+    [(PANIC, "kernel panic"), ("Oops: 0002 [#1] PREEMPT SMP", "kernel oops"),
+     ("BUG: kernel NULL pointer dereference, address: 0", "kernel BUG"),
+     ("general protection fault, probably for non-canonical address", "kernel oops"),
+     (WARN, "kernel WARN"), ("something odd", "kernel problem")],
+)
+def test_problem_kind_of_each_console_line(line: str, kind: str) -> None:
+    assert problem_kind(line) == kind
+
+
+def test_mark_records_console_size_of_live_guests_only(make: Any) -> None:
+    l1, l2 = make(1, "ready"), make(2, process=FakeProcess(status=0))
+    assert mark({1: l1, 2: l2}, 3, False) == {1: ConsoleMark(l1.console.size(), None)}
+    assert mark({1: l1}, 3, True)[1].kernel_log_tag == "nestedkvm: test 3 starts"
+    assert l1.commands == ["echo 'nestedkvm: test 3 starts' > /dev/kmsg"]
+    l1.refuse = True
+    assert mark({1: l1}, 4, True)[1].kernel_log_tag is None
+
+
+def test_panic_after_the_mark_is_the_tests_trouble(make: Any) -> None:
+    guest = make(1, "ready")
+    guests, marks = marked(guest)
+    guest.print("$ running the test", PANIC)
+    guest.process.status = 0
+    trouble = trouble_since(guests, marks)
+    assert trouble == Trouble(1, "kernel panic", f"L1 kernel panic during this test: {PANIC.strip()}",
+                              f"$ running the test\n{PANIC}\n")
+
+
+def test_nothing_new_is_no_trouble(make: Any) -> None:
+    guest = make(1, "ready")
+    guests, marks = marked(guest)
+    guest.print("all quiet")
+    assert trouble_since(guests, marks) is None
+
+
+def test_a_problem_before_the_mark_is_ignored(make: Any) -> None:
+    guest = make(1, WARN)
+    guests, marks = marked(guest)
+    assert trouble_since(guests, marks) is None
+
+
+def test_a_problem_before_a_reboot_was_ready_is_ignored(make: Any) -> None:
+    guest = make(1)
+    guests, marks = marked(guest)
+    guest.print("rebooting", WARN)  # the test rebooted the guest; its boot judges this
+    guest.console_ready = guest.console.size()
+    assert trouble_since(guests, marks) is None
+
+
+def test_a_guest_stopped_on_purpose_is_ignored(make: Any) -> None:
+    guest = make(1)
+    guests, marks = marked(guest)
+    guest.print(PANIC)
+    guest.process.status, guest.stopped_on_purpose = 0, True
+    assert trouble_since(guests, marks) is None
+
+
+@pytest.mark.parametrize(
+    ("events", "kind", "source"),
+    [([{"event": "SHUTDOWN", "data": {"reason": "guest-reset"}}, {"event": "GUEST_PANICKED"}],
+      "kernel panic", "QMP GUEST_PANICKED"),
+     ([{"event": "SHUTDOWN", "data": {"reason": "guest-shutdown"}}], "shut down",
+      "QMP SHUTDOWN, reason guest-shutdown")],
+)
+def test_dead_qemu_without_console_problem_is_told_by_qmp_events(
+    make: Any, events: list[dict[str, Any]], kind: str, source: str,
+) -> None:
+    guest = make(1, events=events)
+    guests, marks = marked(guest)
+    guest.process.status = 0
+    trouble = trouble_since(guests, marks)
+    assert trouble is not None
+    assert (trouble.kind, trouble.headline) == (kind, f"L1 {kind} during this test ({source}; QEMU exit status 0)")
+
+
+def test_dead_qemu_with_nothing_else_to_go_on_reports_its_exit_status(make: Any) -> None:
+    guest = make(1)
+    guests, marks = marked(guest)
+    guest.process.status = 1
+    trouble = trouble_since(guests, marks)
+    assert trouble is not None and trouble.kind == "qemu exited"
+    assert trouble.headline == "L1 QEMU exited with status 1 during this test (no panic on its console)"
+
+
+def test_a_running_guest_whose_shell_broke_is_unresponsive(make: Any) -> None:
+    guest = make(1)
+    guests, marks = marked(guest)
+    guest.channel_trouble = "the guest closed the connection"
+    trouble = trouble_since(guests, marks)
+    assert trouble is not None and trouble.kind == "unresponsive"
+    assert trouble.headline == "L1 stopped answering during this test: the guest closed the connection"
+
+
+def test_the_outermost_guest_is_blamed_and_deeper_ones_went_down_with_it(make: Any) -> None:
+    l1, l2 = make(1), make(2)
+    l2.parent = l1
+    guests, marks = marked(l1, l2)
+    l2.print(WARN)
+    l1.print(PANIC)
+    l1.process.status = 0
+    l2.process.parent_lost = True
+    trouble = trouble_since(guests, marks)
+    assert trouble is not None and trouble.level == 1
+    assert trouble.headline == f"L1 kernel panic during this test: {PANIC.strip()}; L2 went down with it"
+
+
+def test_a_deeper_guests_problem_is_blamed_when_its_parent_is_fine(make: Any) -> None:
+    l1, l2 = make(1), make(2)
+    guests, marks = marked(l1, l2)
+    l2.print(WARN)
+    trouble = trouble_since(guests, marks)
+    assert trouble is not None
+    assert (trouble.level, trouble.kind) == (2, "kernel WARN")
+    assert "went down" not in trouble.headline  # L2's QEMU still runs
+
+
+# -- the public record -------------------------------------------------------------------------
+
+TROUBLE = Trouble(2, "kernel oops", "L2 kernel oops during this test: Oops: 0002", "Oops: 0002\n")
+
+
+def test_trouble_round_trips_through_a_report() -> None:
+    report = pytest.TestReport("t.py::test", ("t.py", 0, "test"), {}, "failed", None, "call")
+    assert trouble_of(report) is None
+    setattr(report, REPORT_ATTRIBUTE, TROUBLE.as_dict())
+    assert TROUBLE.as_dict() == {"level": 2, "kind": "kernel oops", "headline": TROUBLE.headline,
+                                 "console": "Oops: 0002\n"}
+    assert trouble_of(report) == TROUBLE
+
+
+def test_trouble_of_an_item_reads_its_stash(request: pytest.FixtureRequest) -> None:
+    item = request.node
+    assert isinstance(item, pytest.Item)
+    assert trouble_of(item) is None
+    item.stash[TROUBLE_KEY] = TROUBLE
+    assert trouble_of(item) is TROUBLE
+
+
+# -- exit_error --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("line", "panicked"), [(PANIC, True), (WARN, False), ("clean", False)])
+def test_exit_error_fields(make: Any, line: str, panicked: bool) -> None:
+    guest = make(1, line, process=FakeProcess(status=137, said="qemu-system-x86_64: terminating on signal 9"))
+    error = exit_error(guest)
+    assert (error.level, error.exit_status, error.panicked, error.parent_down) == (1, 137, panicked, False)
+    assert str(error).startswith("l1 QEMU exited with status 137 (")
+    assert "QEMU said:\nqemu-system-x86_64: terminating on signal 9" in str(error)
+    assert str(error).endswith(f"last console lines:\nbooting\n{line}")
+
+
+def test_exit_error_sees_a_panic_after_an_earlier_warning(make: Any) -> None:
+    """Every L2 boots with an xstate WARN under nested TCG SVM: a panic after it still counts."""
+    guest = make(1, f"{WARN}\n{PANIC}", process=FakeProcess(status=0))
+    error = exit_error(guest)
+    assert error.panicked
+    assert "WARNING" in str(error).splitlines()[0]
+
+
+def test_exit_error_ignores_problems_of_an_earlier_boot(make: Any) -> None:
+    guest = make(1, PANIC, process=FakeProcess(status=0))
+    guest.console_start = guest.console.size()
+    error = exit_error(guest)
+    assert not error.panicked
+    assert "(no kernel panic on the console)" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("parent_state", "why"),
+    [({"process": FakeProcess(status=137)}, "l1 QEMU exited with status 137"),
+     ({"channel_trouble": "the guest closed the connection"}, "the guest closed the connection"),
+     ({"boots": 2}, "l1 was restarted (boot 2)")],
+)
+def test_exit_error_of_a_guest_whose_parent_went_down(make: Any, parent_state: dict[str, Any], why: str) -> None:
+    parent = make(1, **parent_state)
+    guest = make(2, process=FakeProcess(parent_lost=True), parent=parent)
+    error = exit_error(guest)
+    assert (error.level, error.exit_status, error.parent_down, error.panicked) == (2, None, True, False)
+    assert str(error).startswith(f"l2 went down with its parent: {why}")
+

@@ -1,0 +1,197 @@
+"""Unit tests for plan.py: settings + host report + hooks -> GuestSpec and skip reason per level (pure)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pytest_nestedkvm import plan
+from pytest_nestedkvm.errors import ConfigError, HostError
+from pytest_nestedkvm.host import HostReport, QemuInfo
+from pytest_nestedkvm.plan import BootFiles, builtin_spec, seed_levels, skip_reason, spec_for, timeouts
+from pytest_nestedkvm.qemu import GuestSpec
+from pytest_nestedkvm.settings import Settings
+
+QEMU = QemuInfo(binary="/usr/bin/qemu-system-x86_64", version="8.2.2")
+FIX = "load kvm_amd with nested=1"
+# Outside every tmpfs a guest mounts (/tmp, /run, ...): deeper levels can read it. Never opened here.
+KERNEL = Path("/home/nk/.cache/nestedkvm/vmlinux")
+INITRD = Path("/home/nk/.cache/nestedkvm/initrd.img")
+FIRMWARE = Path("/usr/share/qemu/qboot.rom")
+FILES = BootFiles(kernel=KERNEL, initrd=INITRD, firmware=FIRMWARE, seeds={})
+
+
+def host(accel: str = "kvm", cpu: str = "host", *, qemu: QemuInfo | None = QEMU, nesting: bool = True) -> HostReport:
+    return HostReport(
+        arch="x86_64", vendor="amd", virt_flags=("svm",) if accel == "kvm" else (), in_vm=False,
+        kvm_device=accel == "kvm", kvm_openable=accel == "kvm", kvm_backend="kvm_amd" if accel == "kvm" else None,
+        kvm_usable=accel == "kvm", nested=nesting, accel=accel, cpu=cpu, qemu=qemu,  # type: ignore[arg-type]
+        reasons=[], nesting_possible=nesting, nesting_fix=None if nesting else FIX,
+    )
+
+
+def settings(**cli: str) -> Settings:
+    return Settings.from_sources(cli, env={})
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.qcow2"
+    path.write_bytes(b"QFI\xfb" + bytes(508))
+    return path
+
+
+# -- skip_reason -------------------------------------------------------------------------------
+
+
+def test_level_above_nested_levels_is_skipped_with_the_exact_flag() -> None:
+    reason = skip_reason(2, settings(levels="1"), host())
+    assert reason == "needs L2, but this session provides up to L1 (run with --nested-levels=2)"
+
+
+def test_missing_qemu_skips_every_level() -> None:
+    assert skip_reason(1, settings(), host(qemu=None)) == "QEMU not found: apt-get install qemu-system-x86"
+
+
+def test_impossible_nesting_skips_l2_but_not_l1() -> None:
+    report = host(accel="tcg", cpu="max", nesting=False)
+    assert skip_reason(1, settings(levels="2"), report) is None
+    reason = skip_reason(2, settings(levels="2"), report)
+    assert reason is not None
+    assert reason.startswith("L2 needs nested virtualization") and reason.endswith(FIX)
+
+
+def test_levels_deeper_than_a_user_image_are_skipped(image: Path) -> None:
+    l1 = settings(levels="2", l1_image=str(image))
+    assert skip_reason(1, l1, host()) is None
+    assert "L2 inside a --nested-l1-image is not supported yet" in (skip_reason(2, l1, host()) or "")
+    l2 = settings(levels="3", l2_image=str(image))
+    assert skip_reason(2, l2, host()) is None
+    assert "L3 inside a --nested-l2-image is not supported yet" in (skip_reason(3, l2, host()) or "")
+
+
+def test_everything_present_means_no_skip() -> None:
+    assert skip_reason(2, settings(levels="2"), host()) is None
+
+
+# -- builtin_spec ------------------------------------------------------------------------------
+
+
+def per_level_settings() -> Settings:
+    return settings(levels="2", memory="1024,512", smp="3,2", qemu_args="-device virtio-rng-pci",
+                    l2_qemu_args="-d guest_errors", append="quiet")
+
+
+def test_l1_builtin_spec_follows_report_settings_and_boot_files() -> None:
+    spec = builtin_spec(1, per_level_settings(), host(accel="tcg", cpu="max"), FILES)
+    assert (spec.level, spec.qemu, spec.accel, spec.cpu) == (1, QEMU.binary, "tcg", "max")
+    assert (spec.memory_mib, spec.smp, spec.extra_args) == (1024, 3, ("-device", "virtio-rng-pci"))
+    assert (spec.kernel, spec.initrd, spec.firmware) == (KERNEL, INITRD, FIRMWARE)
+    assert (spec.append, spec.share_root, spec.deepest, spec.disks) == ("quiet", Path("/"), 2, ())
+    assert spec.channel == "agent"
+
+
+def test_l2_builtin_spec_runs_on_kvm_with_cpu_host_even_under_tcg() -> None:
+    spec = builtin_spec(2, per_level_settings(), host(accel="tcg", cpu="max"), FILES)
+    assert (spec.level, spec.accel, spec.cpu) == (2, "kvm", "host")
+    assert (spec.memory_mib, spec.smp, spec.extra_args) == (512, 2, ("-d", "guest_errors"))
+    assert (spec.kernel, spec.initrd, spec.share_root, spec.deepest) == (KERNEL, INITRD, Path("/"), 2)
+
+
+def test_l2_cpu_option_sets_the_cpu_of_l2_only() -> None:
+    chosen = settings(levels="2", l2_cpu="qemu64,+svm")
+    assert builtin_spec(2, chosen, host(), FILES).cpu == "qemu64,+svm"
+    assert builtin_spec(1, chosen, host(), FILES).cpu == "host"
+
+
+def test_l2_refuses_an_initrd_under_tmp() -> None:
+    files = dataclasses.replace(FILES, initrd=Path("/tmp/nk/initrd.img"))
+    with pytest.raises(HostError, match="under /tmp"):
+        builtin_spec(2, settings(levels="2"), host(), files)
+    assert builtin_spec(1, settings(levels="2"), host(), files).initrd == Path("/tmp/nk/initrd.img")
+
+
+def test_l1_holds_the_l2_image_and_its_seed_as_disks(image: Path, tmp_path: Path) -> None:
+    seed = tmp_path / "seed-l2.iso"
+    chosen = settings(levels="2", l2_image=str(image))
+    files = dataclasses.replace(FILES, seeds={2: seed})
+    l1 = builtin_spec(1, chosen, host(), files)
+    assert l1.disks == (image, seed)
+    assert l1.channel == "agent"
+    l2 = builtin_spec(2, chosen, host(), files)
+    assert l2.disks == plan.L2_IMAGE_DISKS == (Path("/dev/vda"), Path("/dev/vdb"))
+    assert (l2.channel, l2.login, l2.kernel) == ("ssh", None, None)
+
+
+def test_l1_image_with_cloud_init_uses_ssh_and_its_seed(image: Path, tmp_path: Path) -> None:
+    seed = tmp_path / "seed-l1.iso"
+    files = BootFiles(kernel=None, initrd=None, firmware=None, seeds={1: seed})
+    spec = builtin_spec(1, settings(l1_image=str(image)), host(), files)
+    assert (spec.channel, spec.disks, spec.login) == ("ssh", (image, seed), None)
+    assert (spec.kernel, spec.share_root) == (None, None)
+
+
+def test_l1_image_with_login_uses_serial_and_no_seed(image: Path) -> None:
+    files = BootFiles(kernel=None, initrd=None, firmware=None, seeds={})
+    spec = builtin_spec(1, settings(l1_image=str(image), login="tester:secret"), host(), files)
+    assert (spec.channel, spec.disks, spec.login) == ("serial", (image,), ("tester", "secret"))
+
+
+@pytest.mark.parametrize(
+    ("options", "levels"),
+    [({}, ()), ({"l1_image": ""}, (1,)), ({"l1_image": "", "login": "u:p"}, ()),
+     ({"l2_image": "", "levels": "2"}, (2,)), ({"l2_image": "", "levels": "1"}, ())],
+    ids=["builtin", "l1-image", "l1-image-login", "l2-image", "l2-image-unused"],
+)
+def test_seed_levels(image: Path, options: dict[str, str], levels: tuple[int, ...]) -> None:
+    cli = {key: value or str(image) for key, value in options.items()}
+    assert seed_levels(settings(**cli)) == levels
+
+
+# -- spec_for (the guest_spec hooks) -----------------------------------------------------------
+
+
+def test_spec_for_applies_the_hooks_edit() -> None:
+    seen: list[GuestSpec] = []
+
+    def hook(level: int, spec: GuestSpec) -> GuestSpec:
+        seen.append(spec)
+        return dataclasses.replace(spec, memory_mib=777)
+
+    spec = spec_for(1, settings(), host(), FILES, hook)
+    assert spec.memory_mib == 777
+    assert seen == [builtin_spec(1, settings(), host(), FILES)]
+
+
+@pytest.mark.parametrize("returned", ["not a spec", None, "other level"])
+def test_spec_for_rejects_a_hook_result_that_is_not_a_guest_spec_for_its_level(returned: str | None) -> None:
+    def hook(level: int, spec: GuestSpec) -> GuestSpec:
+        if returned == "other level":
+            return dataclasses.replace(spec, level=level + 1)
+        return returned  # type: ignore[return-value]
+
+    with pytest.raises(ConfigError, match=r"pytest_nestedkvm_guest_spec returned .* for L1"):
+        spec_for(1, settings(), host(), FILES, hook)
+
+
+# -- timeouts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("accel", "level", "channel", "expected"),
+    [("kvm", 1, "agent", (30.0, 60.0)), ("tcg", 1, "agent", (90.0, 120.0)), ("kvm", 2, "agent", (60.0, 120.0)),
+     ("tcg", 2, "agent", (180.0, 240.0)), ("kvm", 1, "ssh", (120.0, 60.0)), ("tcg", 1, "serial", (360.0, 120.0))],
+)
+def test_timeouts_scale_with_accel_level_and_channel_kind(
+    accel: str, level: int, channel: str, expected: tuple[float, float],
+) -> None:
+    spec = GuestSpec(level=level, qemu=QEMU.binary, accel="kvm", cpu="host", memory_mib=512, smp=1,
+                     channel=channel)  # type: ignore[arg-type]
+    assert timeouts(spec, settings(), host(accel=accel)) == expected
+
+
+def test_users_timeouts_win() -> None:
+    spec = builtin_spec(2, settings(levels="2"), host(accel="tcg"), FILES)
+    assert timeouts(spec, settings(boot_timeout="7", command_timeout="9.5"), host(accel="tcg")) == (7.0, 9.5)
