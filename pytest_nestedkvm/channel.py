@@ -8,17 +8,16 @@ nonce:
 
     \\n@@NK<nonce>:S\\n <stdout bytes> \\n@@NK<nonce>:E\\n <stderr bytes> \\n@@NK<nonce>:X <status>\\n
 
-Bytes before the start marker (late output of an earlier command, messages of
-the shell itself) are dropped. A command runs in a subshell (its `exit`, `cd`
-and `set` stay there) with stdin from /dev/null, no positional parameters and
-no variable holding the nonce, so it cannot forge a marker. Its stdout and
-stderr are spooled to files under $TMPDIR created afresh for each command (new
-names, so new inodes), and the reply is sent when the command has ended: a
-background job it left behind writes into its own command's files, never into
-a later reply. `true` costs one fork and two file creations, no exec: a file
-is only sent (`cat`) and emptied when non-empty, and the spool files are removed
-every 64 commands. What a command killed after a timeout (`interrupt`) printed
-is still sent by the shell; without `interrupt` it is lost with the channel.
+Bytes before the start marker (late output of an earlier command's background
+job, messages of the shell itself) are dropped. A command runs in a subshell (its
+`exit`, `cd` and `set` stay there) with stdin from /dev/null, no positional
+parameters and no variable holding the nonce, so it cannot forge a marker. stdout
+goes straight to the stream; stderr is spooled to a file created afresh for each
+command (a new inode: a job left behind writes into its own command's file, never
+into a later reply's stderr) and sent after the first marker. `true` costs one
+fork, no exec. (Spooling stdout as well would also keep a job's stdout out of a
+command that runs while the job prints, but its `cat` doubled the latency of
+small commands under TCG: start background jobs with their output redirected.)
 """
 
 from __future__ import annotations
@@ -60,11 +59,10 @@ __nk() {
   __nk_i=$((__nk_i + 1))
   if [ "$__nk_i" -gt 64 ]; then rm -f "$__nk_d"/*; __nk_i=1; fi
   [ -d "$__nk_d" ] || mkdir -p -m 700 "$__nk_d"
-  __nk_o=$__nk_d/o$__nk_i; __nk_e=$__nk_d/e$__nk_i
-  ( __nk_c=$2; set --; eval "$__nk_c" ) </dev/null >"$__nk_o" 2>"$__nk_e"
-  __nk_s=$?
+  __nk_e=$__nk_d/e$__nk_i
   printf '\n@@NK%s:S\n' "$1"
-  [ -s "$__nk_o" ] && cat "$__nk_o" && : >"$__nk_o"
+  ( __nk_c=$2; set --; eval "$__nk_c" ) </dev/null 2>"$__nk_e"
+  __nk_s=$?
   printf '\n@@NK%s:E\n' "$1"
   [ -s "$__nk_e" ] && cat "$__nk_e" && : >"$__nk_e"
   printf '\n@@NK%s:X %d\n' "$1" "$__nk_s"
