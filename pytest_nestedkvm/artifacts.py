@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import NestedKvmError
 from .forensics import ConsoleMark
 from .qemu import shell_line
 
@@ -17,8 +18,21 @@ if TYPE_CHECKING:
     from .guest import Guest
 
 
+SECTION = "nestedkvm artifacts"
+
+
 def directory_for(root: Path, nodeid: str) -> Path:
     return root / re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")
+
+
+def report_section(root: Path, nodeid: str, guests: dict[int, Guest], marks: dict[int, ConsoleMark]) -> tuple[str, str]:
+    """Save a failed test's artifacts under `root`; the report section saying where, or why they could not
+    be saved (a full disk or an unwritable directory must never hide the test's own result)."""
+    directory = directory_for(root, nodeid)
+    try:
+        return SECTION, str(save(directory, guests, marks))
+    except (OSError, NestedKvmError) as exc:
+        return SECTION, f"artifacts could not be saved in {directory}: {exc}"
 
 
 def save(directory: Path, guests: dict[int, Guest], marks: dict[int, ConsoleMark]) -> Path:

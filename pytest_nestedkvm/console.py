@@ -3,13 +3,18 @@ and, for disk images without cloud-init, a login on it (pexpect)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pexpect.fdpexpect
+
+from .deadline import Deadline, retry
 
 # Lines that mean the kernel under test is in trouble (panic, oops, BUG, KVM WARN).
 PROBLEM = re.compile(
@@ -61,6 +66,48 @@ class Console:
             return None
         match = pattern.search(data)
         return match.group(0).decode("utf-8", "replace").strip() if match else None
+
+
+class ConsoleRecorder:
+    """Copies a console stream into its log file, up to `limit` bytes; past that one line says
+    so and the rest is read and dropped (a guest printing in a loop cannot fill L0's disk)."""
+
+    def __init__(self, stream: socket.socket, path: Path, limit: int) -> None:
+        self.stream, self.path, self.limit = stream, path, limit
+        self.last_byte = time.monotonic()
+        self.thread = threading.Thread(target=self._copy, name=f"nestedkvm-console-{path.parent.name}", daemon=True)
+        self.thread.start()
+
+    def _copy(self) -> None:
+        with self.path.open("ab") as log:
+            written = log.tell()
+            while True:
+                try:
+                    chunk = self.stream.recv(1 << 16)
+                except OSError:
+                    return  # closed by the link
+                if not chunk:
+                    return
+                self.last_byte = time.monotonic()
+                if written < self.limit:
+                    kept = chunk[: self.limit - written]
+                    log.write(kept)
+                    written += len(kept)
+                    if written >= self.limit:
+                        log.write(f"\n[nestedkvm: console output beyond {self.limit >> 20} MiB dropped "
+                                  "(--nested-console-limit)]\n".encode())
+                    log.flush()
+
+    def settle(self, quiet: float = 0.1, at_most: float = 1.0) -> None:
+        """Wait until the stream ended or was quiet for `quiet` s: what was sent is in the file."""
+        def settled() -> bool:
+            if not self.thread.is_alive():
+                return True
+            waiting = select.select([self.stream], [], [], 0)[0]
+            return not waiting and time.monotonic() - self.last_byte >= quiet
+
+        with contextlib.suppress(TimeoutError):
+            retry("console output settling", settled, Deadline.after(at_most), interval=0.02)
 
 
 # After the login: a raw, echo-less terminal (bytes pass unchanged both ways) and a

@@ -81,6 +81,8 @@ def trouble_since(guests: dict[int, Guest], marks: dict[int, ConsoleMark]) -> Tr
         guest = guests[level]
         if guest.stopped_on_purpose:
             continue  # the test (or the plugin, for nested_fresh) stopped it
+        if not guest.alive:
+            guest.link.settle_console(level)  # its last words are on their way to the file
         since = max(at.console, guest.console_ready)  # a reboot inside the test starts a new boot log
         problem = guest.console.first_problem(since)
         if problem is None and guest.alive:
@@ -129,9 +131,10 @@ def exit_error(guest: Guest) -> GuestCrashed:
                else parent.channel_trouble or f"{parent.name} was restarted (boot {parent.boots})")
         return GuestCrashed(f"{guest.name} went down with its parent: {why}", level=guest.level, parent_down=True)
     status = guest.process.exit_status()
+    guest.link.settle_console(guest.level)
     problem = guest.console.first_problem(guest.console_start)
     what = f"kernel problem: {problem}" if problem else "no kernel panic on the console"
-    qemu_said = guest.process.output(5)
+    qemu_said = _qemu_said(guest)
     return GuestCrashed(
         f"{guest.name} QEMU exited with status {status} ({what})"
         + (f"\nQEMU said:\n{qemu_said}" if qemu_said else "")
@@ -148,7 +151,8 @@ def boot_error(guest: Guest, exc: NestedKvmError | TimeoutError, deadline: Deadl
         # A closed channel usually means QEMU is exiting: give it a moment to be reaped.
         with contextlib.suppress(TimeoutError):
             retry("QEMU exit", guest.exited, deadline.share(CLOSE_GRACE), interval=0.1)
-            exc = exit_error(guest)
+    if not isinstance(exc, GuestCrashed) and guest.exited():
+        exc = exit_error(guest)  # whatever the wait saw, a QEMU that is gone says why
     if isinstance(exc, GuestCrashed):
         why: BootEnd = "parent_down" if exc.parent_down else (
             "reset" if exc.exit_status == 0 and not exc.panicked else "crashed")
@@ -161,13 +165,19 @@ def boot_error(guest: Guest, exc: NestedKvmError | TimeoutError, deadline: Deadl
                 "console instead.")
         return BootError(f"{exc}{hint}{tail}", level=guest.level, why="ssh")
     what = str(exc) if isinstance(exc, TimeoutError) else "its command channel never answered"
-    qemu_said = guest.process.output(5)
+    qemu_said = _qemu_said(guest)
     return BootError(
         f"{guest.name} did not boot within {guest.boot_timeout:g} s: {what} "
         "(raise --nested-boot-timeout if the host is just slow)"
         + (f"\nQEMU said:\n{qemu_said}" if qemu_said else "") + tail,
         level=guest.level, why="timeout",
     )
+
+
+def _qemu_said(guest: Guest) -> str:
+    """QEMU's last words, without its note that it waited for the console reader (wait=on)."""
+    lines = guest.process.output(8).splitlines()
+    return "\n".join([line for line in lines if "QEMU waiting for connection" not in line][-5:])
 
 
 def _tag_kernel_log(guest: Guest, number: int) -> str | None:

@@ -26,8 +26,8 @@ from .errors import (
     SshError,
 )
 from .layout import PORT_DIR
-from .link import HostLink, Link, ParentLink
-from .process import HostProcess, ProcessInGuest
+from .link import DEFAULT_CONSOLE_LIMIT, HostLink, Link, ParentLink
+from .process import QEMU_ENV, HostProcess, ProcessInGuest
 from .qemu import SSH_GUEST_PORT, GuestSpec, build_argv, shell_line
 from .qmp import Qmp
 from .ssh import SessionKey
@@ -65,7 +65,7 @@ class Guest:
         self.log.info("starting: %s", shell_line(self.qemu_argv))
         try:
             self.link.prepare()
-            self.process.start(self.qemu_argv)
+            self.process.start(self.qemu_argv, QEMU_ENV)
             self.link.after_start(deadline, self._check_alive)
             self.channel.open(deadline)
             self._monitor(deadline)  # from here on, crash events are kept
@@ -182,7 +182,8 @@ class Guest:
         ssh.put(self.ssh, Path(local), remote, self.command_timeout)
 
     def get(self, remote: str, local: str | os.PathLike[str]) -> None:
-        """Copy a file out of the guest to L0 over SFTP; bytes and permission bits stay exact."""
+        """Copy a file out of the guest to L0 over SFTP: the bytes exact, the permission bits too
+        except setuid and setgid, which are dropped (a guest never puts a set-id program on L0)."""
         ssh.get(self.ssh, remote, Path(local), self.command_timeout)
 
     # -- commands --------------------------------------------------------------------------
@@ -234,13 +235,15 @@ class Guest:
 def new_guest(
     spec: GuestSpec, run_root: Path, *, parent: Guest | None, boot_timeout: float, command_timeout: float,
     edit_argv: Callable[[list[str]], None] | None = None, ssh_key: SessionKey | None = None,
+    console_limit: int = DEFAULT_CONSOLE_LIMIT,
 ) -> Guest:
     """The guest for `spec`: on the host (L1) or inside `parent`, with its QEMU argv as the user's
     pytest_nestedkvm_qemu_argv hooks leave it."""
     link: Link
     process: HostProcess | ProcessInGuest
     if parent is None:
-        link = HostLink(run_root, spec.deepest)
+        link = HostLink(run_root, spec.deepest, console_limit=console_limit,
+                        l1_console=channel_class(spec.channel).console_role == "console")
         process = HostProcess(run_root / "l1" / "qemu.log")
     else:
         link = ParentLink(parent.link, spec.level)

@@ -26,7 +26,7 @@ from filelock import FileLock
 
 from .errors import HostError
 from .host import HARDWARE_BACKENDS, KVM_MODULE_BY_FLAG
-from .layout import COMMAND_PORT, CONTROL_PORT, PORT_DIR, ROOT_TAG, TMPFS_DIRS
+from .layout import COMMAND_PORT, CONTROL_PORT, PORT_DIR
 
 FORMAT_VERSION = "1"
 # Drivers the guest cannot boot without, and ones it uses when the kernel has them.
@@ -114,22 +114,22 @@ def boot_image(kernel: Kernel, cache: Path | None = None) -> Path:
 
     QEMU starts a PVH vmlinux directly; under TCG this skips ~3 s of the bzImage
     decompressing itself (measured: first console line at 0.4 s instead of 3.8 s).
-    Falls back to the bzImage when it cannot be unpacked or lacks a PVH entry.
+    Falls back to a copy of the bzImage when it cannot be unpacked or lacks a PVH entry.
+    Either way the file is in the cache, which every guest sees (deeper levels boot from it).
     """
     data = kernel.path.read_bytes()
-    if data[:4] == b"\x7fELF":
-        return kernel.path
     cache = cache or cache_dir()
-    target = cache / f"vmlinux-{kernel.release}-{hashlib.sha256(data).hexdigest()[:16]}"
-    if target.exists():
-        return target
-    vmlinux = _unpack_payload(data)
-    if vmlinux is None or not _PVH_NOTE.search(vmlinux):
-        return kernel.path
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    for name in (f"vmlinux-{kernel.release}-{digest}", f"bzImage-{kernel.release}-{digest}"):
+        if (cache / name).exists():
+            return cache / name
+    vmlinux = data if data[:4] == b"\x7fELF" else _unpack_payload(data)
+    pvh = vmlinux is not None and _PVH_NOTE.search(vmlinux) is not None
+    target = cache / (f"vmlinux-{kernel.release}-{digest}" if pvh else f"bzImage-{kernel.release}-{digest}")
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not target.exists():
-            _write_atomically(target, vmlinux)
+            _write_atomically(target, vmlinux if pvh and vmlinux is not None else data)
     return target
 
 
@@ -251,7 +251,6 @@ def init_script(drivers: list[str], kvm: list[str]) -> str:
     def loads(names: list[str]) -> str:
         return "; ".join(f"load {name} {MODULE_PARAMS.get(name, '')}".rstrip() for name in names) or ":"
 
-    tmpfs = " ".join(TMPFS_DIRS)
     vendor_cases = "\n".join(f"    {module}) grep -qw {flag} /proc/cpuinfo ;;"
                              for flag, module in KVM_MODULE_BY_FLAG.items())
     return f"""#!/bin/busybox sh
@@ -275,10 +274,29 @@ load() {{
 }}
 ( {loads(kvm)} ) &
 {loads(drivers)}
+# The root: an empty tmpfs with the host's exports at their own paths (nestedkvm.mount=TAG:PATH,
+# one per read-only 9p export; see view.py), or one export as the whole root (TAG:/).
 mkdir -p /newroot
-mount -t 9p -o {NINEP_OPTIONS} {ROOT_TAG} /newroot || fail "cannot mount the host root over 9p"
-for d in {tmpfs}; do mount -t tmpfs -o mode=1777 tmpfs /newroot$d; done
+ninep() {{ mount -t 9p -o {NINEP_OPTIONS} "$1" "$2" || fail "cannot mount the export $1 at $2 over 9p"; }}
+mounts=; links=
+for arg in $(cat /proc/cmdline); do
+  case $arg in
+    nestedkvm.mount=*:/) rootfs=${{arg#*=}}; rootfs=${{rootfs%:/}}; ninep $rootfs /newroot ;;
+    nestedkvm.mount=*) mounts="$mounts ${{arg#*=}}" ;;
+    nestedkvm.link=*) links="$links ${{arg#*=}}" ;;
+  esac
+done
+[ -n "$rootfs" ] || mount -t tmpfs -o mode=755 tmpfs /newroot
+for d in /proc /sys /dev; do mkdir -p /newroot$d 2>/dev/null; done
+# In the order given, shallower paths first: a tmpfs where the guest writes, else an export.
+for m in $mounts; do
+  tag=${{m%%:*}}; at=/newroot${{m#*:}}
+  mkdir -p "$at" 2>/dev/null
+  if [ "$tag" = tmpfs ]; then mount -t tmpfs -o mode=1777 tmpfs "$at"; else ninep "$tag" "$at"; fi
+done
 chmod 755 /newroot/run
+for l in $links; do ln -s "${{l#*:}}" "/newroot${{l%%:*}}"; done
+[ -n "$rootfs" ] || mount -o remount,ro /newroot
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm

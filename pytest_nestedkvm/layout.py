@@ -3,8 +3,8 @@ must agree on (one definition each)."""
 
 from __future__ import annotations
 
-# The 9p tag of the root the guest mounts.
-ROOT_TAG = "hostroot"
+# The 9p tags of the host's exports are EXPORT_TAG + their number.
+EXPORT_TAG = "nk"
 # virtio-serial port names the init starts a shell on (see channel.py).
 COMMAND_PORT = "nestedkvm.cmd"
 CONTROL_PORT = "nestedkvm.ctl"

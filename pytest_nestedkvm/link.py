@@ -8,6 +8,7 @@ the ones of its level; a nested guest never touches another guest's internals.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import shutil
 import socket
@@ -16,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
+from .console import ConsoleRecorder
 from .deadline import Deadline, retry
 from .qemu import Ends, HostEnds, ParentEnds, RunPaths
 from .qmp import Qmp
@@ -23,6 +25,10 @@ from .qmp import Qmp
 # Streams of a deeper guest that L1's QEMU carries to L0 (its console goes to a file).
 CARRIED_ROLES = ("cmd", "ctl", "qmp")
 Check = Callable[[], None]  # raises when the guest's QEMU died
+DEFAULT_CONSOLE_LIMIT = 64 << 20  # bytes of console log kept per guest
+# Once QEMU greeted, negotiating takes milliseconds; a QEMU inside a guest that dies right after
+# its greeting never closes the stream (the parent's port stays open), so cap that share.
+QMP_NEGOTIATION = 10.0
 
 
 class Link(Protocol):
@@ -40,6 +46,9 @@ class Link(Protocol):
 
     def console_of(self, level: int) -> Path:
         """The console file of the guest at `level` (this one or deeper)."""
+
+    def settle_console(self, level: int) -> None:
+        """Wait briefly until what the guest at `level` printed is in its console file."""
 
     def prepare(self) -> None:
         """Before QEMU starts: a clean place for the streams (bytes of an earlier instance dropped)."""
@@ -63,12 +72,16 @@ class Link(Protocol):
 class HostLink:
     """L1: its QEMU serves unix sockets (and console files) in a private run directory per level."""
 
-    def __init__(self, run_root: Path, deepest: int) -> None:
+    def __init__(self, run_root: Path, deepest: int, *, console_limit: int = DEFAULT_CONSOLE_LIMIT,
+                 l1_console: bool = True) -> None:
         self.level = 1
         self.run_root = run_root
         self.host_ends = HostEnds(run_root)
         self.deepest = deepest
+        self.console_limit = console_limit
+        self.l1_console = l1_console  # False: L1's console is its login socket, logged by QEMU itself
         self._sockets: dict[tuple[int, str], socket.socket] = {}
+        self._recorders: dict[int, ConsoleRecorder] = {}
 
     @property
     def ends(self) -> Ends:
@@ -90,10 +103,20 @@ class HostLink:
             self.paths(level).run_dir.mkdir(mode=0o700, parents=True)
 
     def after_start(self, deadline: Deadline, check: Check) -> None:
-        """Connect the streams of deeper levels now: L1's QEMU serves them from its start."""
+        """Connect the consoles (L1's QEMU waits for its own) and the streams of deeper levels:
+        L1's QEMU serves them from its start."""
+        for level in range(1 if self.l1_console else 2, self.deepest + 1):
+            sock = self._connect(self.paths(level).end("console"), deadline, check)
+            self._sockets[(level, "console")] = sock
+            self._recorders[level] = ConsoleRecorder(sock, self.paths(level).console, self.console_limit)
         for level in range(2, self.deepest + 1):
             for role in CARRIED_ROLES:
                 self._sockets[(level, role)] = self._connect(self.paths(level).end(role), deadline, check)
+
+    def settle_console(self, level: int) -> None:
+        recorder = self._recorders.get(level)
+        if recorder is not None:
+            recorder.settle()
 
     def stream(self, role: str, deadline: Deadline, check: Check) -> socket.socket:
         key = (1, role)
@@ -107,12 +130,17 @@ class HostLink:
     def qmp(self, deadline: Deadline, check: Check) -> Qmp:
         path = self.paths(1).qmp
         retry(f"L1 QMP socket {path}", partial(_checked, check, path.exists), deadline)
-        return Qmp(path, deadline.remaining())
+        return Qmp(path, deadline.share(QMP_NEGOTIATION).remaining())
 
     def close(self, keep_files: bool = False) -> None:
         for sock in self._sockets.values():
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a console recorder blocked in recv()
             sock.close()
         self._sockets.clear()
+        for recorder in self._recorders.values():
+            recorder.thread.join(1.0)
+        self._recorders.clear()
         if not keep_files:
             self._remove_run_dirs()
 
@@ -122,10 +150,17 @@ class HostLink:
 
     @staticmethod
     def _connect(path: Path, deadline: Deadline, check: Check) -> socket.socket:
-        retry(f"QEMU socket {path}", partial(_checked, check, path.exists), deadline)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(path))
-        return sock
+        def attempt() -> socket.socket | None:
+            check()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(path))  # refused while QEMU has bound the socket but not yet listens
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                return None
+            return sock
+
+        return retry(f"QEMU socket {path}", attempt, deadline)
 
 
 class ParentLink:
@@ -147,6 +182,9 @@ class ParentLink:
     def console_of(self, level: int) -> Path:
         return self.parent.console_of(level)
 
+    def settle_console(self, level: int) -> None:
+        self.parent.settle_console(level)
+
     def prepare(self) -> None:
         for role in CARRIED_ROLES:
             _drain(self.carried(self.level, role))  # bytes left by a previous instance
@@ -164,7 +202,7 @@ class ParentLink:
         # QEMU inside the parent is up once its greeting arrives; connecting before that would block.
         sock = self.carried(self.level, "qmp")
         retry(f"L{self.level} QMP greeting", partial(_checked, check, partial(_readable, sock)), deadline)
-        return Qmp(sock.dup(), deadline.remaining())
+        return Qmp(sock.dup(), deadline.share(QMP_NEGOTIATION).remaining())
 
     def close(self, keep_files: bool = False) -> None:
         return None  # nothing of its own: the sockets stay with L1's link

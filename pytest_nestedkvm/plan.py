@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .channel import channel_class
-from .errors import ConfigError, HostError
+from .errors import ConfigError
 from .host import HostReport
-from .layout import TMPFS_DIRS
 from .qemu import GuestSpec
 from .settings import Settings
+from .view import View
 
 # Seconds to first command. L0's accelerator sets the pace of the whole chain (under
 # TCG every level is emulated), and each level multiplies the cost.
@@ -37,6 +37,7 @@ class BootFiles:
     initrd: Path | None
     firmware: Path | None
     seeds: Mapping[int, Path]
+    view: View | None = None  # what L1 sees of L0; each deeper level sees what its parent sees
 
 
 def skip_reason(level: int, settings: Settings, report: HostReport) -> str | None:
@@ -87,11 +88,10 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
     image = settings.l1_image if level == 1 else settings.l2_image if level == 2 else None
     if image is not None:
         return _image(common, image, settings, files)
-    if level >= 2 and files.initrd is not None:
-        _check_visible_to_guests(files.initrd)
     l2_image_disks = (settings.l2_image, files.seeds[2]) if level == 1 and 2 in files.seeds else ()
     return dataclasses.replace(
-        common, kernel=files.kernel, initrd=files.initrd, append=settings.append, share_root=Path("/"),
+        common, kernel=files.kernel, initrd=files.initrd, append=settings.append,
+        view=files.view if level == 1 or files.view is None else files.view.one_level_down(),
         firmware=files.firmware, deepest=settings.levels, disks=tuple(p for p in l2_image_disks if p is not None),
     )
 
@@ -113,11 +113,3 @@ def timeouts(spec: GuestSpec, settings: Settings, report: HostReport) -> tuple[f
     boot = BOOT_TIMEOUT[report.accel] * spec.level * channel_class(spec.channel).boot_factor
     command = COMMAND_TIMEOUT[report.accel] * spec.level
     return settings.boot_timeout or boot, settings.command_timeout or command
-
-
-def _check_visible_to_guests(path: Path) -> None:
-    """Deeper levels read boot files through the shared root, where /tmp and /run are hidden."""
-    hidden = next((d for d in TMPFS_DIRS if path.is_relative_to(d)), None)
-    if hidden is not None:
-        raise HostError(f"{path} is under {hidden}, which guests cover with their own tmpfs, so L2 could not "
-                        "boot from it: point XDG_CACHE_HOME somewhere else (e.g. ~/.cache)")

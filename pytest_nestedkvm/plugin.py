@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from . import hookspecs
-from .errors import ConfigError
+from .errors import ConfigError, HostError
 from .fixtures import l0, l1, l2, nested_guest
-from .host import probe
+from .host import HostReport, probe
+from .initramfs import find_kernel
 from .qemu import GuestSpec
 from .session import SESSION_KEY, SESSION_PLUGIN, NestedSession
 from .settings import OPTIONS, Settings
@@ -53,24 +54,39 @@ def pytest_configure(config: pytest.Config) -> None:
 def configured_settings(config: pytest.Config) -> Settings:
     """The settings, validated once; any bad value is a UsageError that names its source.
 
-    The host is read here (files only, no process) so that an accelerator or CPU model the
-    host contradicts is refused before any test runs.
+    The host is read here (files only, no process) so that an accelerator, CPU model, vCPU
+    count or memory size the host or the kernel contradicts is refused before any test runs.
     """
+    host_cpus = len(os.sched_getaffinity(0))
     try:
         settings = Settings.from_sources(
             {o.name: config.getoption(o.dest) for o in OPTIONS},
             ini={o.name: str(config.getini(o.ini)) for o in OPTIONS},
-            host_memory_mib=_host_memory_mib(), host_cpus=len(os.sched_getaffinity(0)),
+            host_memory_mib=_host_memory_mib(), host_cpus=host_cpus,
         )
-        try:
-            probe(accel=settings.accel, cpu=settings.cpu)
-        except ConfigError as exc:  # the plan contradicts the accelerator or CPU the user asked for
-            culprit = exc.option or "accel"
-            raise ConfigError(f"--nested-{culprit}={getattr(settings, culprit)} (from "
-                              f"{settings.describe_source(culprit)}): {exc}", option=culprit) from None
+        report = _host_plan(settings)
+        settings.check_host_plan(accel=report.accel, host_cpus=host_cpus, default_kernel=_default_kernel)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     return settings
+
+
+def _host_plan(settings: Settings) -> HostReport:
+    try:
+        return probe(accel=settings.accel, cpu=settings.cpu)
+    except ConfigError as exc:  # the plan contradicts the accelerator or CPU the user asked for
+        culprit = exc.option or "accel"
+        raise ConfigError(f"--nested-{culprit}={getattr(settings, culprit)} (from "
+                          f"{settings.describe_source(culprit)}): {exc}", option=culprit) from None
+
+
+def _default_kernel() -> Path | None:
+    """The kernel the built-in guest boots without --nested-kernel (reads /boot only); None when
+    there is none, which is reported when a guest is wanted."""
+    try:
+        return find_kernel().path
+    except HostError:
+        return None
 
 
 def _host_memory_mib() -> int | None:

@@ -40,6 +40,8 @@ from .deadline import Deadline, retry
 log = logging.getLogger(__name__)
 
 SETPRIV = "setpriv"
+# QEMU's whole environment, at every level: nothing of pytest's (tokens, keys) reaches it or a guest.
+QEMU_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 @dataclass

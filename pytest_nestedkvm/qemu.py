@@ -13,7 +13,8 @@ from typing import Protocol
 
 from .channel import ChannelKind, channel_class
 from .host import Accel
-from .layout import COMMAND_PORT, CONTROL_PORT, PORT_DIR, ROOT_TAG
+from .layout import COMMAND_PORT, CONTROL_PORT, EXPORT_TAG, PORT_DIR, TMPFS_DIRS
+from .view import Export, View
 
 # Kernel arguments of the built-in guest. panic=-1 + -no-reboot: a panic ends QEMU.
 # The i8042 ones skip probing a keyboard controller nobody uses; pci=noearly skips the
@@ -44,7 +45,8 @@ class GuestSpec:
     kernel: Path | None = None
     initrd: Path | None = None
     append: str = ""
-    share_root: Path | None = None  # exported read-only over 9p as the guest's root
+    view: View | None = None  # what the built-in guest sees of its host (view.py), each part read-only over 9p
+    share_root: Path | None = None  # deprecated (0.1): exported whole as the guest's root; use `view`
     disks: tuple[Path, ...] = ()  # always attached with -snapshot
     firmware: Path | None = None
     deepest: int = 1  # the deepest level of the chain: this QEMU carries the streams of levels below
@@ -58,6 +60,24 @@ class GuestSpec:
     def name(self) -> str:
         return f"l{self.level}"
 
+    @property
+    def exports(self) -> tuple[Export, ...]:
+        """The host directories this guest gets, each a read-only 9p export."""
+        if self.share_root is not None:
+            return (Export(self.share_root, Path("/")),)
+        return () if self.view is None else self.view.exports
+
+    def view_args(self) -> list[str]:
+        """Kernel arguments that tell the built-in guest's init what to mount where, in order
+        (shallower paths first, so a share under /tmp lands on the guest's tmpfs and a tmpfs
+        under a shared /var covers it), and which links to make in its root."""
+        mounts = [(e.target, f"{EXPORT_TAG}{index}") for index, e in enumerate(self.exports)]
+        mounts += [(Path(d), "tmpfs") for d in TMPFS_DIRS]
+        mounts.sort(key=lambda mount: len(mount[0].parts))
+        links = [] if self.view is None or self.share_root is not None else self.view.links
+        return [*(f"nestedkvm.mount={tag}:{path}" for path, tag in mounts),
+                *(f"nestedkvm.link={path}:{target}" for path, target in links)]
+
 
 @dataclass(frozen=True)
 class RunPaths:
@@ -70,7 +90,7 @@ class RunPaths:
     run_dir: Path
 
     def end(self, role: str) -> Path:
-        return self.run_dir / ("console.log" if role == "console" else f"{role}.sock")
+        return self.run_dir / f"{role}.sock"
 
     @property
     def serial(self) -> Path:
@@ -82,7 +102,8 @@ class RunPaths:
 
     @property
     def console(self) -> Path:
-        return self.end("console")
+        """The console log, written by the plugin from the console socket (bounded, see console.py)."""
+        return self.run_dir / "console.log"
 
 
 # The byte streams of a guest: its two shells, its serial console and its QMP monitor.
@@ -102,7 +123,7 @@ class Ends(Protocol):
 
 @dataclass(frozen=True)
 class HostEnds:
-    """For L1's QEMU: every stream ends on L0, as a unix socket or a log file."""
+    """For L1's QEMU: every stream ends on L0 as a unix socket in the level's run directory."""
 
     run_root: Path
 
@@ -111,8 +132,8 @@ class HostEnds:
 
     def chardev(self, level: int, role: str) -> str:
         paths = self.paths(level)
-        if role == "console":
-            return f"file,path={paths.console}"
+        if role == "console":  # L1's QEMU waits for the plugin's console reader: no boot line is lost
+            return f"socket,path={paths.end(role)},server=on,wait={'on' if level == 1 else 'off'}"
         if role == "serial":  # a console to log in on: a socket, and everything it prints still logged
             return f"socket,path={paths.serial},server=on,wait=off,logfile={paths.console}"
         return f"socket,path={paths.end(role)},server=on,wait=off"
@@ -165,7 +186,7 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
         if spec.initrd is not None:
             argv += ["-initrd", str(spec.initrd)]
         append = " ".join(filter(None, (BASE_APPEND, boot_loglevel(spec.level), f"nestedkvm.ports={len(ports)}",
-                                        spec.append)))
+                                        *spec.view_args(), spec.append)))
         argv += ["-append", append]
     argv += ["-chardev", f"{ends.chardev(spec.level, kind.console_role)},id=console", "-serial", "chardev:console",
              "-chardev", f"{ends.chardev(spec.level, 'qmp')},id=qmp", "-mon", "chardev=qmp,mode=control"]
@@ -174,9 +195,9 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
     for index, (level, role, name) in enumerate(ports):
         argv += ["-chardev", f"{ends.chardev(level, role)},id=port{index}",
                  "-device", f"virtserialport,bus=vser.0,chardev=port{index},name={name}"]
-    if spec.share_root is not None:
-        argv += ["-fsdev", f"local,id=root,path={spec.share_root},security_model=none,readonly=on,multidevs=remap",
-                 "-device", f"virtio-9p-pci,fsdev=root,mount_tag={ROOT_TAG}"]
+    for index, export in enumerate(spec.exports):
+        argv += ["-fsdev", f"local,id=fs{index},path={export.source},security_model=none,readonly=on,multidevs=remap",
+                 "-device", f"virtio-9p-pci,fsdev=fs{index},mount_tag={EXPORT_TAG}{index}"]
     for index, disk in enumerate(spec.disks):
         argv += ["-drive", f"file={disk},if=virtio,index={index},media=disk"]
     argv += ["-device", "pvpanic-pci", "-nic", USER_NIC, "-snapshot", *spec.extra_args]

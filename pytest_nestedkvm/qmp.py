@@ -31,7 +31,7 @@ class Qmp:
         try:
             self._qmp.connect_within(timeout)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"QMP did not answer within {timeout:g} s") from None
+            raise TimeoutError(f"QMP did not answer within {timeout:.1f} s") from None
         self._qmp.settimeout(timeout)
 
     def command(self, name: str, **arguments: Any) -> Any:

@@ -9,12 +9,15 @@ so `pytest --help`, `--collect-only` and sessions without guest tests start no p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import platform
 import pwd
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,11 +30,12 @@ from .errors import NestedKvmError
 from .forensics import ConsoleMark
 from .guest import Guest, new_guest
 from .host import HARDWARE_BACKENDS, HostReport, enable_nested, find_qemu, probe
-from .initramfs import boot_image, build_initramfs, find_kernel
+from .initramfs import boot_image, build_initramfs, cache_dir, find_kernel
 from .pool import GuestPool, LifecycleHooks
 from .qemu import QBOOT, GuestSpec
 from .settings import Settings
 from .ssh import SessionKey, make_session_key
+from .view import build_view, copy_etc, python_dirs
 
 T = TypeVar("T")
 SESSION_PLUGIN = "nestedkvm-session"
@@ -69,6 +73,7 @@ class NestedSession:
     @functools.cached_property
     def run_root(self) -> Path:
         _remove_stale_run_dirs()
+        _interrupt_on_sigterm()
         # 0700, private to this process; the pid in the name lets a later session clean up after a SIGKILL.
         return Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
 
@@ -85,8 +90,15 @@ class NestedSession:
         if self.settings.l1_image is not None:  # a disk image boots its own kernel
             return plan.BootFiles(kernel=None, initrd=None, firmware=None, seeds=seeds)
         kernel = find_kernel(self.settings.kernel, self.settings.modules)
-        return plan.BootFiles(kernel=boot_image(kernel), initrd=build_initramfs(kernel),
-                              firmware=QBOOT if QBOOT.is_file() else None, seeds=seeds)
+        files = plan.BootFiles(kernel=boot_image(kernel), initrd=build_initramfs(kernel),
+                               firmware=QBOOT if QBOOT.is_file() else None, seeds=seeds)
+        shared = [cache_dir(), self.rootdir, *python_dirs(), *self.settings.share]
+        return dataclasses.replace(files, view=build_view(copy_etc(self.run_root / "etc"), shared))
+
+    @property
+    def rootdir(self) -> Path:
+        """The project under test: pytest's rootdir (the working directory without pytest)."""
+        return Path.cwd() if self.config is None else self.config.rootpath
 
     @functools.cached_property
     def pool(self) -> GuestPool:
@@ -120,7 +132,8 @@ class NestedSession:
                 config.hook.pytest_nestedkvm_qemu_argv(config=config, spec=spec, argv=argv)
 
         return new_guest(spec, self.run_root, parent=parent, boot_timeout=boot_timeout,
-                         command_timeout=command_timeout, edit_argv=edit, ssh_key=self.ssh_key)
+                         command_timeout=command_timeout, edit_argv=edit, ssh_key=self.ssh_key,
+                         console_limit=self.settings.console_limit << 20)
 
     # -- what fixtures and hooks use -------------------------------------------------------
 
@@ -233,8 +246,7 @@ class NestedSession:
             report.longrepr = trouble.headline
             report.sections.append((f"L{trouble.level} console during this test", trouble.console[-20000:]))
         if report.failed and call.when in ("setup", "call") and self.settings.artifacts and self.guests:
-            kept = artifacts.save(artifacts.directory_for(self.settings.artifacts, item.nodeid), self.guests, marks)
-            report.sections.append(("nestedkvm artifacts", str(kept)))
+            report.sections.append(artifacts.report_section(self.settings.artifacts, item.nodeid, self.guests, marks))
         return report
 
     @pytest.hookimpl(wrapper=True)
@@ -267,6 +279,17 @@ def reported(function: Callable[..., T], *args: object) -> T:
     except NestedKvmError as exc:
         error = exc
     pytest.fail(f"{type(error).__name__}: {error}", pytrace=False)
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a CI job cancelled, `timeout`) ends the session as Ctrl-C does: pytest tears down
+    and the session stops its guests and removes the run directory, private key included."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm)
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def _remove_stale_run_dirs() -> None:

@@ -7,6 +7,7 @@ every value once, naming where a bad value came from.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 from collections.abc import Callable, Mapping
@@ -16,8 +17,14 @@ from typing import Any
 
 from .errors import ConfigError
 from .host import ACCELS, AccelChoice
+from .view import unshareable
 
 MAX_LEVELS = 4
+MAX_SECONDS = 86400  # a timeout longer than a day is a typo, not a plan
+# A bzImage unpacks to about 4x its size and the guest needs room to run: measured with the
+# Debian 6.1 kernel (7.9 MiB), 80 MiB panics "System is deadlocked on memory", 96 MiB boots.
+KERNEL_UNPACK_FACTOR = 4
+KERNEL_BASE_MIB = 64
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,10 @@ OPTIONS: tuple[Option, ...] = (
            "under TCG)", "S"),
     Option("artifacts", "keep, per failed test, each guest's console, QEMU command line and new dmesg lines "
            "in DIR/<test id>/", "DIR"),
+    Option("share", "more host directories the built-in guests see, read-only and at the same paths, beside the "
+           "system directories, the project and its Python environment (comma-separated)", "PATH[,PATH...]"),
+    Option("console_limit", "MiB of console log kept per guest on the host; past it one line says that the rest "
+           "was dropped (default 64)", "MIB"),
     Option("enable", "try to reload kvm_intel/kvm_amd with nested=1 when it is off (needs root)", flag=True),
 )
 
@@ -101,6 +112,8 @@ class Settings:
     boot_timeout: float | None = None
     command_timeout: float | None = None
     artifacts: Path | None = None
+    share: tuple[Path, ...] = ()
+    console_limit: int = 64
     enable: bool = False
     l1_smp_default: int = 2  # see from_sources: fewer when xdist workers share the host's cores
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -132,21 +145,45 @@ class Settings:
                 continue
             try:
                 values[option.name] = _PARSERS[option.name](raw)
-            except ValueError as exc:
+            except (ValueError, OSError) as exc:  # OSError: a file the parser reads (kernel, image) cannot be read
                 raise ConfigError(f"{option.cli}={raw!r} (from {source}): {exc}", option=option.name) from None
             sources[option.name] = source
         workers = int(env.get("PYTEST_XDIST_WORKER_COUNT", "") or 1)
         l1_smp_default = max(1, min(2, host_cpus // workers)) if host_cpus else 2
         settings = cls(**values, l1_smp_default=l1_smp_default, sources=sources)
         settings._check_memory(host_memory_mib)
+        settings._check_smp_nesting()
+        settings._check_login()
         return settings
+
+    def check_host_plan(self, *, accel: str, host_cpus: int, default_kernel: Callable[[], Path | None]) -> None:
+        """The checks that need the host's plan and the kernel: L1's vCPUs under TCG, and the memory
+        of each level that boots the built-in guest (`default_kernel` is asked only when needed)."""
+        if self.levels >= 1 and accel == "tcg" and self.smp_for(1) > host_cpus:
+            raise ConfigError(
+                f"{self._given('smp')}: L1 gets {self.smp_for(1)} vCPUs under TCG, but this process may use only "
+                f"{host_cpus} host cores and each TCG vCPU keeps one busy: use --nested-smp={host_cpus} or fewer",
+                option="smp")
+        levels = self.built_in_levels()
+        kernel = (self.kernel or default_kernel()) if levels else None
+        if kernel is not None:
+            self._check_memory_floor(kernel, levels)
+
+    def built_in_levels(self) -> range:
+        """The levels that boot the built-in guest: not a user's disk image, nor anything inside one."""
+        image_level = 1 if self.l1_image else 2 if self.l2_image else MAX_LEVELS + 1
+        return range(1, min(self.levels, image_level - 1) + 1)
 
     def describe_source(self, name: str) -> str:
         return self.sources.get(name, "default")
 
     def memory_for(self, level: int) -> int:
-        """MiB for a guest at `level`: explicit value, else a default that halves with depth."""
-        return _per_level(self.memory, level, lambda lv: max(2048 >> (lv - 1), 256))
+        """MiB for a guest at `level`: explicit value, else a default that halves with depth and is
+        never more than half of what its parent has."""
+        if level <= len(self.memory):
+            return self.memory[level - 1]
+        default = max(2048 >> (level - 1), 256)
+        return default if level == 1 else min(default, self.memory_for(level - 1) // 2)
 
     def cpu_for(self, level: int, host_plan: str) -> str:
         """-cpu for `level`: L1 follows the host plan, deeper levels take all their parent has."""
@@ -159,6 +196,58 @@ class Settings:
 
     def smp_for(self, level: int) -> int:
         return _per_level(self.smp, level, lambda lv: self.l1_smp_default if lv == 1 else 1)
+
+    def _given(self, name: str) -> str:
+        """`--nested-<name>=<value> (from <source>)`, for the start of an error message."""
+        option = OPTION_BY_NAME[name]
+        value = getattr(self, name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        return f"{option.cli}={shown} (from {self.describe_source(name)})"
+
+    def _check_smp_nesting(self) -> None:
+        for level, (outer, inner) in enumerate(zip(self.smp, self.smp[1:], strict=False), start=2):
+            if inner > outer:
+                raise ConfigError(f"{self._given('smp')}: L{level} gets {inner} vCPUs but its parent L{level - 1} has "
+                                  f"only {outer}; give each level at most as many vCPUs as the level that runs it",
+                                  option="smp")
+
+    def _check_login(self) -> None:
+        if self.login is not None and self.l1_image is None:
+            raise ConfigError(
+                f"--nested-login={self.login[0]}:*** (from {self.describe_source('login')}): a serial-console login "
+                "is only used for a --nested-l1-image, and none is set: pass --nested-l1-image PATH too, "
+                "or drop --nested-login", option="login")
+
+    def _check_memory_floor(self, kernel: Path, levels: range) -> None:
+        """Each built-in level gets enough memory to unpack and run `kernel` (deeper levels boot it too)."""
+        try:
+            size_mib = kernel.stat().st_size / (1 << 20)
+        except OSError:
+            return  # reported where the kernel is needed
+        floor = math.ceil(KERNEL_UNPACK_FACTOR * size_mib + KERNEL_BASE_MIB)
+        why = (f"the {floor} MiB kernel {kernel} needs ({size_mib:.1f} MiB, about {KERNEL_UNPACK_FACTOR}x that "
+               f"unpacked, + {KERNEL_BASE_MIB} MiB to run)")
+        given = self._given("memory") if self.memory else (
+            f"--nested-memory (default: {','.join(str(self.memory_for(lv)) for lv in levels)})")
+        for level in levels:
+            mib = self.memory_for(level)
+            if mib >= floor:
+                continue
+            if level <= len(self.memory):
+                raise ConfigError(f"{given}: L{level} gets {mib} MiB, below {why}: give every level at least "
+                                  f"{floor} MiB", option="memory")
+            parent = self.memory_for(level - 1)
+            raise ConfigError(f"{given}: L{level} would get {mib} MiB by default (half of L{level - 1}'s {parent} "
+                              f"MiB), below {why}: {self._memory_fix(level, floor)}", option="memory")
+
+    def _memory_fix(self, level: int, floor: int) -> str:
+        """How to give a defaulted `level` at least `floor` MiB."""
+        parent = self.memory_for(level - 1)
+        more = f"give L{level - 1} at least {2 * floor} MiB"
+        if parent <= floor:
+            return more
+        listed = [str(self.memory_for(lv)) for lv in range(1, level)] + [str(floor)]
+        return f"{more}, or set L{level}'s yourself (e.g. --nested-memory={','.join(listed)})"
 
     def _check_memory(self, host_memory_mib: int | None) -> None:
         if not self.memory:
@@ -242,8 +331,8 @@ def _seconds(raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError("expected a number of seconds") from None
-    if not value > 0:
-        raise ValueError("must be more than 0 seconds")
+    if not 1 <= value <= MAX_SECONDS:  # also refuses nan and inf
+        raise ValueError(f"must be from 1 to {MAX_SECONDS} seconds (one day): give e.g. 600")
     return value
 
 
@@ -256,6 +345,52 @@ def _existing_file(raw: str) -> Path:
     if not os.access(path, os.R_OK):
         raise ValueError(f"{path} is not readable by this user")
     return path.resolve()
+
+
+def _kernel_image(path: Path) -> Path:
+    """A file QEMU can boot with -kernel: a bzImage (setup header "HdrS" at 0x202) or an ELF vmlinux."""
+    with path.open("rb") as f:
+        head = f.read(0x400)
+    if head[0x202:0x206] == b"HdrS" or head[:4] == b"\x7fELF":
+        return path
+    raise ValueError(f"{path} is not a kernel image: it is {_what_is(head)}, with no bzImage header "
+                     "(\"HdrS\" at 0x202) nor ELF magic; pass arch/x86/boot/bzImage (or a /boot/vmlinuz-*)")
+
+
+_MAGICS: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "gzip data (an initramfs?)"), (b"070701", "a cpio archive (an initramfs?)"),
+    (b"\xfd7zXZ", "xz data"), (b"\x28\xb5\x2f\xfd", "zstd data"), (b"QFI\xfb", "a qcow2 disk image"),
+    (b"#!", "a script"),
+)
+
+
+def _what_is(head: bytes) -> str:
+    """A few words on what a file's first bytes look like."""
+    if not head:
+        return "an empty file"
+    for magic, what in _MAGICS:
+        if head.startswith(magic):
+            return what
+    try:
+        text = head[:64].decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(c.isprintable() or c.isspace() for c in text):
+        return f"text ({' '.join(text.split())[:30]!r})"
+    return f"binary data starting {head[:8].hex(' ')}"
+
+
+def _artifacts_dir(raw: str) -> Path:
+    """Where failed tests leave their artifacts: a directory, or a path one can be made at (made later)."""
+    path = Path(raw).expanduser().resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing == path and not path.is_dir():
+        raise ValueError(f"{path} is a file, not a directory: name a directory (it is made when a test fails)")
+    if not existing.is_dir():
+        raise ValueError(f"{existing} is a file, so no directory can be made at {path}: name a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{existing} is not writable by this user: name a directory you can write to")
+    return path
 
 
 def _existing_dir(raw: str) -> Path:
@@ -289,6 +424,20 @@ def _argv(raw: str) -> tuple[str, ...]:
         raise ValueError(f"cannot split into arguments ({exc}): check the quotes") from None
 
 
+def _shares(raw: str) -> tuple[Path, ...]:
+    return tuple(shareable_dir(part) for part in raw.split(",") if part.strip())
+
+
+def shareable_dir(raw: str) -> Path:
+    """A directory a guest may see: it exists, its path fits the kernel command line, and it is
+    not and does not contain a secret location."""
+    path = _existing_dir(raw.strip())
+    reason = unshareable(path)
+    if reason is not None:
+        raise ValueError(f"{path}: {reason}: share another directory")
+    return path
+
+
 def _flag(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -305,7 +454,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "l2_cpu": str.strip,
     "qemu_args": _argv,
     "l2_qemu_args": _argv,
-    "kernel": _existing_file,
+    "kernel": lambda raw: _kernel_image(_existing_file(raw)),
     "modules": _existing_dir,
     "append": str.strip,
     "memory": _int_list(64),
@@ -315,7 +464,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "l2_image": lambda raw: _disk_image(_existing_file(raw)),
     "boot_timeout": _seconds,
     "command_timeout": _seconds,
-    "artifacts": lambda raw: Path(raw).expanduser().resolve(),
+    "artifacts": _artifacts_dir,
+    "share": _shares,
+    "console_limit": _int_in(1, 1 << 20),
     "enable": _flag,
 }
 assert set(_PARSERS) == set(OPTION_BY_NAME), "every option needs a parser"

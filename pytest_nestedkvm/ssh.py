@@ -191,9 +191,9 @@ def put(client: paramiko.SSHClient, local: Path, remote: str, timeout: float) ->
 
 
 def get(client: paramiko.SSHClient, remote: str, local: Path, timeout: float) -> None:
-    """Copy a file out of the guest, bytes and permission bits exact."""
+    """Copy a file out of the guest, bytes and permission bits exact except setuid and setgid,
+    which are dropped: a guest never puts a set-id program on the host."""
     with _sftp(client, timeout) as sftp:
         sftp.get(remote, str(local))
         mode = sftp.stat(remote).st_mode
-    if mode is not None:
-        os.chmod(local, stat.S_IMODE(mode))
+    os.chmod(local, stat.S_IMODE(mode or 0o600) & ~(stat.S_ISUID | stat.S_ISGID))

@@ -26,7 +26,7 @@ def test_boot_timeout_is_an_error_and_kills_qemu(pytester: pytest.Pytester) -> N
 
 def test_missing_kernel_modules_is_a_short_error(pytester: pytest.Pytester, tmp_path) -> None:  # type: ignore[no-untyped-def]
     fake_kernel = tmp_path / "vmlinuz-9.9.9-none"
-    fake_kernel.write_bytes(b"\0" * 1024)
+    fake_kernel.write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 1024)  # a setup header, no version string
     pytester.makepyfile("def test_uses_l1(l1):\n    raise AssertionError('must not run')\n")
     result = pytester.runpytest_subprocess(f"--nested-kernel={fake_kernel}")
     result.assert_outcomes(errors=1)

@@ -139,9 +139,9 @@ ValueTable = dict[str, tuple[Case, Case, Case]]
 
 
 def make_values(base: Path) -> ValueTable:
-    def file(name: str) -> Case:
+    def kernel(name: str) -> Case:
         path = base / name
-        path.write_bytes(b"\0" * 16)
+        path.write_bytes(b"\0" * 0x202 + b"HdrS")  # a bzImage setup header's magic
         return Case(str(path), path.resolve())
 
     def image(name: str) -> Case:
@@ -165,7 +165,7 @@ def make_values(base: Path) -> ValueTable:
         "qemu_args": (Case("-device virtio-rng-pci", ("-device", "virtio-rng-pci")), Case("-s", ("-s",)),
                       Case("-append 'a b'", ("-append", "a b"))),
         "l2_qemu_args": (Case("-S", ("-S",)), Case("-m 100", ("-m", "100")), Case("'-x y'", ("-x y",))),
-        "kernel": (file("k-cli"), file("k-env"), file("k-ini")),
+        "kernel": (kernel("k-cli"), kernel("k-env"), kernel("k-ini")),
         "modules": (directory("m-cli"), directory("m-env"), directory("m-ini")),
         "l1_image": (image("i-cli.qcow2"), image("i-env.qcow2"), image("i-ini.qcow2")),
         "l2_image": (image("j-cli.qcow2"), image("j-env.qcow2"), image("j-ini.qcow2")),
@@ -177,9 +177,21 @@ def make_values(base: Path) -> ValueTable:
         "boot_timeout": (Case("30", 30.0), Case("45.5", 45.5), Case("60", 60.0)),
         "command_timeout": (Case("10", 10.0), Case("20", 20.0), Case("7.5", 7.5)),
         "artifacts": (directory("a-cli", False), directory("a-env", False), directory("a-ini", False)),
+        "share": (Case(str(base), (base.resolve(),)), Case(f"{base},{base}", (base.resolve(), base.resolve())),
+                  Case(f" {base} ,", (base.resolve(),))),
+        "console_limit": (Case("1", 1), Case("64", 64), Case("1024", 1024)),
         # CLI: the switch itself; env/ini: "0" on the losing side of the precedence checks.
         "enable": (Case("", True), Case("yes", True), Case("on", True)),
     }
+
+
+def companion_args(name: str, base: Path) -> list[str]:
+    """What an option needs beside it to be accepted: --nested-login only goes with an L1 disk image."""
+    if name != "login":
+        return []
+    image = base / "login-l1.qcow2"
+    image.write_bytes(b"QFI\xfb" + b"\0" * 508)
+    return [f"--nested-l1-image={image}"]
 
 
 def option_params() -> Iterator[Any]:
@@ -238,6 +250,7 @@ def test_option_is_honoured_from_each_source(
     option = OPTION_BY_NAME[name]
     case = make_values(pytester.path)[name][("cli", "env", "ini").index(source)]
     args: list[str] = ["--nested-levels=0"] if name != "levels" else []
+    args += companion_args(name, pytester.path)
     if source == "cli":
         args += cli_args({name: case.raw})
     elif source == "env":
@@ -264,6 +277,7 @@ def test_cli_beats_env_beats_ini(pytester: pytest.Pytester, monkeypatch: pytest.
     if option.flag:  # a switch can only say "on": put "off" in the sources it must beat
         env, ini = Case("0", False), Case("0", False)
     base = ["--nested-levels=0"] if name != "levels" else []
+    base += companion_args(name, pytester.path)
     write_ini(pytester, {name: ini.raw})
     monkeypatch.setenv(option.env, env.raw)
 

@@ -1,14 +1,17 @@
-"""Unit tests for Console: problem detection in a serial log, tails, a missing log; serial login."""
+"""Unit tests for Console: problem detection in a serial log, tails, a missing log; ConsoleRecorder
+filling the log from a console socket (bounded); serial login."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.console import RAW_SHELL, Console, serial_login
+from pytest_nestedkvm.console import RAW_SHELL, Console, ConsoleRecorder, serial_login
 
 BOOT = (
     "[    0.000000] Linux version 6.1.0-18-amd64 (debian-kernel@lists.debian.org)\r\n"
@@ -103,6 +106,153 @@ def test_missing_file(tmp_path: Path) -> None:
     assert console.read() == ""
     assert console.tail() == ""
     assert console.first_problem() is None
+
+
+# -- ConsoleRecorder: the console socket copied into the log, up to a limit ----------------------
+
+MIB = 1 << 20
+TRUNCATED = b"\n[nestedkvm: console output beyond 1 MiB dropped (--nested-console-limit)]\n"
+
+
+@pytest.fixture
+def console_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(QEMU's end, the plugin's end) of a console socket."""
+    qemu, plugin = socket.socketpair()
+    yield qemu, plugin
+    qemu.close()
+    plugin.close()
+
+
+def recorded(recorder: ConsoleRecorder, qemu: socket.socket) -> bytes:
+    """Everything the recorder wrote once QEMU's end closed."""
+    qemu.shutdown(socket.SHUT_WR)
+    recorder.thread.join(5)
+    assert not recorder.thread.is_alive()
+    return recorder.path.read_bytes()
+
+
+def test_recorder_copies_the_console_bytes_into_the_log(
+    tmp_path: Path, console_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    qemu, plugin = console_pair
+    recorder = ConsoleRecorder(plugin, tmp_path / "console.log", MIB)
+    qemu.sendall(BOOT.encode())
+    qemu.sendall(b"\xff\x00 raw bytes pass unchanged\r\n")
+    assert recorded(recorder, qemu) == BOOT.encode() + b"\xff\x00 raw bytes pass unchanged\r\n"
+
+
+def test_recorder_appends_to_an_existing_log(tmp_path: Path, console_pair: tuple[socket.socket, socket.socket]) -> None:
+    qemu, plugin = console_pair
+    (tmp_path / "console.log").write_bytes(b"earlier boot\n")
+    recorder = ConsoleRecorder(plugin, tmp_path / "console.log", MIB)
+    qemu.sendall(b"this boot\n")
+    assert recorded(recorder, qemu) == b"earlier boot\nthis boot\n"
+
+
+def test_recorder_keeps_the_limit_then_one_line_and_drops_the_rest(
+    tmp_path: Path, console_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    qemu, plugin = console_pair
+    recorder = ConsoleRecorder(plugin, tmp_path / "console.log", MIB)
+    kept = bytes(range(256)) * (MIB // 256 - 1) + b"x" * 200  # 56 bytes short of the limit
+    qemu.sendall(kept)
+    qemu.sendall(b"A" * 100)  # 56 of these fit
+    for _ in range(3):
+        qemu.sendall(b"Kernel panic - not syncing: past the limit\n" * 1000)
+    data = recorded(recorder, qemu)
+    assert data == kept + b"A" * 56 + TRUNCATED
+    assert data.count(b"console output beyond") == 1
+    assert Console(recorder.path).first_panic() is None  # what was dropped is gone for good
+
+
+def test_recorder_stops_exactly_at_the_limit_within_one_chunk(
+    tmp_path: Path, console_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    qemu, plugin = console_pair
+    recorder = ConsoleRecorder(plugin, tmp_path / "console.log", MIB)
+    qemu.sendall(b"y" * (3 * MIB))
+    assert recorded(recorder, qemu) == b"y" * MIB + TRUNCATED
+
+
+def test_a_console_that_keeps_printing_past_the_limit_is_still_read(
+    tmp_path: Path, console_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # Dropped bytes are still read: QEMU (and so the guest) never blocks on a full console socket.
+    qemu, plugin = console_pair
+    recorder = ConsoleRecorder(plugin, tmp_path / "console.log", MIB)
+    flood = threading.Thread(target=qemu.sendall, args=(b"z" * (32 * MIB),), daemon=True)
+    flood.start()
+    flood.join(20)
+    assert not flood.is_alive(), "the console writer blocked: the recorder stopped reading"
+    assert recorded(recorder, qemu) == b"z" * MIB + TRUNCATED
+    assert recorder.path.stat().st_size == MIB + len(TRUNCATED)
+
+
+def test_recorder_ends_when_its_socket_is_shut_down(
+    tmp_path: Path, console_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    qemu, plugin = console_pair
+    recorder = ConsoleRecorder(plugin, tmp_path / "console.log", MIB)
+    qemu.sendall(b"hello\n")
+    plugin.shutdown(socket.SHUT_RDWR)  # as HostLink.close does
+    recorder.thread.join(5)
+    assert not recorder.thread.is_alive()
+
+
+def test_settle_waits_until_what_was_sent_is_in_the_log(
+    tmp_path: Path, console_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    qemu, plugin = console_pair
+    log = tmp_path / "console.log"
+    recorder = ConsoleRecorder(plugin, log, MIB)
+
+    def print_slowly() -> None:
+        for index in range(5):
+            qemu.sendall(f"line {index}\n".encode())
+            time.sleep(0.05)  # each gap shorter than `quiet`: settle keeps waiting
+
+    writer = threading.Thread(target=print_slowly)
+    writer.start()
+    time.sleep(0.01)
+    recorder.settle(quiet=0.5, at_most=5)
+    writer.join()
+    assert log.read_bytes() == b"".join(f"line {index}\n".encode() for index in range(5))
+    assert recorder.thread.is_alive()  # quiet, not ended
+
+
+def test_settle_returns_at_once_when_the_stream_ended(
+    tmp_path: Path, console_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    qemu, plugin = console_pair
+    recorder = ConsoleRecorder(plugin, tmp_path / "console.log", MIB)
+    qemu.sendall(b"last words\n")
+    qemu.close()
+    recorder.thread.join(5)
+    started = time.monotonic()
+    recorder.settle(quiet=10, at_most=10)
+    assert time.monotonic() - started < 1
+    assert recorder.path.read_bytes() == b"last words\n"
+
+
+def test_settle_gives_up_after_at_most(tmp_path: Path, console_pair: tuple[socket.socket, socket.socket]) -> None:
+    qemu, plugin = console_pair
+    recorder = ConsoleRecorder(plugin, tmp_path / "console.log", MIB)
+    stop = threading.Event()
+
+    def chatter() -> None:
+        while not stop.is_set():
+            qemu.sendall(b".")
+            time.sleep(0.01)
+
+    writer = threading.Thread(target=chatter)
+    writer.start()
+    try:
+        started = time.monotonic()
+        recorder.settle(quiet=1, at_most=0.3)  # never quiet for 1 s: returns anyway, without raising
+        assert 0.25 < time.monotonic() - started < 2
+    finally:
+        stop.set()
+        writer.join()
 
 
 # -- serial login (a fake getty on the other end of a socket pair) ---------------------------

@@ -39,6 +39,21 @@ class FakeProcess:
 
 
 @dataclass
+class FakeLink:
+    """A guest's link as forensics uses it: settling the console writes what was still on its way."""
+
+    console: Path
+    pending: str = ""  # printed by the guest, not yet in the console file
+    settled: list[int] = field(default_factory=list)
+
+    def settle_console(self, level: int) -> None:
+        self.settled.append(level)
+        with self.console.open("a") as f:
+            f.write(self.pending)
+        self.pending = ""
+
+
+@dataclass
 class FakeGuest:
     """The attributes forensics reads of a Guest."""
 
@@ -54,6 +69,10 @@ class FakeGuest:
     boots: int = 1
     commands: list[str] = field(default_factory=list)
     refuse: bool = False
+    link: FakeLink = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.link = FakeLink(self.console.path)
 
     @property
     def name(self) -> str:
@@ -169,6 +188,35 @@ def test_dead_qemu_without_console_problem_is_told_by_qmp_events(
     assert (trouble.kind, trouble.headline) == (kind, f"L1 {kind} during this test ({source}; QEMU exit status 0)")
 
 
+def test_a_dead_guests_console_is_settled_before_it_is_judged(make: Any) -> None:
+    guest = make(1, "ready")
+    guests, marks = marked(guest)
+    guest.link.pending = f"$ running the test\n{PANIC}\n"  # its last words, still on their way
+    guest.process.status = 0
+    trouble = trouble_since(guests, marks)
+    assert guest.link.settled == [1]
+    assert trouble is not None and trouble.kind == "kernel panic"
+    assert trouble.console == f"$ running the test\n{PANIC}\n"
+
+
+def test_a_live_guests_console_is_not_waited_for(make: Any) -> None:
+    guest = make(1, "ready")
+    guests, marks = marked(guest)
+    guest.link.pending = PANIC + "\n"
+    assert trouble_since(guests, marks) is None
+    assert guest.link.settled == []
+
+
+def test_a_dead_deeper_guest_settles_its_own_level(make: Any) -> None:
+    l1, l2 = make(1), make(2)
+    guests, marks = marked(l1, l2)
+    l2.process.status = 0
+    l2.link.pending = PANIC + "\n"
+    trouble = trouble_since(guests, marks)
+    assert (l1.link.settled, l2.link.settled) == ([], [2])  # L1 runs on: nothing to wait for
+    assert trouble is not None and (trouble.level, trouble.kind) == (2, "kernel panic")
+
+
 def test_dead_qemu_with_nothing_else_to_go_on_reports_its_exit_status(make: Any) -> None:
     guest = make(1)
     guests, marks = marked(guest)
@@ -243,6 +291,15 @@ def test_exit_error_fields(make: Any, line: str, panicked: bool) -> None:
     assert str(error).startswith("l1 QEMU exited with status 137 (")
     assert "QEMU said:\nqemu-system-x86_64: terminating on signal 9" in str(error)
     assert str(error).endswith(f"last console lines:\nbooting\n{line}")
+
+
+def test_exit_error_settles_the_console_first(make: Any) -> None:
+    guest = make(1, process=FakeProcess(status=0))
+    guest.link.pending = PANIC + "\n"
+    error = exit_error(guest)
+    assert guest.link.settled == [1]
+    assert error.panicked
+    assert str(error).endswith(f"last console lines:\nbooting\n{PANIC}")
 
 
 def test_exit_error_sees_a_panic_after_an_earlier_warning(make: Any) -> None:

@@ -3,32 +3,41 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import lzma
 import os
 import re
+import shutil
 import stat
 import struct
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from pytest_nestedkvm.errors import HostError
 from pytest_nestedkvm.initramfs import (
     KVM_MODULES,
+    NINEP_OPTIONS,
     OPTIONAL_MODULES,
     REQUIRED_MODULES,
     Kernel,
     boot_image,
     build_initramfs,
     find_kernel,
+    init_script,
     kernel_release,
     module_closure,
     module_name,
     read_module,
 )
+from pytest_nestedkvm.layout import TMPFS_DIRS
+from pytest_nestedkvm.qemu import GuestSpec, HostEnds, build_argv
+from pytest_nestedkvm.view import Export, View
 
 RELEASE = "6.1.0-99-amd64"
 
@@ -326,24 +335,60 @@ def test_boot_image_unpacks_gzip_payload(tmp_path: Path) -> None:
     assert image.read_bytes() == vmlinux
 
 
-def test_boot_image_without_pvh_note_returns_bzimage(tmp_path: Path) -> None:
+def test_boot_image_without_pvh_note_copies_the_bzimage_into_the_cache(tmp_path: Path) -> None:
+    # Deeper levels boot from the cache (it is exported to every guest), wherever the bzImage is.
     other_note = struct.pack("<III", 4, 4, 17) + b"Xen\0" + struct.pack("<I", 0)
     kernel = make_kernel(tmp_path, lzma.compress(fake_vmlinux(other_note), format=lzma.FORMAT_XZ))
     cache = tmp_path / "cache"
-    assert boot_image(kernel, cache=cache) == kernel.path
-    assert not cache.exists() or not list(cache.glob("vmlinux-*"))
+    image = boot_image(kernel, cache=cache)
+    digest = hashlib.sha256(kernel.path.read_bytes()).hexdigest()[:16]
+    assert image == cache / f"bzImage-{RELEASE}-{digest}"
+    assert image.read_bytes() == kernel.path.read_bytes()
+    assert stat.S_IMODE(image.stat().st_mode) == 0o644
+    assert not list(cache.glob("vmlinux-*"))
+    assert boot_image(kernel, cache=cache) == image
 
 
-def test_boot_image_without_payload_returns_bzimage(tmp_path: Path) -> None:
+def test_boot_image_without_payload_copies_the_bzimage_into_the_cache(tmp_path: Path) -> None:
     kernel = make_kernel(tmp_path, b"no compressed payload here")
-    assert boot_image(kernel, cache=tmp_path / "cache") == kernel.path
+    cache = tmp_path / "cache"
+    image = boot_image(kernel, cache=cache)
+    assert image.parent == cache and image.name.startswith(f"bzImage-{RELEASE}-")
+    assert image.read_bytes() == kernel.path.read_bytes()
 
 
-def test_boot_image_of_an_elf_kernel_is_itself(tmp_path: Path) -> None:
+def test_boot_image_names_carry_the_digest_of_the_kernel(tmp_path: Path) -> None:
+    vmlinux = fake_vmlinux(PVH_NOTE)
+    kernel = make_kernel(tmp_path, lzma.compress(vmlinux, format=lzma.FORMAT_XZ))
+    cache = tmp_path / "cache"
+    digest = hashlib.sha256(kernel.path.read_bytes()).hexdigest()[:16]
+    assert boot_image(kernel, cache=cache) == cache / f"vmlinux-{RELEASE}-{digest}"
+    # Another kernel with the same release gets its own file.
+    (tmp_path / "other").mkdir()
+    other = make_kernel(tmp_path / "other", b"no payload")
+    image = boot_image(other, cache=cache)
+    assert image.name.startswith(f"bzImage-{RELEASE}-") and image.name != f"bzImage-{RELEASE}-{digest}"
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == sorted(
+        [f"vmlinux-{RELEASE}-{digest}", image.name])
+
+
+def test_boot_image_of_an_elf_kernel_with_a_pvh_note_is_a_copy_as_the_vmlinux(tmp_path: Path) -> None:
     path = tmp_path / "vmlinux"
     path.write_bytes(fake_vmlinux(PVH_NOTE))
     kernel = Kernel(path, RELEASE, tmp_path)
-    assert boot_image(kernel, cache=tmp_path / "cache") == path
+    cache = tmp_path / "cache"
+    image = boot_image(kernel, cache=cache)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert image == cache / f"vmlinux-{RELEASE}-{digest}"
+    assert image.read_bytes() == path.read_bytes()
+
+
+def test_boot_image_of_an_elf_kernel_without_a_pvh_note_is_kept_under_the_bzimage_name(tmp_path: Path) -> None:
+    path = tmp_path / "vmlinux"
+    path.write_bytes(fake_vmlinux(b"no note"))
+    image = boot_image(Kernel(path, RELEASE, tmp_path), cache=tmp_path / "cache")
+    assert image.parent == tmp_path / "cache" and image.name.startswith(f"bzImage-{RELEASE}-")
+    assert image.read_bytes() == path.read_bytes()
 
 
 # -- build_initramfs ---------------------------------------------------------------------------
@@ -428,9 +473,14 @@ def test_build_initramfs_archive(kernel: Kernel, busybox: Path, tmp_path: Path) 
     assert stat.S_ISREG(init.mode) and stat.S_IMODE(init.mode) == 0o755
     script = init.data.decode()
     assert script.startswith("#!/bin/busybox sh\n")
-    assert "mount -t 9p" in script
-    assert "hostroot /newroot" in script
-    assert "exec switch_root /newroot" in script
+    # The root: an empty tmpfs, read-only once each export is mounted at its path and each link made
+    # (what the kernel arguments say; test_init_root_* run this part), or one export as the root.
+    assert f"mount -t 9p -o {NINEP_OPTIONS} " in script and ",ro," in NINEP_OPTIONS
+    assert "mount -t tmpfs -o mode=755 tmpfs /newroot" in script
+    assert "nestedkvm.mount=" in script and "nestedkvm.link=" in script
+    assert "hostroot" not in script
+    remount = script.index("mount -o remount,ro /newroot")
+    assert script.index("ln -s ") < remount < script.index("exec switch_root /newroot")
 
     console = by_name["dev/console"]
     assert stat.S_ISCHR(console.mode)
@@ -509,3 +559,120 @@ def test_build_initramfs_missing_required_driver(tmp_path: Path, busybox: Path) 
     kernel = Kernel(tmp_path / "bzImage", RELEASE, write_modules(tmp_path / "m", modules))
     with pytest.raises(HostError, match="9pnet_virtio"):
         build_initramfs(kernel, busybox=busybox, cache=tmp_path / "cache")
+
+
+# -- the init's root, run in a shell with mount, mkdir, ln and chmod only logged --------------
+
+ROOT_STUBS = """
+mount() { echo "mount $*"; }
+mkdir() { echo "mkdir $*"; }
+ln() { echo "ln $*"; }
+chmod() { echo "chmod $*"; }
+cat() { echo "$CMDLINE"; }
+fail() { echo "FATAL $*"; }
+"""
+BASE_DIRS = [f"mkdir -p /newroot{d}" for d in ("/proc", "/sys", "/dev")]
+# The guest's writable dirs as GuestSpec.view_args orders them (shallower first).
+TMPFS_ORDER = ("/tmp", "/run", "/mnt", "/var/tmp", "/var/log")
+
+
+def tmpfs(path: str) -> list[str]:
+    return [f"mkdir -p /newroot{path}", f"mount -t tmpfs -o mode=1777 tmpfs /newroot{path}"]
+
+
+def tmpfs_dirs(*paths: str) -> list[str]:
+    return [line for path in paths for line in tmpfs(path)]
+
+
+def run_init_root(cmdline: str) -> list[str]:
+    """What the part of the init that builds /newroot does, given this kernel command line."""
+    script = init_script(["virtio"], ["kvm"])
+    part = script[script.index("mkdir -p /newroot\n"):script.index("mkdir -p /dev/pts")]
+    shell = [busybox, "sh"] if (busybox := shutil.which("busybox")) else ["sh"]
+    result = subprocess.run([*shell, "-c", ROOT_STUBS + part], env={"CMDLINE": cmdline, "PATH": os.defpath},
+                            capture_output=True, text=True, check=True, timeout=30)
+    assert result.stderr == ""
+    return result.stdout.splitlines()
+
+
+def ninep(tag: str, path: str) -> str:
+    return f"mount -t 9p -o {NINEP_OPTIONS} {tag} {path}"
+
+
+def init_root_of(spec: GuestSpec) -> list[str]:
+    argv = build_argv(spec, HostEnds(Path("/var/lib/nk/run")))
+    return run_init_root(argv[argv.index("-append") + 1])
+
+
+def kernel_spec(**fields: Any) -> GuestSpec:
+    return GuestSpec(level=1, qemu="qemu", accel="kvm", cpu="host", memory_mib=1024, smp=1,
+                     kernel=Path("/boot/vmlinuz"), **fields)
+
+
+def test_init_root_mounts_each_export_at_its_path_and_makes_the_links() -> None:
+    view = View(exports=(Export(Path("/run/user/0/nk/etc"), Path("/etc")), Export(Path("/usr"), Path("/usr")),
+                         Export(Path("/home/nk/project"), Path("/home/nk/project"))),
+                links=(("/bin", "usr/bin"), ("/lib64", "usr/lib64")))
+    spec = kernel_spec(append="quiet", view=view)
+    argv = build_argv(spec, HostEnds(Path("/var/lib/nk/run")))
+    # The tags QEMU gets are the ones the init mounts.
+    tags = [d.rpartition("mount_tag=")[2] for d in argv if d.startswith("virtio-9p-pci,")]
+    assert tags == ["nk0", "nk1", "nk2"]
+    assert init_root_of(spec) == [
+        "mkdir -p /newroot",
+        "mount -t tmpfs -o mode=755 tmpfs /newroot",
+        *BASE_DIRS,
+        "mkdir -p /newroot/etc", ninep("nk0", "/newroot/etc"),
+        "mkdir -p /newroot/usr", ninep("nk1", "/newroot/usr"),
+        *tmpfs_dirs(*TMPFS_ORDER),
+        "mkdir -p /newroot/home/nk/project", ninep("nk2", "/newroot/home/nk/project"),
+        "chmod 755 /newroot/run",
+        "ln -s usr/bin /newroot/bin",
+        "ln -s usr/lib64 /newroot/lib64",
+        "mount -o remount,ro /newroot",
+    ]
+
+
+def test_init_root_mounts_in_the_order_given() -> None:
+    # A share under /tmp lands on the guest's /tmp; /var/tmp and /var/log cover a shared /var.
+    project = Path("/tmp/ci/project")
+    view = View(exports=(Export(Path("/srv/var"), Path("/var")), Export(project, project)), links=())
+    assert init_root_of(kernel_spec(view=view)) == [
+        "mkdir -p /newroot", "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS,
+        "mkdir -p /newroot/var", ninep("nk0", "/newroot/var"),
+        *tmpfs_dirs("/tmp", "/run", "/mnt", "/var/tmp", "/var/log"),
+        "mkdir -p /newroot/tmp/ci/project", ninep("nk1", "/newroot/tmp/ci/project"),
+        "chmod 755 /newroot/run",
+        "mount -o remount,ro /newroot",
+    ]
+
+
+def test_init_root_follows_the_command_line_order_not_its_own() -> None:
+    cmdline = "console=ttyS0 nestedkvm.mount=nk1:/b nestedkvm.mount=tmpfs:/a nestedkvm.mount=nk0:/a/b/c"
+    assert run_init_root(cmdline) == [
+        "mkdir -p /newroot", "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS,
+        "mkdir -p /newroot/b", ninep("nk1", "/newroot/b"),
+        *tmpfs("/a"),
+        "mkdir -p /newroot/a/b/c", ninep("nk0", "/newroot/a/b/c"),
+        "chmod 755 /newroot/run",
+        "mount -o remount,ro /newroot",
+    ]
+
+
+def test_init_root_without_exports_is_a_read_only_tmpfs_with_the_writable_dirs() -> None:
+    assert sorted(TMPFS_ORDER) == sorted(TMPFS_DIRS)
+    for view in (None, View((), ())):
+        assert init_root_of(kernel_spec(view=view)) == [
+            "mkdir -p /newroot", "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS,
+            *tmpfs_dirs(*TMPFS_ORDER),
+            "chmod 755 /newroot/run",
+            "mount -o remount,ro /newroot",
+        ]
+
+
+def test_init_root_of_a_shared_root_is_that_export() -> None:
+    # GuestSpec.share_root (deprecated): the one export is the root, left as it is (no tmpfs, no remount).
+    assert init_root_of(kernel_spec(share_root=Path("/"))) == [
+        "mkdir -p /newroot", ninep("nk0", "/newroot"), *BASE_DIRS, *tmpfs_dirs(*TMPFS_ORDER),
+        "chmod 755 /newroot/run",
+    ]

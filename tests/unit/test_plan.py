@@ -8,19 +8,25 @@ from pathlib import Path
 import pytest
 
 from pytest_nestedkvm import plan
-from pytest_nestedkvm.errors import ConfigError, HostError
+from pytest_nestedkvm.errors import ConfigError
 from pytest_nestedkvm.host import HostReport, QemuInfo
 from pytest_nestedkvm.plan import BootFiles, builtin_spec, seed_levels, skip_reason, spec_for, timeouts
 from pytest_nestedkvm.qemu import GuestSpec
 from pytest_nestedkvm.settings import Settings
+from pytest_nestedkvm.view import Export, View
 
 QEMU = QemuInfo(binary="/usr/bin/qemu-system-x86_64", version="8.2.2")
 FIX = "load kvm_amd with nested=1"
-# Outside every tmpfs a guest mounts (/tmp, /run, ...): deeper levels can read it. Never opened here.
+# Never opened here. The cache is one of the view's exports, so every level sees these files.
 KERNEL = Path("/home/nk/.cache/nestedkvm/vmlinux")
 INITRD = Path("/home/nk/.cache/nestedkvm/initrd.img")
 FIRMWARE = Path("/usr/share/qemu/qboot.rom")
-FILES = BootFiles(kernel=KERNEL, initrd=INITRD, firmware=FIRMWARE, seeds={})
+VIEW = View(
+    exports=(Export(Path("/run/user/0/nk/etc"), Path("/etc")), Export(Path("/usr"), Path("/usr")),
+             Export(Path("/home/nk/.cache/nestedkvm"), Path("/home/nk/.cache/nestedkvm"))),
+    links=(("/bin", "usr/bin"),),
+)
+FILES = BootFiles(kernel=KERNEL, initrd=INITRD, firmware=FIRMWARE, seeds={}, view=VIEW)
 
 
 def host(accel: str = "kvm", cpu: str = "host", *, qemu: QemuInfo | None = QEMU, nesting: bool = True) -> HostReport:
@@ -89,7 +95,8 @@ def test_l1_builtin_spec_follows_report_settings_and_boot_files() -> None:
     assert (spec.level, spec.qemu, spec.accel, spec.cpu) == (1, QEMU.binary, "tcg", "max")
     assert (spec.memory_mib, spec.smp, spec.extra_args) == (1024, 3, ("-device", "virtio-rng-pci"))
     assert (spec.kernel, spec.initrd, spec.firmware) == (KERNEL, INITRD, FIRMWARE)
-    assert (spec.append, spec.share_root, spec.deepest, spec.disks) == ("quiet", Path("/"), 2, ())
+    assert (spec.append, spec.view, spec.share_root, spec.deepest, spec.disks) == ("quiet", VIEW, None, 2, ())
+    assert spec.exports == VIEW.exports
     assert spec.channel == "agent"
 
 
@@ -97,7 +104,26 @@ def test_l2_builtin_spec_runs_on_kvm_with_cpu_host_even_under_tcg() -> None:
     spec = builtin_spec(2, per_level_settings(), host(accel="tcg", cpu="max"), FILES)
     assert (spec.level, spec.accel, spec.cpu) == (2, "kvm", "host")
     assert (spec.memory_mib, spec.smp, spec.extra_args) == (512, 2, ("-d", "guest_errors"))
-    assert (spec.kernel, spec.initrd, spec.share_root, spec.deepest) == (KERNEL, INITRD, Path("/"), 2)
+    assert (spec.kernel, spec.initrd, spec.share_root, spec.deepest) == (KERNEL, INITRD, None, 2)
+
+
+def test_deeper_levels_see_what_their_parent_sees_from_the_same_paths() -> None:
+    l1 = builtin_spec(1, settings(levels="3"), host(), FILES)
+    l2 = builtin_spec(2, settings(levels="3"), host(), FILES)
+    l3 = builtin_spec(3, settings(levels="3"), host(), FILES)
+    assert l1.view == VIEW
+    assert l2.view == VIEW.one_level_down() == l3.view
+    assert l2.view is not None
+    # L1 exports its own mounts: each source is where L1 mounted that export, links unchanged.
+    assert [(e.source, e.target) for e in l2.view.exports] == [(e.target, e.target) for e in VIEW.exports]
+    assert l2.view.links == VIEW.links
+
+
+def test_no_view_without_one_in_the_boot_files() -> None:
+    files = dataclasses.replace(FILES, view=None)
+    for level in (1, 2):
+        spec = builtin_spec(level, settings(levels="2"), host(), files)
+        assert (spec.view, spec.share_root, spec.exports) == (None, None, ())
 
 
 def test_l2_cpu_option_sets_the_cpu_of_l2_only() -> None:
@@ -106,11 +132,14 @@ def test_l2_cpu_option_sets_the_cpu_of_l2_only() -> None:
     assert builtin_spec(1, chosen, host(), FILES).cpu == "host"
 
 
-def test_l2_refuses_an_initrd_under_tmp() -> None:
-    files = dataclasses.replace(FILES, initrd=Path("/tmp/nk/initrd.img"))
-    with pytest.raises(HostError, match="under /tmp"):
-        builtin_spec(2, settings(levels="2"), host(), files)
-    assert builtin_spec(1, settings(levels="2"), host(), files).initrd == Path("/tmp/nk/initrd.img")
+def test_boot_files_under_tmp_are_fine_for_deeper_levels() -> None:
+    # The cache is exported wherever it is, also under a directory the guests cover with a tmpfs.
+    cache = Path("/tmp/nk")
+    view = View((*VIEW.exports[:2], Export(cache, cache)), VIEW.links)
+    files = dataclasses.replace(FILES, kernel=cache / "vmlinux", initrd=cache / "initrd.img", view=view)
+    l2 = builtin_spec(2, settings(levels="2"), host(), files)
+    assert (l2.kernel, l2.initrd) == (cache / "vmlinux", cache / "initrd.img")
+    assert l2.view is not None and Export(cache, cache) in l2.view.exports
 
 
 def test_l1_holds_the_l2_image_and_its_seed_as_disks(image: Path, tmp_path: Path) -> None:
@@ -123,6 +152,7 @@ def test_l1_holds_the_l2_image_and_its_seed_as_disks(image: Path, tmp_path: Path
     l2 = builtin_spec(2, chosen, host(), files)
     assert l2.disks == plan.L2_IMAGE_DISKS == (Path("/dev/vda"), Path("/dev/vdb"))
     assert (l2.channel, l2.login, l2.kernel) == ("ssh", None, None)
+    assert (l1.view, l2.view, l2.exports) == (VIEW, None, ())  # an image sees nothing of its host
 
 
 def test_l1_image_with_cloud_init_uses_ssh_and_its_seed(image: Path, tmp_path: Path) -> None:
@@ -130,7 +160,7 @@ def test_l1_image_with_cloud_init_uses_ssh_and_its_seed(image: Path, tmp_path: P
     files = BootFiles(kernel=None, initrd=None, firmware=None, seeds={1: seed})
     spec = builtin_spec(1, settings(l1_image=str(image)), host(), files)
     assert (spec.channel, spec.disks, spec.login) == ("ssh", (image, seed), None)
-    assert (spec.kernel, spec.share_root) == (None, None)
+    assert (spec.kernel, spec.share_root, spec.view) == (None, None, None)
 
 
 def test_l1_image_with_login_uses_serial_and_no_seed(image: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_nestedkvm.layout import EXPORT_TAG, TMPFS_DIRS
 from pytest_nestedkvm.qemu import (
     BASE_APPEND,
     GuestSpec,
@@ -19,8 +20,14 @@ from pytest_nestedkvm.qemu import (
     build_argv,
     shell_line,
 )
+from pytest_nestedkvm.view import Export, View
 
 RUN_ROOT = Path("/var/lib/nk/run")
+VIEW = View(
+    exports=(Export(Path("/var/lib/nk/run/etc"), Path("/etc")), Export(Path("/usr"), Path("/usr")),
+             Export(Path("/home/nk/project"), Path("/home/nk/project"))),
+    links=(("/bin", "usr/bin"), ("/lib64", "usr/lib64")),
+)
 ENDS = HostEnds(RUN_ROOT)
 
 FULL = GuestSpec(
@@ -33,7 +40,7 @@ FULL = GuestSpec(
     kernel=Path("/boot/vmlinuz-6.1.0-18-amd64"),
     initrd=Path("/root/.cache/pytest-nestedkvm/initramfs-6.1.0-18-amd64-0123456789abcdef.cpio"),
     append="quiet nokaslr",
-    share_root=Path("/"),
+    view=VIEW,
     disks=(Path("/images/a.qcow2"), Path("/images/b b.raw")),
     firmware=Path("/usr/share/qemu/qboot.rom"),
     deepest=2,
@@ -62,8 +69,12 @@ def test_golden_argv() -> None:
         "-initrd", "/root/.cache/pytest-nestedkvm/initramfs-6.1.0-18-amd64-0123456789abcdef.cpio",
         "-append",
         "console=ttyS0 panic=-1 rdinit=/init mitigations=off i8042.noaux i8042.nomux i8042.nopnp "
-        "i8042.dumbkbd 8250.nr_uarts=1 cryptomgr.notests pci=noearly nestedkvm.ports=6 quiet nokaslr",
-        "-chardev", "file,path=/var/lib/nk/run/l1/console.log,id=console",
+        "i8042.dumbkbd 8250.nr_uarts=1 cryptomgr.notests pci=noearly nestedkvm.ports=6 "
+        "nestedkvm.mount=nk0:/etc nestedkvm.mount=nk1:/usr nestedkvm.mount=tmpfs:/tmp "
+        "nestedkvm.mount=tmpfs:/run nestedkvm.mount=tmpfs:/mnt nestedkvm.mount=tmpfs:/var/tmp "
+        "nestedkvm.mount=tmpfs:/var/log nestedkvm.mount=nk2:/home/nk/project "
+        "nestedkvm.link=/bin:usr/bin nestedkvm.link=/lib64:usr/lib64 quiet nokaslr",
+        "-chardev", "socket,path=/var/lib/nk/run/l1/console.sock,server=on,wait=on,id=console",
         "-serial", "chardev:console",
         "-chardev", "socket,path=/var/lib/nk/run/l1/qmp.sock,server=on,wait=off,id=qmp",
         "-mon", "chardev=qmp,mode=control",
@@ -76,12 +87,16 @@ def test_golden_argv() -> None:
         "-device", "virtserialport,bus=vser.0,chardev=port2,name=nestedkvm.l2.cmd",
         "-chardev", "socket,path=/var/lib/nk/run/l2/ctl.sock,server=on,wait=off,id=port3",
         "-device", "virtserialport,bus=vser.0,chardev=port3,name=nestedkvm.l2.ctl",
-        "-chardev", "file,path=/var/lib/nk/run/l2/console.log,id=port4",
+        "-chardev", "socket,path=/var/lib/nk/run/l2/console.sock,server=on,wait=off,id=port4",
         "-device", "virtserialport,bus=vser.0,chardev=port4,name=nestedkvm.l2.console",
         "-chardev", "socket,path=/var/lib/nk/run/l2/qmp.sock,server=on,wait=off,id=port5",
         "-device", "virtserialport,bus=vser.0,chardev=port5,name=nestedkvm.l2.qmp",
-        "-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
-        "-device", "virtio-9p-pci,fsdev=root,mount_tag=hostroot",
+        "-fsdev", "local,id=fs0,path=/var/lib/nk/run/etc,security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=fs0,mount_tag=nk0",
+        "-fsdev", "local,id=fs1,path=/usr,security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=fs1,mount_tag=nk1",
+        "-fsdev", "local,id=fs2,path=/home/nk/project,security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=fs2,mount_tag=nk2",
         "-drive", "file=/images/a.qcow2,if=virtio,index=0,media=disk",
         "-drive", "file=/images/b b.raw,if=virtio,index=1,media=disk",
         "-device", "pvpanic-pci",
@@ -96,7 +111,8 @@ def test_golden_minimal_argv() -> None:
         "qemu-system-x86_64", "-name", "nestedkvm-l1", "-nodefaults", "-no-user-config", "-display", "none",
         "-no-reboot", "-action", "panic=exit-failure", "-machine", "q35", "-accel", "tcg", "-cpu", "max",
         "-m", "1024", "-smp", "1",
-        "-chardev", "file,path=/var/lib/nk/run/l1/console.log,id=console", "-serial", "chardev:console",
+        "-chardev", "socket,path=/var/lib/nk/run/l1/console.sock,server=on,wait=on,id=console",
+        "-serial", "chardev:console",
         "-chardev", "socket,path=/var/lib/nk/run/l1/qmp.sock,server=on,wait=off,id=qmp",
         "-mon", "chardev=qmp,mode=control", "-device", "virtio-serial-pci,id=vser",
         "-chardev", "socket,path=/var/lib/nk/run/l1/cmd.sock,server=on,wait=off,id=port0",
@@ -136,7 +152,7 @@ def option_values(argv: list[str], option: str) -> list[str]:
     return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
 
 
-@pytest.mark.parametrize("spec", [FULL, MINIMAL, dataclasses.replace(FULL, disks=(), share_root=None)])
+@pytest.mark.parametrize("spec", [FULL, MINIMAL, dataclasses.replace(FULL, disks=(), view=None)])
 def test_snapshot_always_present(spec: GuestSpec) -> None:
     assert build_argv(spec, ENDS).count("-snapshot") == 1
 
@@ -189,7 +205,17 @@ def test_run_paths_layout(tmp_path: Path) -> None:
     assert paths.qmp == tmp_path / "run" / "qmp.sock"
     assert paths.end("cmd") == tmp_path / "run" / "cmd.sock"
     assert paths.end("ctl") == tmp_path / "run" / "ctl.sock"
-    assert paths.console == tmp_path / "run" / "console.log"
+    assert paths.end("console") == tmp_path / "run" / "console.sock"
+    assert paths.console == tmp_path / "run" / "console.log"  # written by the plugin, not by QEMU
+
+
+def test_host_ends_console_chardevs() -> None:
+    # L1's QEMU waits for the plugin's console reader, so no boot line is lost; deeper levels'
+    # consoles are connected while L1 starts, long before their QEMU prints anything.
+    assert ENDS.chardev(1, "console") == "socket,path=/var/lib/nk/run/l1/console.sock,server=on,wait=on"
+    for level in (2, 3, 4):
+        assert ENDS.chardev(level, "console") == (
+            f"socket,path=/var/lib/nk/run/l{level}/console.sock,server=on,wait=off")
 
 
 def chardev_path(chardev: str) -> Path:
@@ -203,10 +229,14 @@ def test_sockets_and_console_live_in_the_run_dir(tmp_path: Path) -> None:
     assert len(chardevs) == 4
     paths = ends.paths(1)
     assert paths.run_dir == tmp_path / "run" / "l1"
-    assert {chardev_path(c) for c in chardevs} == {paths.qmp, paths.end("cmd"), paths.end("ctl"), paths.console}
-    sockets = {chardev_path(c) for c in chardevs if c.startswith("socket,")}
-    assert sockets == {paths.qmp, paths.end("cmd"), paths.end("ctl")}
-    assert all("server=on" in c.split(",") and "wait=off" in c.split(",") for c in chardevs if c.startswith("socket,"))
+    assert all(c.startswith("socket,") and "server=on" in c.split(",") for c in chardevs)
+    assert {chardev_path(c) for c in chardevs} == {paths.qmp, paths.end("cmd"), paths.end("ctl"),
+                                                   paths.end("console")}
+    # Only the console makes QEMU wait for a client; the console log itself is the plugin's.
+    waiting = [chardev_path(c) for c in chardevs if "wait=on" in c.split(",")]
+    assert waiting == [paths.end("console")]
+    assert all("wait=off" in c.split(",") for c in chardevs if chardev_path(c) != paths.end("console"))
+    assert not any(str(paths.console) in c for c in chardevs)
 
 
 def test_deeper_levels_sockets_live_in_their_own_run_dirs(tmp_path: Path) -> None:
@@ -218,33 +248,124 @@ def test_deeper_levels_sockets_live_in_their_own_run_dirs(tmp_path: Path) -> Non
     for chardev in chardevs:
         path = chardev_path(chardev)
         by_dir.setdefault(path.parent, set()).add(path.name)
-    everything = {"console.log", "qmp.sock", "cmd.sock", "ctl.sock"}
+    everything = {"console.sock", "qmp.sock", "cmd.sock", "ctl.sock"}
     assert by_dir == {ends.paths(1).run_dir: everything, ends.paths(2).run_dir: everything,
                       ends.paths(3).run_dir: everything}
     names = [d.split("name=")[1] for d in option_values(argv, "-device") if d.startswith("virtserialport,")]
     assert len(names) == len(set(names)) == 10
+    assert [chardev_path(c) for c in chardevs if "wait=on" in c.split(",")] == [ends.paths(1).end("console")]
 
 
-def test_9p_export_is_read_only_and_remaps_devices() -> None:
-    argv = build_argv(dataclasses.replace(FULL, share_root=Path("/srv/root")), ENDS)
-    fsdevs = option_values(argv, "-fsdev")
-    assert len(fsdevs) == 1
-    parts = fsdevs[0].split(",")
-    assert "path=/srv/root" in parts
-    assert "readonly=on" in parts
-    assert "multidevs=remap" in parts
-    assert "virtio-9p-pci,fsdev=root,mount_tag=hostroot" in option_values(argv, "-device")
+def fsdev_fields(fsdev: str) -> dict[str, str]:
+    kind, *fields = fsdev.split(",")
+    assert kind == "local"
+    return dict(field.split("=", 1) for field in fields)
 
 
-def test_no_9p_without_share_root() -> None:
-    argv = build_argv(MINIMAL, ENDS)
+def test_9p_exports_are_read_only_remap_devices_and_match_their_tags_and_mounts() -> None:
+    argv = build_argv(FULL, ENDS)
+    fsdevs = [fsdev_fields(f) for f in option_values(argv, "-fsdev")]
+    assert [f["path"] for f in fsdevs] == [str(e.source) for e in VIEW.exports]
+    assert all(f["readonly"] == "on" and f["multidevs"] == "remap" and f["security_model"] == "none" for f in fsdevs)
+    ninep = [d for d in option_values(argv, "-device") if d.startswith("virtio-9p-pci,")]
+    assert len(ninep) == len(fsdevs) == len(VIEW.exports)
+    ids = [f["id"] for f in fsdevs]
+    assert len(set(ids)) == len(ids)
+    tags = [f"{EXPORT_TAG}{index}" for index in range(len(VIEW.exports))]
+    # Each -fsdev is followed by its own device, which mounts it under the tag the kernel arguments name.
+    for fsdev_id, tag, device in zip(ids, tags, ninep, strict=True):
+        assert device == f"virtio-9p-pci,fsdev={fsdev_id},mount_tag={tag}"
+    # One -fsdev/-device pair per export, side by side.
+    assert [argv[i + 2:i + 4] for i, a in enumerate(argv) if a == "-fsdev"] == [["-device", d] for d in ninep]
+    append = option_values(argv, "-append")[0].split()
+    mounts = [a.removeprefix("nestedkvm.mount=") for a in append if a.startswith("nestedkvm.mount=")]
+    assert [m for m in mounts if not m.startswith("tmpfs:")] == [
+        f"{tag}:{e.target}" for tag, e in zip(tags, VIEW.exports, strict=True)]
+    assert sorted(m for m in mounts if m.startswith("tmpfs:")) == sorted(f"tmpfs:{d}" for d in TMPFS_DIRS)
+    links = [a.removeprefix("nestedkvm.link=") for a in append if a.startswith("nestedkvm.link=")]
+    assert links == ["/bin:usr/bin", "/lib64:usr/lib64"]
+
+
+TMPFS_MOUNTS = ["nestedkvm.mount=tmpfs:/tmp", "nestedkvm.mount=tmpfs:/run", "nestedkvm.mount=tmpfs:/mnt",
+                "nestedkvm.mount=tmpfs:/var/tmp", "nestedkvm.mount=tmpfs:/var/log"]
+
+
+def test_view_args_name_each_export_tmpfs_and_link() -> None:
+    assert FULL.exports == VIEW.exports
+    assert FULL.view_args() == [
+        "nestedkvm.mount=nk0:/etc", "nestedkvm.mount=nk1:/usr", *TMPFS_MOUNTS, "nestedkvm.mount=nk2:/home/nk/project",
+        "nestedkvm.link=/bin:usr/bin", "nestedkvm.link=/lib64:usr/lib64",
+    ]
+    assert {f"tmpfs:{d}" for d in TMPFS_DIRS} == {m.removeprefix("nestedkvm.mount=") for m in TMPFS_MOUNTS}
+
+
+def mount_order(spec: GuestSpec) -> list[str]:
+    return [a.removeprefix("nestedkvm.mount=") for a in spec.view_args() if a.startswith("nestedkvm.mount=")]
+
+
+def test_view_args_mount_a_share_under_tmp_after_the_tmp_tmpfs() -> None:
+    # Otherwise the guest's empty /tmp would hide the project checked out under the host's /tmp.
+    view = View((Export(Path("/usr"), Path("/usr")), Export(Path("/tmp/ci/project"), Path("/tmp/ci/project"))), ())
+    order = mount_order(dataclasses.replace(FULL, view=view))
+    assert order.index("tmpfs:/tmp") < order.index("nk1:/tmp/ci/project")
+    assert order == ["nk0:/usr", "tmpfs:/tmp", "tmpfs:/run", "tmpfs:/mnt", "tmpfs:/var/tmp", "tmpfs:/var/log",
+                     "nk1:/tmp/ci/project"]
+
+
+def test_view_args_mount_the_var_tmpfs_dirs_over_a_shared_var() -> None:
+    # A shared /var is read-only: the guest still writes to its own /var/tmp and /var/log.
+    view = View((Export(Path("/srv/var"), Path("/var")), Export(Path("/usr"), Path("/usr"))), ())
+    order = mount_order(dataclasses.replace(FULL, view=view))
+    assert order.index("nk0:/var") < order.index("tmpfs:/var/tmp")
+    assert order.index("nk0:/var") < order.index("tmpfs:/var/log")
+    # Shallower first; among equally deep ones the order is kept: exports in the view's order, then tmpfs.
+    assert order == ["nk0:/var", "nk1:/usr", "tmpfs:/tmp", "tmpfs:/run", "tmpfs:/mnt", "tmpfs:/var/tmp",
+                     "tmpfs:/var/log"]
+
+
+def test_view_args_keep_the_order_of_exports_equally_deep() -> None:
+    view = View(tuple(Export(Path(f"/srv/{name}"), Path(f"/data/{name}")) for name in ("b", "a", "c")), ())
+    assert [m for m in mount_order(dataclasses.replace(FULL, view=view)) if not m.startswith("tmpfs:")] == [
+        "nk0:/data/b", "nk1:/data/a", "nk2:/data/c"]
+
+
+def test_share_root_is_one_export_as_the_root_without_links() -> None:
+    # Deprecated, still honoured: one export mounted as the guest's root; a view beside it is ignored.
+    for spec in (dataclasses.replace(FULL, view=None, share_root=Path("/srv/root")),
+                 dataclasses.replace(FULL, share_root=Path("/srv/root"))):
+        assert spec.exports == (Export(Path("/srv/root"), Path("/")),)
+        argv = build_argv(spec, ENDS)
+        assert option_values(argv, "-fsdev") == [
+            "local,id=fs0,path=/srv/root,security_model=none,readonly=on,multidevs=remap"]
+        assert [d for d in option_values(argv, "-device") if "9p" in d] == ["virtio-9p-pci,fsdev=fs0,mount_tag=nk0"]
+        append = option_values(argv, "-append")[0].split()
+        assert [a for a in append if a.startswith(("nestedkvm.mount=", "nestedkvm.link="))] == [
+            "nestedkvm.mount=nk0:/", *TMPFS_MOUNTS]
+
+
+def test_no_9p_without_a_view() -> None:
+    for spec in (MINIMAL, dataclasses.replace(FULL, view=None)):
+        assert spec.exports == () and spec.view_args() == TMPFS_MOUNTS  # the guest still gets its tmpfs dirs
+        argv = build_argv(spec, ENDS)
+        assert "-fsdev" not in argv
+        assert not any("9p" in a for a in argv)
+        assert not any("nestedkvm.mount=nk" in a or "nestedkvm.link=" in a for a in argv)
+    assert "-append" not in build_argv(MINIMAL, ENDS)  # no kernel of ours: no init to tell
+
+
+def test_a_view_without_exports_adds_only_its_tmpfs_dirs_and_links() -> None:
+    spec = dataclasses.replace(MINIMAL, kernel=Path("/boot/vmlinuz"), view=View((), (("/bin", "usr/bin"),)))
+    argv = build_argv(spec, ENDS)
     assert "-fsdev" not in argv
-    assert not any("9p" in a for a in argv)
+    assert option_values(argv, "-append") == [
+        " ".join([BASE_APPEND, "nestedkvm.ports=2", *TMPFS_MOUNTS, "nestedkvm.link=/bin:usr/bin"])]
 
 
 def test_append_without_extra_has_no_trailing_space() -> None:
-    argv = build_argv(dataclasses.replace(FULL, append="", deepest=1), ENDS)
-    assert option_values(argv, "-append") == [BASE_APPEND + " nestedkvm.ports=2"]
+    argv = build_argv(dataclasses.replace(FULL, append="", deepest=1, view=None), ENDS)
+    assert option_values(argv, "-append") == [" ".join([BASE_APPEND, "nestedkvm.ports=2", *TMPFS_MOUNTS])]
+    argv = build_argv(dataclasses.replace(FULL, append="", deepest=1, view=VIEW), ENDS)
+    assert option_values(argv, "-append") == [BASE_APPEND + " nestedkvm.ports=2 " + " ".join(FULL.view_args())]
 
 
 def test_append_counts_every_port() -> None:
@@ -291,7 +412,8 @@ def test_image_guest_boots_its_own_bootloader_without_agent_ports() -> None:
     for absent in ("-kernel", "-initrd", "-append", "-bios", "-fsdev"):
         assert absent not in argv
     assert not any("virtio-serial" in a or "virtserialport" in a for a in argv)
-    assert argv[argv.index("-serial") - 1] == "file,path=/var/lib/nk/run/l1/console.log,id=console"
+    assert argv[argv.index("-serial") - 1] == (
+        "socket,path=/var/lib/nk/run/l1/console.sock,server=on,wait=on,id=console")
     drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
     assert drives == ["file=/images/debian.qcow2,if=virtio,index=0,media=disk",
                       "file=/run/nk/l1-seed.iso,if=virtio,index=1,media=disk"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pytest_nestedkvm import view
 from pytest_nestedkvm.errors import ConfigError
 from pytest_nestedkvm.settings import MAX_LEVELS, OPTION_BY_NAME, OPTIONS, Option, Settings
 
@@ -163,7 +165,7 @@ def test_cli_flag_enable() -> None:
 
 def test_file_and_directory_options_resolve(tmp_path: Path) -> None:
     kernel = tmp_path / "bzImage"
-    kernel.write_bytes(b"k")
+    kernel.write_bytes(b"\0" * 0x202 + b"HdrS")  # a bzImage setup header's magic
     modules = tmp_path / "mods"
     modules.mkdir()
     settings = build({"kernel": str(kernel), "modules": str(modules)})
@@ -299,7 +301,7 @@ def test_seconds_rejected(name: str, raw: str) -> None:
 def test_boot_timeout_zero_message() -> None:
     message = config_error(env={"NESTEDKVM_BOOT_TIMEOUT": "0"})
     assert message.startswith("--nested-boot-timeout='0' (from env NESTEDKVM_BOOT_TIMEOUT)")
-    assert "more than 0" in message
+    assert "must be from 1 to 86400 seconds" in message
 
 
 def test_smp_zero_rejected() -> None:
@@ -352,7 +354,7 @@ def test_enable_flag_rejects_non_boolean(raw: str) -> None:
 
 def test_memory_for_defaults_halve_with_depth() -> None:
     settings = Settings()
-    assert [settings.memory_for(level) for level in (1, 2, 3, 4, 5)] == [2048, 1024, 512, 256, 256]
+    assert [settings.memory_for(level) for level in (1, 2, 3, 4, 5)] == [2048, 1024, 512, 256, 128]
 
 
 def test_smp_for_defaults() -> None:
@@ -436,3 +438,94 @@ def test_l1_vcpus_by_default_do_not_oversubscribe_the_cores_of_xdist_workers(
     assert settings.smp_for(1) == expected
     assert settings.smp_for(2) == 1
     assert Settings.from_sources({"smp": "2"}, env, host_cpus=cpus).smp_for(1) == 2  # an explicit value wins
+
+
+# -- share ---------------------------------------------------------------------------------------
+
+
+def test_share_defaults_to_nothing() -> None:
+    assert build().share == ()
+
+
+def test_share_accepts_existing_directories(tmp_path: Path) -> None:
+    data, more = tmp_path / "data", tmp_path / "more"
+    data.mkdir()
+    more.mkdir()
+    (tmp_path / "link").symlink_to(data)
+    settings = Settings.from_sources({"share": f"{data}, {tmp_path / 'link'},,{more}"}, env={})
+    assert settings.share == (data, data, more)  # resolved; empty items ignored
+    assert build(env={"NESTEDKVM_SHARE": str(more)}).share == (more,)
+
+
+def share_error(raw: str) -> str:
+    message = config_error({"share": raw})
+    assert message.startswith(f"--nested-share={raw!r} (from command line): "), message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: None, "is not a directory"),
+        (lambda p: p.write_text("x"), "is not a directory"),
+    ],
+    ids=["missing", "file"],
+)
+def test_share_must_be_a_directory(tmp_path: Path, make: Any, reason: str) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    path = tmp_path / "shared"
+    make(path)
+    message = share_error(f"{good},{path}")
+    assert f"{path} {reason}" in message
+
+
+@pytest.mark.parametrize("name", ["with space", "with:colon", "with\ttab"])
+def test_share_refuses_what_the_kernel_command_line_cannot_carry(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.mkdir()
+    assert f"{path}: its path holds whitespace, ':' or ','" in share_error(str(path))
+
+
+@pytest.mark.parametrize("path", ["/etc", "/", tempfile.gettempdir()])
+def test_share_refuses_the_hosts_own_state(path: str) -> None:
+    assert f"{path}: it is a secret location of this host" in share_error(path)
+
+
+@pytest.mark.parametrize(("path", "secret"), [("/etc/ssl", "/etc"), ("/proc/self", "/proc"), ("/sys/kernel", "/sys")])
+def test_share_refuses_what_lies_in_the_hosts_own_state(path: str, secret: str) -> None:
+    expected = f": it holds or lies in {secret}, a secret location of this host: share another directory"
+    assert expected in share_error(path)
+
+
+def test_share_accepts_a_project_under_the_temp_dir(tmp_path: Path) -> None:
+    # The temp dir (where tmp_path lies by default) is secret as a whole (run dirs, keys), but a
+    # checkout inside it is fine.
+    project = tmp_path / "project"
+    project.mkdir()
+    assert build({"share": str(project)}).share == (project,)
+
+
+def test_share_refuses_a_home_holding_a_key_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home" / "nk"
+    (home / ".ssh").mkdir(parents=True)
+    (home / "project").mkdir()
+    monkeypatch.setattr(view, "_homes", lambda: [home])
+    message = share_error(str(home))
+    assert f"{home}: it holds or lies in {home / '.ssh'}" in message
+    assert build({"share": str(home / "project")}).share == (home / "project",)
+
+
+# -- console_limit -------------------------------------------------------------------------------
+
+
+def test_console_limit_defaults_to_64_mib_and_takes_whole_mib() -> None:
+    assert build().console_limit == 64
+    assert build({"console_limit": "512"}).console_limit == 512
+    assert build(env={"NESTEDKVM_CONSOLE_LIMIT": "1"}).console_limit == 1
+
+
+@pytest.mark.parametrize(("raw", "reason"),
+                         [("0", "must be between 1 and 1048576"), ("1.5", "expected a whole number")])
+def test_console_limit_refuses_what_is_not_a_positive_whole_number(raw: str, reason: str) -> None:
+    assert reason in config_error({"console_limit": raw})

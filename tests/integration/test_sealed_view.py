@@ -1,0 +1,129 @@
+"""What a guest can see of L0: only the allowlisted, read-only exports; no secret, no environment.
+
+One inner pytest session (so that its environment carries a canary) boots L1 and L2; root in
+each guest then looks for canaries the outer test planted on L0: directly, after mounting every
+9p tag of its QEMU again, and after bind-mounting / elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CANARY_VAR = "CANARY_SECRET_TOKEN"  # not NESTEDKVM_*: the plugin reads those as options
+
+# Run in the guest as root: prints "LEAK <where>" for every canary it can read, and "SEEN <path>"
+# for the control file that must be visible (proof that the looking works).
+LOOK = r"""
+token=$1; shift; control=$1; shift
+hit() { grep -qs "$token" "$1" && echo "LEAK $1"; }
+for f in "$@"; do hit "$f"; done
+grep -qs "$token" /proc/1/environ && echo "LEAK guest environment"
+mkdir -p /mnt/again /mnt/bound
+for tag in $(cat /sys/bus/virtio/drivers/9pnet_virtio/*/mount_tag 2>/dev/null | tr '\0' ' '); do
+  mkdir -p /mnt/again/$tag
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro "$tag" /mnt/again/$tag || continue
+  for f in "$@"; do
+    hit "/mnt/again/$tag$f"
+    hit "/mnt/again/$tag/${f##*/}"
+  done
+  [ -e "/mnt/again/$tag/proc/self/environ" ] && echo "LEAK a host /proc in $tag"
+done
+mount --bind / /mnt/bound
+for f in "$@"; do hit "/mnt/bound$f"; done
+[ -e "$control" ] && echo "SEEN $control"
+umount /mnt/bound; for d in /mnt/again/*; do umount "$d" 2>/dev/null; done
+true
+"""
+
+INNER = """
+import json, os, pathlib, pytest
+
+PLANTED = json.loads(pathlib.Path("planted.json").read_text())
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_nothing_planted_on_l0_is_readable(nested_guest, level):
+    guest = nested_guest(level)
+    out = guest.succeed(
+        f"sh {PLANTED['script']} {PLANTED['token']} {PLANTED['control']} " + " ".join(PLANTED['files']),
+        timeout=600,
+    )
+    leaks = [line for line in out.splitlines() if line.startswith("LEAK")]
+    # Only the canary in the --nested-share directory is readable (proof that the looking works).
+    assert leaks and all(PLANTED["shared_name"] in line for line in leaks), out
+    assert f"SEEN {PLANTED['control']}" in out  # the project itself is shared, at its own path
+
+
+def test_the_project_runs_its_own_script_in_place(l1):
+    # The project lives under /tmp on L0, which guests cover with their own tmpfs: shared all the same.
+    assert l1.succeed(f"sh {pathlib.Path.cwd()}/helper.sh") == "helper ran\\n"
+
+
+def test_l2_sees_no_more_than_l1(l1, l2):
+    def shared(guest):
+        mounts = guest.succeed("grep ' 9p ' /proc/mounts | cut -d' ' -f2").split()
+        return set(mounts)
+    assert shared(l2) <= shared(l1)
+    assert "/etc" in shared(l2) and "/usr" in shared(l2)
+
+
+def test_qemu_gets_no_host_environment(l1):
+    environ = pathlib.Path(f"/proc/{l1.process.pid}/environ").read_bytes().split(b"\\0")
+    assert not [v for v in environ if v.startswith(b"CANARY_SECRET_TOKEN=")]
+    assert sorted(v.split(b"=")[0] for v in environ if v) == [b"LANG", b"PATH"]
+    for arg in l1.qemu_argv:
+        for part in arg.split(","):
+            if part.startswith("path=") and "-fsdev" in l1.qemu_argv[l1.qemu_argv.index(arg) - 1]:
+                assert part[5:] not in ("/", "/proc", "/tmp", "/root", "/home", "/run", "/sys")
+"""
+
+
+@pytest.fixture
+def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """Canaries on L0 that no guest may read: in /root, a home outside the shares, a 0600 file
+    in /etc, and L0's /tmp outside the project; and one in a directory shared with --nested-share,
+    which must be found. Root only: they sit where a CI runner's secrets do."""
+    if os.geteuid() != 0:
+        pytest.skip("planting canaries in /root and /etc needs root")
+    token = secrets.token_hex(16)
+    home = Path("/home") / f"nestedkvm-canary-{token[:8]}"
+    files = [Path("/root") / f".nestedkvm-canary-{token[:8]}", home / ".ssh" / "id_canary",
+             Path("/etc") / f"nestedkvm-canary-{token[:8]}", tmp_path_factory.mktemp("outside") / "canary"]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{token}\n")
+        path.chmod(0o600 if path.parent == Path("/etc") else 0o644)
+    shared = Path("/srv") / f"nestedkvm-shared-{token[:8]}"
+    shared.mkdir()
+    (shared / "shared-canary").write_text(f"{token}\n")
+    try:
+        yield {"token": token, "files": [str(f) for f in [*files, shared / "shared-canary"]],
+               "shared_dir": str(shared), "shared_name": "shared-canary"}
+    finally:
+        for path in [*files, shared / "shared-canary"]:
+            path.unlink(missing_ok=True)
+        for directory in (home / ".ssh", home, shared):
+            directory.rmdir()
+
+
+@pytest.mark.nested(level=2)
+def test_a_guest_sees_what_its_tests_need_and_nothing_else(
+    pytester: pytest.Pytester, planted: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = pytester.path / "look.sh"
+    script.write_text(LOOK)
+    (pytester.path / "helper.sh").write_text("echo helper ran\n")
+    control = pytester.path / "helper.sh"
+    (pytester.path / "planted.json").write_text(json.dumps({**planted, "script": str(script),
+                                                            "control": str(control)}))
+    pytester.makepyfile(INNER)
+    monkeypatch.setenv(CANARY_VAR, str(planted["token"]))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-levels=2",
+                                           f"--nested-share={planted['shared_dir']}")
+    result.assert_outcomes(passed=5)
