@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import secrets
+import shutil
+import subprocess
+import tempfile
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[2]
 CANARY_VAR = "CANARY_SECRET_TOKEN"  # not NESTEDKVM_*: the plugin reads those as options
 
 # Run in the guest as root: prints "LEAK <where>" for every canary it can read, and "SEEN <path>"
@@ -127,3 +133,57 @@ def test_a_guest_sees_what_its_tests_need_and_nothing_else(
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-levels=2",
                                            f"--nested-share={planted['shared_dir']}")
     result.assert_outcomes(passed=5)
+
+
+UNPRIVILEGED = "nestedkvm-tester"
+
+
+@pytest.fixture(scope="module")
+def unprivileged_python() -> Path:
+    """A user without privileges and its own venv of this project, on Debian's python3 (the
+    project's own interpreter may live under /root, which that user cannot enter)."""
+    if os.geteuid() != 0 or not shutil.which("useradd") or not Path("/usr/bin/python3").exists():
+        pytest.skip("creating an unprivileged user needs root, useradd and /usr/bin/python3")
+    if subprocess.run(["id", UNPRIVILEGED], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", UNPRIVILEGED], check=True)
+    home = Path(pwd.getpwnam(UNPRIVILEGED).pw_dir)
+    source = home / "source"
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "pytest_nestedkvm"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, source / name)
+    subprocess.run(["chown", "-R", UNPRIVILEGED, str(source)], check=True)
+    venv = home / "venv"
+    if not (venv / "bin" / "python").exists():
+        as_user(["/usr/bin/python3", "-m", "venv", str(venv)], home)
+    as_user([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+             str(source)], home)
+    return venv / "bin" / "python"
+
+
+def as_user(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    home = pwd.getpwnam(UNPRIVILEGED).pw_dir
+    environment = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": home, "LANG": "C.UTF-8", **env}
+    return subprocess.run(["runuser", "-u", UNPRIVILEGED, "--", "env", "-i",
+                           *(f"{k}={v}" for k, v in environment.items()), *argv],
+                          cwd=cwd, capture_output=True, text=True, check=False, timeout=1800)
+
+
+@pytest.mark.nested(level=2)
+def test_an_unprivileged_users_guest_sees_no_more(planted: dict[str, object], unprivileged_python: Path) -> None:
+    """The same checks for a session of a user without privileges, its project under /tmp."""
+    project = Path(tempfile.mkdtemp(prefix="nestedkvm-unprivileged-"))
+    try:
+        (project / "look.sh").write_text(LOOK)
+        (project / "helper.sh").write_text("echo helper ran\n")
+        (project / "planted.json").write_text(json.dumps({**planted, "script": str(project / "look.sh"),
+                                                         "control": str(project / "helper.sh")}))
+        (project / "test_inner.py").write_text(textwrap.dedent(INNER))
+        subprocess.run(["chown", "-R", UNPRIVILEGED, str(project)], check=True)
+        result = as_user([str(unprivileged_python), "-m", "pytest", "-p", "no:cacheprovider", "-q",
+                          "--nested-levels=2", f"--nested-share={planted['shared_dir']}"],
+                         project, **{CANARY_VAR: str(planted["token"])})
+        assert "5 passed" in result.stdout, result.stdout + result.stderr
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
