@@ -278,6 +278,10 @@ ChannelKind = Literal["agent", "ssh", "serial"]
 # built-in guest, and let panic() use sysrq (both need root; quietly skipped otherwise).
 IMAGE_SETUP = "{ echo -1 > /proc/sys/kernel/panic; echo 1 > /proc/sys/kernel/sysrq; } 2>/dev/null"
 PANIC = "echo c > /proc/sysrq-trigger"
+# The serial channel shares the console with the guest's own messages (kernel, cloud-init, systemd):
+# let the boot finish and keep kernel messages off the console, so replies are not interleaved.
+QUIET_CONSOLE = ("command -v systemctl >/dev/null && systemctl is-system-running --wait >/dev/null 2>&1; "
+                 "dmesg -n 1 2>/dev/null; true")
 
 
 @dataclass(frozen=True)
@@ -401,6 +405,7 @@ class SerialChannel(Channel):
             raise LoginFailed(f"{self.setup.name}: serial console login as {user!r} failed: {exc}") from None
         self.shell = self._connect("cmd", sock, deadline, interruptible=False)
         self.shell.run(IMAGE_SETUP, deadline.remaining())
+        self.shell.run(QUIET_CONSOLE, deadline.remaining())
 
 
 CHANNELS: dict[ChannelKind, type[Channel]] = {"agent": AgentChannel, "ssh": SshChannel, "serial": SerialChannel}
