@@ -384,12 +384,16 @@ def _artifacts_dir(raw: str) -> Path:
     """Where failed tests leave their artifacts: a directory, or a path one can be made at (made later)."""
     path = Path(raw).expanduser().resolve()
     existing = next(p for p in (path, *path.parents) if p.exists())
-    if existing == path and not path.is_dir():
-        raise ValueError(f"{path} is a file, not a directory: name a directory (it is made when a test fails)")
-    if not existing.is_dir():
-        raise ValueError(f"{existing} is a file, so no directory can be made at {path}: name a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{existing} is not writable by this user: name a directory you can write to")
+    problems = {
+        f"{path} is a file, not a directory: name a directory (it is made when a test fails)":
+            existing == path and not path.is_dir(),
+        f"{existing} is a file, so no directory can be made at {path}: name a directory": not existing.is_dir(),
+        f"{existing} is not writable by this user: name a directory you can write to":
+            not os.access(existing, os.W_OK | os.X_OK),
+    }
+    problem = next((text for text, found in problems.items() if found), None)
+    if problem is not None:
+        raise ValueError(problem)
     return path
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 from pathlib import Path
 
 import pytest
+from fakes import fake_qemu
 
 from pytest_nestedkvm.errors import ConfigError, HostError
 from pytest_nestedkvm.initramfs import find_kernel
@@ -27,17 +27,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("NESTEDKVM_"):
             monkeypatch.delenv(name)
-
-
-def fake_qemu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """A qemu-system-<arch> first on PATH that records each call; returns the file its calls go to."""
-    called, bin_dir = tmp_path / "qemu-called", tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / f"qemu-system-{platform.machine()}"
-    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {called}\necho 'QEMU emulator version 7.2.0'\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    return called
 
 
 def fake_bzimage(path: Path, mib: float) -> Path:

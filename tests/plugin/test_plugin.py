@@ -10,7 +10,6 @@ import contextlib
 import importlib
 import json
 import os
-import platform
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import fake_qemu
 
 from pytest_nestedkvm.host import probe
 from pytest_nestedkvm.settings import OPTION_BY_NAME, OPTIONS, Option
@@ -354,17 +354,6 @@ def test_header_follows_accel_and_cpu_options(pytester: pytest.Pytester) -> None
     lines = header_lines(result)
     assert any(line.startswith("nestedkvm: L1 accel=tcg cpu=qemu64 ") for line in lines), lines
     assert "nestedkvm: levels 2" in lines
-
-
-def fake_qemu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """A qemu-system-<arch> first on PATH that only answers --version; returns the file its calls go to."""
-    called, bin_dir = tmp_path / "qemu-called", tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / f"qemu-system-{platform.machine()}"
-    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {called}\necho 'QEMU emulator version 7.2.0'\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    return called
 
 
 def test_header_without_verbose_leaves_the_plan_for_the_first_guest(pytester: pytest.Pytester) -> None:

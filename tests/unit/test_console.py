@@ -188,17 +188,6 @@ def test_a_console_that_keeps_printing_past_the_limit_is_still_read(
     assert recorder.path.stat().st_size == MIB + len(TRUNCATED)
 
 
-def test_recorder_ends_when_its_socket_is_shut_down(
-    tmp_path: Path, console_pair: tuple[socket.socket, socket.socket],
-) -> None:
-    qemu, plugin = console_pair
-    recorder = ConsoleRecorder(plugin, tmp_path / "console.log", MIB)
-    qemu.sendall(b"hello\n")
-    plugin.shutdown(socket.SHUT_RDWR)  # as HostLink.close does
-    recorder.thread.join(5)
-    assert not recorder.thread.is_alive()
-
-
 def test_settle_waits_until_what_was_sent_is_in_the_log(
     tmp_path: Path, console_pair: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -220,18 +209,24 @@ def test_settle_waits_until_what_was_sent_is_in_the_log(
     assert recorder.thread.is_alive()  # quiet, not ended
 
 
-def test_settle_returns_at_once_when_the_stream_ended(
-    tmp_path: Path, console_pair: tuple[socket.socket, socket.socket],
+@pytest.mark.parametrize("closer", ["QEMU", "the link"])
+def test_recorder_ends_with_its_stream_and_settle_then_returns_at_once(
+    tmp_path: Path, console_pair: tuple[socket.socket, socket.socket], closer: str,
 ) -> None:
     qemu, plugin = console_pair
     recorder = ConsoleRecorder(plugin, tmp_path / "console.log", MIB)
     qemu.sendall(b"last words\n")
-    qemu.close()
+    if closer == "QEMU":
+        qemu.close()
+    else:
+        plugin.shutdown(socket.SHUT_RDWR)  # as HostLink.close does
     recorder.thread.join(5)
+    assert not recorder.thread.is_alive()
     started = time.monotonic()
     recorder.settle(quiet=10, at_most=10)
     assert time.monotonic() - started < 1
-    assert recorder.path.read_bytes() == b"last words\n"
+    if closer == "QEMU":
+        assert recorder.path.read_bytes() == b"last words\n"
 
 
 def test_settle_gives_up_after_at_most(tmp_path: Path, console_pair: tuple[socket.socket, socket.socket]) -> None:

@@ -633,30 +633,25 @@ def test_init_root_mounts_each_export_at_its_path_and_makes_the_links() -> None:
     ]
 
 
-def test_init_root_mounts_in_the_order_given() -> None:
-    # A share under /tmp lands on the guest's /tmp; /var/tmp and /var/log cover a shared /var.
-    project = Path("/tmp/ci/project")
-    view = View(exports=(Export(Path("/srv/var"), Path("/var")), Export(project, project)), links=())
-    assert init_root_of(kernel_spec(view=view)) == [
-        "mkdir -p /newroot", "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS,
-        "mkdir -p /newroot/var", ninep("nk0", "/newroot/var"),
-        *tmpfs_dirs("/tmp", "/run", "/mnt", "/var/tmp", "/var/log"),
-        "mkdir -p /newroot/tmp/ci/project", ninep("nk1", "/newroot/tmp/ci/project"),
-        "chmod 755 /newroot/run",
-        "mount -o remount,ro /newroot",
-    ]
+PROJECT = Path("/tmp/ci/project")
+SHARED_VAR_VIEW = View(exports=(Export(Path("/srv/var"), Path("/var")), Export(PROJECT, PROJECT)), links=())
 
 
-def test_init_root_follows_the_command_line_order_not_its_own() -> None:
-    cmdline = "console=ttyS0 nestedkvm.mount=nk1:/b nestedkvm.mount=tmpfs:/a nestedkvm.mount=nk0:/a/b/c"
-    assert run_init_root(cmdline) == [
-        "mkdir -p /newroot", "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS,
-        "mkdir -p /newroot/b", ninep("nk1", "/newroot/b"),
-        *tmpfs("/a"),
-        "mkdir -p /newroot/a/b/c", ninep("nk0", "/newroot/a/b/c"),
-        "chmod 755 /newroot/run",
-        "mount -o remount,ro /newroot",
-    ]
+@pytest.mark.parametrize(("cmdline", "mounts"), [
+    # From the argv: a share under /tmp lands on the guest's /tmp; /var/tmp and /var/log cover a shared /var.
+    (None, [("nk0", "/var"), *(("tmpfs", d) for d in ("/tmp", "/run", "/mnt", "/var/tmp", "/var/log")),
+            ("nk1", str(PROJECT))]),
+    # The init follows the command line's order, not an order of its own.
+    ("console=ttyS0 nestedkvm.mount=nk1:/b nestedkvm.mount=tmpfs:/a nestedkvm.mount=nk0:/a/b/c",
+     [("nk1", "/b"), ("tmpfs", "/a"), ("nk0", "/a/b/c")]),
+], ids=["from-the-argv", "command-line-order"])
+def test_init_root_mounts_in_the_order_given(cmdline: str | None, mounts: list[tuple[str, str]]) -> None:
+    steps = init_root_of(kernel_spec(view=SHARED_VAR_VIEW)) if cmdline is None else run_init_root(cmdline)
+    expected = []
+    for tag, path in mounts:
+        expected += [*tmpfs(path)] if tag == "tmpfs" else [f"mkdir -p /newroot{path}", ninep(tag, f"/newroot{path}")]
+    assert steps == ["mkdir -p /newroot", "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS, *expected,
+                     "chmod 755 /newroot/run", "mount -o remount,ro /newroot"]
 
 
 def test_init_root_without_exports_is_a_read_only_tmpfs_with_the_writable_dirs() -> None:
