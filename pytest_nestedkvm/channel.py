@@ -12,10 +12,10 @@ Bytes before the start marker (late output of an earlier command's background
 job, messages of the shell itself) are dropped. A command runs in a subshell (its
 `exit`, `cd` and `set` stay there) with stdin from /dev/null, no positional
 parameters and no variable holding the nonce, so it cannot forge a marker. stdout
-goes straight to the stream; stderr is spooled to a file created afresh for each
-command (a new inode: a job left behind writes into its own command's file, never
-into a later reply's stderr) and sent after the first marker. `true` costs one
-fork, no exec. (Spooling stdout as well would also keep a job's stdout out of a
+goes straight to the stream; stderr is spooled to one of 64 files used in turn
+(truncated on reuse, as cheap as one file: a job left behind writes into its own
+command's file, which comes round again only 64 commands later) and sent after
+the first marker. `true` costs one fork, no exec. (Spooling stdout as well would also keep a job's stdout out of a
 command that runs while the job prints, but its `cat` doubled the latency of
 small commands under TCG: start background jobs with their output redirected.)
 """
@@ -56,15 +56,12 @@ __nk_d=${TMPDIR:-/tmp}/.nestedkvm.$$
 rm -rf "$__nk_d"; mkdir -p -m 700 "$__nk_d"
 __nk_i=0
 __nk() {
-  __nk_i=$((__nk_i + 1))
-  if [ "$__nk_i" -gt 64 ]; then rm -f "$__nk_d"/*; __nk_i=1; fi
-  [ -d "$__nk_d" ] || mkdir -p -m 700 "$__nk_d"
-  __nk_e=$__nk_d/e$__nk_i
+  __nk_i=$((__nk_i % 64 + 1))
   printf '\n@@NK%s:S\n' "$1"
-  ( __nk_c=$2; set --; eval "$__nk_c" ) </dev/null 2>"$__nk_e"
+  ( __nk_c=$2; set --; eval "$__nk_c" ) </dev/null 2>"$__nk_d/e$__nk_i"
   __nk_s=$?
   printf '\n@@NK%s:E\n' "$1"
-  [ -s "$__nk_e" ] && cat "$__nk_e" && : >"$__nk_e"
+  [ -s "$__nk_d/e$__nk_i" ] && cat "$__nk_d/e$__nk_i"
   printf '\n@@NK%s:X %d\n' "$1" "$__nk_s"
 }
 __nk_kill() {
