@@ -52,13 +52,19 @@ def main() -> None:
                        check=True)
         try:
             runs: dict[str, list[dict[str, object]]] = {"old": [], "new": []}
+            failures = {"old": 0, "new": 0}
             for round_ in range(args.rounds):
                 order = [("old", old), ("new", args.new)]
                 for name, tree in order if round_ % 2 == 0 else reversed(order):
-                    runs[name].append(one_run(tree, args.levels, args.commands))
+                    try:
+                        runs[name].append(one_run(tree, args.levels, args.commands))
+                    except subprocess.CalledProcessError:  # a guest that wedged: say so, keep measuring
+                        failures[name] += 1
+                        print(f"round {round_ + 1}: the {name} run failed (its output is above)", file=sys.stderr)
         finally:
             subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(old)], check=False)
-    print(f"{args.old} (old) vs {args.new} (new): medians of {args.rounds} rounds, {os.cpu_count()} cores")
+    print(f"{args.old} (old) vs {args.new} (new): medians of {len(runs['old'])} and {len(runs['new'])} runs "
+          f"({failures['old']} and {failures['new']} failed), {os.cpu_count()} cores")
     rows = {}
     for key in runs["new"][0]:
         if key not in runs["old"][0]:
@@ -71,7 +77,8 @@ def main() -> None:
         print(f"  {key:<28} old {old_value:8.2f} {unit}   new {new_value:8.2f} {unit}   new/old {ratio:.2f}")
     out = HERE / "results" / "compare_revisions.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"old": args.old, "rounds": args.rounds, "median": rows, "runs": runs}, indent=2))
+    out.write_text(json.dumps({"old": args.old, "rounds": args.rounds, "failures": failures, "median": rows,
+                               "runs": runs}, indent=2))
     print(f"written: {out}")
 
 
