@@ -60,9 +60,11 @@ __nk() {
   printf '\n@@NK%s:S\n' "$1"
   ( __nk_c=$2; set --; eval "$__nk_c" ) </dev/null 2>"$__nk_d/e$__nk_i"
   __nk_s=$?
-  printf '\n@@NK%s:E\n' "$1"
-  [ -s "$__nk_d/e$__nk_i" ] && cat "$__nk_d/e$__nk_i"
-  printf '\n@@NK%s:X %d\n' "$1" "$__nk_s"
+  if [ -s "$__nk_d/e$__nk_i" ]; then
+    printf '\n@@NK%s:E\n' "$1"; cat "$__nk_d/e$__nk_i"; printf '\n@@NK%s:X %d\n' "$1" "$__nk_s"
+  else  # one write for both markers: nested, each write to the port is a trip through every level
+    printf '\n@@NK%s:E\n\n@@NK%s:X %d\n' "$1" "$1" "$__nk_s"
+  fi
 }
 __nk_kill() {
   __nk_set=" $1 "; __nk_grew=1
