@@ -51,6 +51,27 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(session, SESSION_PLUGIN)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--nested-shard: keep this run's share of the tests, deselecting the rest.
+
+    Last, after -k, -m, --deselect and any reordering: a test's share depends on its node id
+    alone, so the order of the hooks changes nothing in what runs, and running last means each
+    test another filter already dropped is not reported as deselected a second time. Under
+    pytest-xdist every worker collects and picks the same share, so it composes with -n.
+    """
+    settings = config.stash[SESSION_KEY].settings
+    if settings.shard is None:
+        return
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        (kept if settings.in_shard(item.nodeid) else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 def configured_settings(config: pytest.Config) -> Settings:
     """The settings, validated once; any bad value is a UsageError that names its source.
 

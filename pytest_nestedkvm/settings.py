@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from .view import unshareable
 
 MAX_LEVELS = 4
 MAX_SECONDS = 86400  # a timeout longer than a day is a typo, not a plan
+MAX_SHARDS = 1000  # more CI jobs than that, each booting its own guests, is a typo
 # A bzImage unpacks to about 4x its size and the guest needs room to run: measured with the
 # Debian 6.1 kernel (7.9 MiB), 80 MiB panics "System is deadlocked on memory", 96 MiB boots.
 KERNEL_UNPACK_FACTOR = 4
@@ -87,6 +89,8 @@ OPTIONS: tuple[Option, ...] = (
            "system directories, the project and its Python environment (comma-separated)", "PATH[,PATH...]"),
     Option("console_limit", "MiB of console log kept per guest on the host; past it one line says that the rest "
            "was dropped (default 64)", "MIB"),
+    Option("shard", "run only share I of N of the collected tests (1 <= I <= N), the same share on every "
+           "machine: for a CI matrix where each job boots its own guests", "I/N"),
     Option("enable", "try to reload kvm_intel/kvm_amd with nested=1 when it is off (needs root)", flag=True),
 )
 
@@ -114,6 +118,7 @@ class Settings:
     artifacts: Path | None = None
     share: tuple[Path, ...] = ()
     console_limit: int = 64
+    shard: tuple[int, int] | None = None  # (I, N): share I of N, see in_shard
     enable: bool = False
     l1_smp_default: int = 2  # see from_sources: fewer when xdist workers share the host's cores
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -196,6 +201,17 @@ class Settings:
 
     def smp_for(self, level: int) -> int:
         return _per_level(self.smp, level, lambda lv: self.l1_smp_default if lv == 1 else 1)
+
+    def in_shard(self, nodeid: str) -> bool:
+        """Whether the test `nodeid` belongs to this run's share (always, without --nested-shard).
+
+        A test belongs to share crc32(nodeid) % N + 1: a function of the node id alone, so every
+        machine, every xdist worker and every collection order picks the same tests (Python's own
+        str hash changes with PYTHONHASHSEED)."""
+        if self.shard is None:
+            return True
+        index, count = self.shard
+        return zlib.crc32(nodeid.encode("utf-8", "surrogateescape")) % count + 1 == index
 
     def _given(self, name: str) -> str:
         """`--nested-<name>=<value> (from <source>)`, for the start of an error message."""
@@ -421,6 +437,19 @@ def _login(raw: str) -> tuple[str, str]:
     return user.strip(), password
 
 
+def _shard(raw: str) -> tuple[int, int]:
+    index, _, count = raw.strip().partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise ValueError("expected I/N, share I of N (e.g. 2/3)") from None
+    if not 1 <= n <= MAX_SHARDS:
+        raise ValueError(f"N must be from 1 to {MAX_SHARDS}")
+    if not 1 <= i <= n:
+        raise ValueError(f"I must be from 1 to N ({n})")
+    return i, n
+
+
 def _argv(raw: str) -> tuple[str, ...]:
     try:
         return tuple(shlex.split(raw))
@@ -471,6 +500,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "artifacts": _artifacts_dir,
     "share": _shares,
     "console_limit": _int_in(1, 1 << 20),
+    "shard": _shard,
     "enable": _flag,
 }
 assert set(_PARSERS) == set(OPTION_BY_NAME), "every option needs a parser"

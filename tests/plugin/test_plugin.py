@@ -180,6 +180,8 @@ def make_values(base: Path) -> ValueTable:
         "share": (Case(str(base), (base.resolve(),)), Case(f"{base},{base}", (base.resolve(), base.resolve())),
                   Case(f" {base} ,", (base.resolve(),))),
         "console_limit": (Case("1", 1), Case("64", 64), Case("1024", 1024)),
+        # Shares that hold the inner test_dump.py::test_dump (crc32 % N + 1), so it still runs.
+        "shard": (Case("1/1", (1, 1)), Case("2/2", (2, 2)), Case(" 604/1000 ", (604, 1000))),
         # CLI: the switch itself; env/ini: "0" on the losing side of the precedence checks.
         "enable": (Case("", True), Case("yes", True), Case("on", True)),
     }
