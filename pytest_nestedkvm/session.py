@@ -30,7 +30,7 @@ from .errors import NestedKvmError
 from .forensics import ConsoleMark
 from .guest import Guest, new_guest
 from .host import HARDWARE_BACKENDS, HostReport, enable_nested, find_qemu, probe
-from .initramfs import boot_image, build_initramfs, cache_dir, find_kernel
+from .initramfs import Kernel, boot_image, build_initramfs, cache_dir, find_kernel
 from .pool import GuestPool, LifecycleHooks
 from .qemu import QBOOT, GuestSpec
 from .settings import Settings
@@ -82,6 +82,11 @@ class NestedSession:
         return make_session_key(self.run_root / "ssh")
 
     @functools.cached_property
+    def kernel(self) -> Kernel:
+        """The kernel the built-in guests boot, looked up once (boot files and JUnit properties)."""
+        return find_kernel(self.settings.kernel, self.settings.modules)
+
+    @functools.cached_property
     def boot_files(self) -> plan.BootFiles:
         seeds = {level: self.run_root / f"l{level}-seed.iso" for level in plan.seed_levels(self.settings)}
         for level, seed in seeds.items():
@@ -89,7 +94,7 @@ class NestedSession:
                                instance_id=self.run_root.name)
         if self.settings.l1_image is not None:  # a disk image boots its own kernel
             return plan.BootFiles(kernel=None, initrd=None, firmware=None, seeds=seeds)
-        kernel = find_kernel(self.settings.kernel, self.settings.modules)
+        kernel = self.kernel
         files = plan.BootFiles(kernel=boot_image(kernel), initrd=build_initramfs(kernel),
                                firmware=QBOOT if QBOOT.is_file() else None, seeds=seeds)
         shared = [cache_dir(), self.rootdir, *python_dirs(), *self.settings.share]
@@ -159,7 +164,7 @@ class NestedSession:
         if self.report.qemu is not None:
             props.append(("nestedkvm_qemu", self.report.qemu.version))
         with contextlib.suppress(NestedKvmError):  # reported where the kernel is needed
-            props.append(("nestedkvm_kernel", find_kernel(self.settings.kernel, self.settings.modules).release))
+            props.append(("nestedkvm_kernel", self.kernel.release))
         return props
 
     def progress(self, message: str) -> None:
