@@ -68,6 +68,9 @@ class HostReport:
     reasons: list[str]
     nesting_possible: bool
     nesting_fix: str | None
+    # The CPU is QEMU's TCG (model name "QEMU TCG CPU ..."): this host is itself emulated, so
+    # its KVM guests run emulated too (nested SVM on TCG), at TCG's pace, not hardware's.
+    cpu_emulated: bool = False
 
     def as_dict(self) -> dict[str, object]:
         """Every field, JSON-serialisable (tuples become lists, QemuInfo a dict)."""
@@ -121,6 +124,11 @@ def cpu_flags(root: Path) -> frozenset[str]:
 
 def cpu_vendor(root: Path) -> str | None:
     return VENDOR_IDS.get(cpuinfo_field(root, "vendor_id") or "")
+
+
+def cpu_is_tcg(root: Path) -> bool:
+    """QEMU names the CPU it emulates with TCG "QEMU TCG CPU version ..." (-cpu max)."""
+    return (cpuinfo_field(root, "model name") or "").startswith("QEMU TCG CPU")
 
 
 def module_loaded(root: Path, name: str) -> bool:
@@ -345,6 +353,10 @@ def probe(
         chosen, cpu_value, backend, raw_nested, root
     )
     reasons.append(nesting_reason)
+    emulated = cpu_is_tcg(root)
+    if emulated and chosen == "kvm":
+        reasons.append("This host's CPU is QEMU's TCG emulation: its KVM guests run emulated too, "
+                       "so boot and command budgets are TCG's.")
     if qemu is None:
         binary = f"qemu-system-{arch}"
         reasons.append(
@@ -367,6 +379,7 @@ def probe(
         reasons=reasons,
         nesting_possible=possible,
         nesting_fix=fix,
+        cpu_emulated=emulated,
     )
 
 

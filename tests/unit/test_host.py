@@ -29,10 +29,11 @@ def make_tree(
     modules: Sequence[str] = (),
     nested: dict[str, str] | None = None,
     refcnt: dict[str, str] | None = None,
+    model_name: str = "Fake CPU",
 ) -> Path:
     """A fake root: proc/cpuinfo (two CPUs), optional dev/kvm, sys/module/<name>/..."""
     (root / "proc").mkdir(parents=True)
-    cpu = f"vendor_id\t: {vendor_id}\nmodel name\t: Fake CPU\nflags\t\t: {flags}\n"
+    cpu = f"vendor_id\t: {vendor_id}\nmodel name\t: {model_name}\nflags\t\t: {flags}\n"
     (root / "proc" / "cpuinfo").write_text(
         f"processor\t: 0\n{cpu}\nprocessor\t: 1\n{cpu}", encoding="utf-8"
     )
@@ -132,6 +133,17 @@ def test_amd_nested_off_gives_modprobe_fix(amd_nested_off: Path) -> None:
     assert "kvm_amd nested=0" in report.nesting_fix
     assert "`modprobe -r kvm_amd && modprobe kvm_amd nested=1`" in report.nesting_fix
     assert "--nested-enable" in report.nesting_fix
+
+
+def test_kvm_on_a_tcg_emulated_cpu_is_planned_at_tcgs_pace(tmp_path: Path) -> None:
+    """Inside an L1 that QEMU runs under TCG with -cpu max: kvm_amd works, but on an emulated CPU."""
+    root = make_tree(tmp_path, flags=BASE_FLAGS + " hypervisor svm", modules=("kvm", "kvm_amd"),
+                     nested={"kvm_amd": "1"}, model_name="QEMU TCG CPU version 2.5+")
+    report = probe(root, qemu=QEMU)
+    assert (report.accel, report.cpu, report.cpu_emulated) == ("kvm", "host", True)
+    assert any("QEMU's TCG emulation" in reason for reason in report.reasons)
+    assert probe(make_tree(tmp_path / "hw", flags=BASE_FLAGS + " svm", modules=("kvm", "kvm_amd"),
+                           nested={"kvm_amd": "1"}, model_name="AMD EPYC 7763"), qemu=QEMU).cpu_emulated is False
 
 
 def test_builtin_module_fix_is_kernel_command_line(tmp_path: Path) -> None:

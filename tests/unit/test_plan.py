@@ -222,6 +222,12 @@ def test_timeouts_scale_with_accel_level_and_channel_kind(
     assert timeouts(spec, settings(), host(accel=accel)) == expected
 
 
+def test_kvm_on_an_emulated_cpu_gets_tcg_budgets() -> None:
+    spec = GuestSpec(level=1, qemu=QEMU.binary, accel="kvm", cpu="host", memory_mib=512, smp=1)
+    emulated = dataclasses.replace(host(accel="kvm"), cpu_emulated=True)
+    assert timeouts(spec, settings(), emulated) == (90.0, 120.0)
+
+
 def test_users_timeouts_win() -> None:
     spec = builtin_spec(2, settings(levels="2"), host(accel="tcg"), FILES)
     assert timeouts(spec, settings(boot_timeout="7", command_timeout="9.5"), host(accel="tcg")) == (7.0, 9.5)
