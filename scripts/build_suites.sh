@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Build what the kernel-suite tests need, once, into a cache; print the built directory.
+#   build_suites.sh kernel            Debian's linux-source-6.1, x86_64_defconfig + kvm_guest.config
+#                                     + scripts/kernel/nestedkvm.config (bzImage and modules, in tree)
+#   build_suites.sh kselftests        tools/testing/selftests/kvm of that same tree
+#   build_suites.sh kut TARBALL       kvm-unit-tests from a source tarball (configured and built)
+# A build is keyed by its inputs (source version, config fragment, tarball), so a changed fragment
+# builds anew and an unchanged one costs nothing. Builds happen in DIR.partial and are renamed to
+# DIR when they succeed: an interrupted build never looks finished.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${NESTEDKVM_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pytest-nestedkvm/builds}
+jobs=$(nproc)
+log() { echo "build_suites: $*" >&2; }
+
+source_tarball() {
+  local tarball
+  tarball=$(ls /usr/src/linux-source-6.1.tar.xz 2>/dev/null) || {
+    log "no /usr/src/linux-source-6.1.tar.xz: apt-get install linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev"
+    exit 2
+  }
+  echo "$tarball"
+}
+
+kernel_dir() {
+  local version key
+  version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
+  key=$(cat "$here/kernel/nestedkvm.config" | sha256sum | cut -c1-12)
+  echo "$cache/linux-$version-$key"
+}
+
+build_kernel() {
+  local dir tarball start
+  dir=$(kernel_dir)
+  if [ -f "$dir/arch/x86/boot/bzImage" ]; then echo "$dir"; return; fi
+  tarball=$(source_tarball)
+  start=$SECONDS
+  rm -rf "$dir.partial" && mkdir -p "$dir.partial"
+  log "unpacking $tarball"
+  tar -xf "$tarball" -C "$dir.partial" --strip-components=1
+  (
+    cd "$dir.partial"
+    make -s x86_64_defconfig >&2
+    scripts/kconfig/merge_config.sh -m .config kernel/configs/kvm_guest.config "$here/kernel/nestedkvm.config" >/dev/null
+    make -s olddefconfig >&2
+    log "building the kernel with $jobs jobs"
+    make -s -j"$jobs" bzImage modules >&2
+  )
+  mv "$dir.partial" "$dir"
+  log "kernel $(make -s -C "$dir" kernelrelease) built in $((SECONDS - start)) s"
+  echo "$dir"
+}
+
+build_kselftests() {
+  local dir start
+  dir=$(build_kernel)
+  if [ -f "$dir/.kselftests-built" ]; then echo "$dir/tools/testing/selftests/kvm"; return; fi
+  start=$SECONDS
+  make -s -C "$dir" headers >&2
+  make -s -C "$dir/tools/testing/selftests/kvm" -j"$jobs" >&2
+  touch "$dir/.kselftests-built"
+  log "KVM selftests built in $((SECONDS - start)) s"
+  echo "$dir/tools/testing/selftests/kvm"
+}
+
+build_kut() {
+  local tarball=${1:?usage: build_suites.sh kut TARBALL} dir start
+  [ -f "$tarball" ] || { log "no such tarball: $tarball"; exit 2; }
+  dir="$cache/kvm-unit-tests-$(sha256sum "$tarball" | cut -c1-12)"
+  # configure wrote the build path into config.mak (ERRATATXT, which the runner reads): point it at
+  # the final directory, also in a tree built before this line existed.
+  fix_paths() { sed -i "s|$dir\.partial|$dir|g" "$dir/config.mak"; }
+  if [ -f "$dir/x86/msr.flat" ]; then fix_paths; echo "$dir"; return; fi
+  start=$SECONDS
+  rm -rf "$dir.partial" && mkdir -p "$dir.partial"
+  tar -xf "$tarball" -C "$dir.partial" --strip-components=1
+  (cd "$dir.partial" && ./configure >&2 && make -s -j"$jobs" >&2)
+  mv "$dir.partial" "$dir"
+  fix_paths
+  log "kvm-unit-tests built in $((SECONDS - start)) s"
+  echo "$dir"
+}
+
+case "${1:-}" in
+  kernel) build_kernel ;;
+  kselftests) build_kselftests ;;
+  kut) build_kut "${2:-}" ;;
+  *) echo "usage: $0 kernel | kselftests | kut TARBALL" >&2; exit 2 ;;
+esac
