@@ -11,6 +11,13 @@ from pytest_nestedkvm.initramfs import cache_dir
 # pytester points HOME into /tmp, which guests cover with tmpfs: inner sessions keep
 # using the real (content-addressed, shareable) boot cache instead.
 CACHE_ROOT = cache_dir().parent
+# Each of these runs pytest sessions inside L1 that boot guests of their own (minutes per test):
+# they run last, so that a quick failure elsewhere shows first.
+SLOWEST_LAST = ("test_self_hosting.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name in SLOWEST_LAST)  # stable: the order within stays
 
 
 @pytest.fixture(autouse=True)
