@@ -72,6 +72,11 @@ class HostReport:
     # its KVM guests run emulated too (nested SVM on TCG), at TCG's pace, not hardware's.
     cpu_emulated: bool = False
 
+    @property
+    def pace(self) -> Accel:
+        """The accelerator whose speed guests here run at: TCG's on an emulated CPU, even with KVM."""
+        return "tcg" if self.cpu_emulated else self.accel
+
     def as_dict(self) -> dict[str, object]:
         """Every field, JSON-serialisable (tuples become lists, QemuInfo a dict)."""
         data: dict[str, object] = asdict(self)

@@ -110,7 +110,6 @@ def _image(common: GuestSpec, image: Path, settings: Settings, files: BootFiles)
 
 def timeouts(spec: GuestSpec, settings: Settings, report: HostReport) -> tuple[float, float]:
     """(boot, command) seconds for a guest: the user's, or scaled with accelerator, depth and kind."""
-    pace = "tcg" if report.cpu_emulated else report.accel  # KVM on an emulated CPU is emulation too
-    boot = BOOT_TIMEOUT[pace] * spec.level * channel_class(spec.channel).boot_factor
-    command = COMMAND_TIMEOUT[pace] * spec.level
+    boot = BOOT_TIMEOUT[report.pace] * spec.level * channel_class(spec.channel).boot_factor
+    command = COMMAND_TIMEOUT[report.pace] * spec.level
     return settings.boot_timeout or boot, settings.command_timeout or command
