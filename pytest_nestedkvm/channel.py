@@ -230,7 +230,11 @@ class ShellChannel:
         if self.interrupt is None or self.shell_pid is None:
             self.broken = f"{command!r} timed out and this channel cannot interrupt it"
             return False
-        self.interrupt(self.shell_pid)
+        try:
+            self.interrupt(self.shell_pid)
+        except (ChannelError, CommandTimeout) as exc:  # the control shell is stuck too
+            self.broken = f"{command!r} timed out and killing it failed: {exc}"
+            return False
         try:
             self._read_reply(markers, parts, time.monotonic() + KILL_GRACE)
         except TimeoutError:
@@ -316,8 +320,11 @@ class Channel:
 
     @property
     def broken(self) -> str | None:
-        """Why the main shell stopped working, if it did; "not open" before open()."""
-        return "not open" if self.shell is None else self.shell.broken
+        """Why the channel stopped working, if it did: the main shell's reason, or the control
+        shell's (without it a command that times out cannot be stopped); "not open" before open()."""
+        if self.shell is None:
+            return "not open"
+        return self.shell.broken or (self.control.broken if self.control is not None else None)
 
     def run(self, command: str, timeout: float) -> CommandResult:
         if self.shell is None:

@@ -143,6 +143,20 @@ def test_a_timed_out_command_is_killed_through_the_control_shell(
     assert agent.run("echo still here", 5).stdout == "still here\n"
 
 
+def test_a_stuck_control_shell_breaks_the_channel_so_the_guest_is_replaced(agent: AgentChannel) -> None:
+    """Seen on a hung L1: the kill itself timed out. Both shells are then unusable, and `broken`
+    says so, which makes the pool boot a fresh guest for the next test."""
+    assert agent.shell is not None and agent.control is not None
+    agent.control.shell_pid = None  # as after its own timeout: it cannot be interrupted
+    with pytest.raises(CommandTimeout):
+        agent.control.run("sleep 30", 0.3)
+    with pytest.raises(CommandTimeout, match="could not be stopped"):
+        agent.run("sleep 30", 0.3)
+    assert agent.broken is not None and "killing it failed" in agent.broken
+    with pytest.raises(ChannelError, match="unusable"):
+        agent.run("echo after", 5)
+
+
 def test_panic_goes_through_the_control_shell(agent: AgentChannel, monkeypatch: pytest.MonkeyPatch) -> None:
     # never forwarded: run as root on a real host, sysrq-c would crash it
     sent: list[tuple[str, str, float]] = []
