@@ -26,7 +26,7 @@ from filelock import FileLock
 
 from .errors import HostError
 from .host import HARDWARE_BACKENDS, KVM_MODULE_BY_FLAG
-from .layout import COMMAND_PORT, CONTROL_PORT, PORT_DIR
+from .layout import BOOT_MARKS, COMMAND_PORT, CONTROL_PORT, PORT_DIR
 
 FORMAT_VERSION = "1"
 # Drivers the guest cannot boot without, and ones it uses when the kernel has them.
@@ -259,6 +259,9 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# Boot phases by guest uptime (a shell builtin read, no process): benchmarks/boot_split.py.
+mark() {{ read up _ < /proc/uptime; marks="$marks$1=$up "; }}
+mark init
 say() {{ echo "nestedkvm: $*" > /dev/console; }}
 fail() {{ say "FATAL: $*"; echo c > /proc/sysrq-trigger; }}
 vendor_ok() {{
@@ -274,6 +277,7 @@ load() {{
 }}
 ( {loads(kvm)} ) &
 {loads(drivers)}
+mark drivers
 # The root: an empty tmpfs with the host's exports at their own paths (nestedkvm.mount=TAG:PATH,
 # one per read-only 9p export; see view.py), or one export as the whole root (TAG:/).
 mkdir -p /newroot
@@ -297,6 +301,7 @@ done
 chmod 755 /newroot/run
 for l in $links; do ln -s "${{l#*:}}" "/newroot${{l%%:*}}"; done
 [ -n "$rootfs" ] || mount -o remount,ro /newroot
+mark mounts
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
@@ -322,8 +327,11 @@ while [ $n -lt 200 ]; do
   [ $found -ge $want ] && break
   sleep 0.05; n=$((n + 1))
 done
+mark ports
 cp /stage2 /bin/busybox /newroot{PORT_DIR}/
 wait  # for the kvm modules
+mark kvm
+echo "$marks" > /newroot{BOOT_MARKS}
 for m in proc sys dev; do mount --move /$m /newroot/$m; done
 exec switch_root /newroot {AGENT_SHELL} /run/nestedkvm/stage2
 """
@@ -348,6 +356,7 @@ for port in {COMMAND_PORT} {CONTROL_PORT}; do
   [ -e $dev ] || {{ echo "nestedkvm: no virtio port $port" > /dev/console; continue; }}
   (while :; do {AGENT_SHELL} <>$dev >&0 2>/dev/console; sleep 0.2; done) &
 done
+read up _ < /proc/uptime; echo "stage2=$up" >> {BOOT_MARKS}
 echo "nestedkvm: stage2 up" > /dev/console
 while :; do wait; sleep 60; done
 """

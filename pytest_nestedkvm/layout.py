@@ -10,5 +10,7 @@ COMMAND_PORT = "nestedkvm.cmd"
 CONTROL_PORT = "nestedkvm.ctl"
 # Where the guest links each named virtio port as port.<name> (udev would use /dev/virtio-ports).
 PORT_DIR = "/run/nestedkvm"
+# Guest uptime at each phase of the built-in guest's boot, "name=seconds" (benchmarks read it).
+BOOT_MARKS = f"{PORT_DIR}/boot-marks"
 # Writable places on top of the read-only shared root.
 TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/var/log", "/mnt")

@@ -8,6 +8,7 @@ from pytest_nestedkvm.errors import CommandFailed, CommandTimeout
 from pytest_nestedkvm.guest import Guest
 from pytest_nestedkvm.host import HostReport
 from pytest_nestedkvm.initramfs import WAKEUP_GRANULARITY_NS
+from pytest_nestedkvm.layout import BOOT_MARKS
 
 pytestmark = pytest.mark.nested(level=1)
 
@@ -98,3 +99,12 @@ def test_a_pipe_reader_does_not_preempt_its_writer_on_every_line(l1: Guest) -> N
     assert result.exit_status == 0, result
     preempted = int(result.stderr.split()[-1])
     assert preempted < 500, f"the writer was preempted {preempted} times for 5000 lines"
+
+
+def test_the_init_records_its_boot_phases_in_order(l1: Guest) -> None:
+    """benchmarks/boot_split.py reads these: each phase's guest uptime, in boot order."""
+    marks = dict(item.split("=") for item in l1.succeed(f"cat {BOOT_MARKS}").split())
+    assert list(marks) == ["init", "drivers", "mounts", "ports", "kvm", "stage2"]
+    uptimes = [float(value) for value in marks.values()]
+    assert uptimes == sorted(uptimes) and 0 < uptimes[0]
+    assert uptimes[-1] <= float(l1.succeed("cut -d' ' -f1 /proc/uptime"))

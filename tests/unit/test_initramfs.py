@@ -570,6 +570,7 @@ ln() { echo "ln $*"; }
 chmod() { echo "chmod $*"; }
 cat() { echo "$CMDLINE"; }
 fail() { echo "FATAL $*"; }
+mark() { :; }
 """
 BASE_DIRS = [f"mkdir -p /newroot{d}" for d in ("/proc", "/sys", "/dev")]
 # The guest's writable dirs as GuestSpec.view_args orders them (shallower first).
