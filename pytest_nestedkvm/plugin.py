@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from . import hookspecs
+from . import hookspecs, suites
 from .errors import ConfigError, HostError
 from .fixtures import l0, l1, l2, nested_guest
 from .host import HostReport, probe
@@ -49,6 +49,7 @@ def pytest_configure(config: pytest.Config) -> None:
     session = NestedSession(settings, config)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, SESSION_PLUGIN)
+    suites.register(config, settings)  # --nested-kut / --nested-kselftests items, when set
 
 
 @pytest.hookimpl(trylast=True)

@@ -72,9 +72,10 @@ class GuestSpec:
         (shallower paths first, so a share under /tmp lands on the guest's tmpfs and a tmpfs
         under a shared /var covers it), and which links to make in its root."""
         mounts = [(e.target, f"{EXPORT_TAG}{index}") for index, e in enumerate(self.exports)]
-        mounts += [(Path(d), "tmpfs") for d in TMPFS_DIRS]
+        view = self.view if self.share_root is None else None  # a whole-root export has its own links
+        mounts += [(Path(d), "tmpfs") for d in TMPFS_DIRS] + [(d, "tmpfs") for d in (view.tmpfs if view else ())]
         mounts.sort(key=lambda mount: len(mount[0].parts))
-        links = [] if self.view is None or self.share_root is not None else self.view.links
+        links = view.links if view else ()
         return [*(f"nestedkvm.mount={tag}:{path}" for path, tag in mounts),
                 *(f"nestedkvm.link={path}:{target}" for path, target in links)]
 

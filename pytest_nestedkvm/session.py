@@ -30,7 +30,8 @@ from .errors import NestedKvmError
 from .forensics import ConsoleMark
 from .guest import Guest, new_guest
 from .host import HARDWARE_BACKENDS, HostReport, enable_nested, find_qemu, probe
-from .initramfs import Kernel, boot_image, build_initramfs, cache_dir, find_kernel
+from .initramfs import Kernel, boot_image, build_initramfs, cache_dir
+from .kernel_tree import boot_kernel, modules_share, with_modules
 from .pool import GuestPool, LifecycleHooks
 from .qemu import QBOOT, GuestSpec
 from .settings import Settings
@@ -84,7 +85,7 @@ class NestedSession:
     @functools.cached_property
     def kernel(self) -> Kernel:
         """The kernel the built-in guests boot, looked up once (boot files and JUnit properties)."""
-        return find_kernel(self.settings.kernel, self.settings.modules)
+        return boot_kernel(self.settings.kernel, self.settings.modules)
 
     @functools.cached_property
     def boot_files(self) -> plan.BootFiles:
@@ -97,8 +98,10 @@ class NestedSession:
         kernel = self.kernel
         files = plan.BootFiles(kernel=boot_image(kernel), initrd=build_initramfs(kernel),
                                firmware=QBOOT if QBOOT.is_file() else None, seeds=seeds)
-        shared = [cache_dir(), self.rootdir, *python_dirs(), *self.settings.share]
-        return dataclasses.replace(files, view=build_view(copy_etc(self.run_root / "etc"), shared))
+        shared = [cache_dir(), self.rootdir, *python_dirs(), *self.settings.share, *modules_share(kernel),
+                  *self.settings.suite_dirs()]
+        view = with_modules(build_view(copy_etc(self.run_root / "etc"), shared), kernel)  # for modprobe in guests
+        return dataclasses.replace(files, view=view)
 
     @property
     def rootdir(self) -> Path:

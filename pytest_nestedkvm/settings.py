@@ -16,8 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import knownfail, kut
+from . import kselftests as kselftests_suite
 from .errors import ConfigError
 from .host import ACCELS, AccelChoice
+from .kernel_tree import check_image, check_modules, is_tree, tree_image
+from .knownfail import KnownFailures
 from .view import unshareable
 
 MAX_LEVELS = 4
@@ -65,10 +69,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("qemu_args", "extra arguments for L1's QEMU, split like a shell would (e.g. '-device virtio-rng-pci')",
            "ARGS"),
     Option("l2_qemu_args", "extra arguments for the QEMU of L2 and deeper", "ARGS"),
-    Option("kernel", "kernel image for the built-in guest (default: a /boot/vmlinuz-* whose modules exist)",
+    Option("kernel", "kernel for the built-in guest: an image, or a kernel build directory whose "
+           "arch/x86/boot/bzImage and built modules are used (default: a /boot/vmlinuz-* whose modules exist)",
            "PATH"),
-    Option("modules", "modules directory matching --nested-kernel (default: /lib/modules/<its version>)",
-           "DIR"),
+    Option("modules", "modules directory matching --nested-kernel (default: /lib/modules/<its version>, or a "
+           "build directory's own modules)", "DIR"),
     Option("append", "extra kernel command line for the built-in guest", "ARGS"),
     Option("memory", "guest memory in MiB; a comma list sets L1,L2,... (default 2048 for L1, shrinking with "
            "depth)", "MIB[,MIB...]"),
@@ -92,6 +97,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("shard", "run only share I of N of the collected tests (1 <= I <= N), the same share on every "
            "machine: for a CI matrix where each job boots its own guests", "I/N"),
     Option("enable", "try to reload kvm_intel/kvm_amd with nested=1 when it is off (needs root)", flag=True),
+    Option("kut", "a configured and built kvm-unit-tests tree: each test of DIR/x86/unittests.cfg becomes a test "
+           "item that runs inside a guest, its groups markers", "DIR"),
+    Option("kut_level", "the guest level the kvm-unit-tests run in (default 1)", "N"),
+    Option("kselftests", "the built tools/testing/selftests/kvm directory of a kernel tree, or an installed "
+           "kselftest tree with kvm/: each KVM selftest becomes a test item that runs inside a guest", "DIR"),
+    Option("kselftests_level", "the guest level the KVM selftests run in (default 1)", "N"),
+    Option("known_failures", "known failures of --nested-kut and --nested-kselftests, one '<suite>:<test> <reason>' "
+           "line each (suite kut or kselftests): a listed test that fails is an xfail with that reason", "FILE"),
 )
 
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
@@ -120,6 +133,11 @@ class Settings:
     console_limit: int = 64
     shard: tuple[int, int] | None = None  # (I, N): share I of N, see in_shard
     enable: bool = False
+    kut: Path | None = None
+    kut_level: int = 1
+    kselftests: Path | None = None
+    kselftests_level: int = 1
+    known_failures: KnownFailures | None = None
     l1_smp_default: int = 2  # see from_sources: fewer when xdist workers share the host's cores
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -153,12 +171,14 @@ class Settings:
             except (ValueError, OSError) as exc:  # OSError: a file the parser reads (kernel, image) cannot be read
                 raise ConfigError(f"{option.cli}={raw!r} (from {source}): {exc}", option=option.name) from None
             sources[option.name] = source
+        _suite_levels(values, sources)
         workers = int(env.get("PYTEST_XDIST_WORKER_COUNT", "") or 1)
         l1_smp_default = max(1, min(2, host_cpus // workers)) if host_cpus else 2
         settings = cls(**values, l1_smp_default=l1_smp_default, sources=sources)
         settings._check_memory(host_memory_mib)
         settings._check_smp_nesting()
         settings._check_login()
+        settings._check_kernel_tree()
         return settings
 
     def check_host_plan(self, *, accel: str, host_cpus: int, default_kernel: Callable[[], Path | None]) -> None:
@@ -170,7 +190,7 @@ class Settings:
                 f"{host_cpus} host cores and each TCG vCPU keeps one busy: use --nested-smp={host_cpus} or fewer",
                 option="smp")
         levels = self.built_in_levels()
-        kernel = (self.kernel or default_kernel()) if levels else None
+        kernel = ((tree_image(self.kernel) if self.kernel else None) or default_kernel()) if levels else None
         if kernel is not None:
             self._check_memory_floor(kernel, levels)
 
@@ -178,6 +198,10 @@ class Settings:
         """The levels that boot the built-in guest: not a user's disk image, nor anything inside one."""
         image_level = 1 if self.l1_image else 2 if self.l2_image else MAX_LEVELS + 1
         return range(1, min(self.levels, image_level - 1) + 1)
+
+    def suite_dirs(self) -> tuple[Path, ...]:
+        """The trees of --nested-kut and --nested-kselftests: the guests see them read-only at the same paths."""
+        return tuple(p for p in (self.kut, self.kselftests) if p is not None)
 
     def describe_source(self, name: str) -> str:
         return self.sources.get(name, "default")
@@ -233,6 +257,16 @@ class Settings:
                 f"--nested-login={self.login[0]}:*** (from {self.describe_source('login')}): a serial-console login "
                 "is only used for a --nested-l1-image, and none is set: pass --nested-l1-image PATH too, "
                 "or drop --nested-login", option="login")
+
+    def _check_kernel_tree(self) -> None:
+        """A build directory's modules are prepared when a guest is first wanted: check now that
+        they are built and that depmod is there (--nested-modules replaces them)."""
+        if self.kernel is None or self.modules is not None or not is_tree(self.kernel):
+            return
+        try:
+            check_modules(self.kernel)
+        except ValueError as exc:
+            raise ConfigError(f"{self._given('kernel')}: {exc}", option="kernel") from None
 
     def _check_memory_floor(self, kernel: Path, levels: range) -> None:
         """Each built-in level gets enough memory to unpack and run `kernel` (deeper levels boot it too)."""
@@ -363,6 +397,12 @@ def _existing_file(raw: str) -> Path:
     return path.resolve()
 
 
+def _kernel_dir(raw: str) -> Path | None:
+    """A kernel build directory whose bzImage is built and current; None for anything else."""
+    path = Path(raw).expanduser()
+    return check_image(path.resolve()) if path.is_dir() else None
+
+
 def _kernel_image(path: Path) -> Path:
     """A file QEMU can boot with -kernel: a bzImage (setup header "HdrS" at 0x202) or an ELF vmlinux."""
     with path.open("rb") as f:
@@ -471,6 +511,41 @@ def shareable_dir(raw: str) -> Path:
     return path
 
 
+SUITE_LEVELS = {"kut": "kut_level", "kselftests": "kselftests_level"}
+
+
+def _suite_levels(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """A suite run at level N needs guests up to N: --nested-levels follows when it was not set,
+    and a --nested-levels set lower is a contradiction the user resolves."""
+    for suite, level_name in SUITE_LEVELS.items():
+        if suite not in values:
+            continue
+        level = values.get(level_name, 1)
+        if "levels" not in values:
+            values["levels"] = level
+            sources.setdefault("levels", f"{OPTION_BY_NAME[level_name].cli}={level}")
+        elif values["levels"] < level:
+            option = OPTION_BY_NAME[level_name]
+            raise ConfigError(
+                f"{option.cli}={level} (from {sources.get(level_name, 'default')}) runs {OPTION_BY_NAME[suite].cli} "
+                f"in L{level}, but --nested-levels={values['levels']} (from {sources['levels']}) provides only up to "
+                f"L{values['levels']}: raise --nested-levels to {level} or lower {option.cli}", option=level_name)
+
+
+def _kut_tree(raw: str) -> Path:
+    return kut.validate_tree(shareable_dir(raw))
+
+
+def _kselftests_dir(raw: str) -> Path:
+    path = shareable_dir(raw)
+    kselftests_suite.discover(path)
+    return path
+
+
+def _known_failures(raw: str) -> KnownFailures:
+    return knownfail.load(_existing_file(raw))
+
+
 def _flag(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -487,7 +562,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "l2_cpu": str.strip,
     "qemu_args": _argv,
     "l2_qemu_args": _argv,
-    "kernel": lambda raw: _kernel_image(_existing_file(raw)),
+    "kernel": lambda raw: _kernel_dir(raw) or _kernel_image(_existing_file(raw)),
     "modules": _existing_dir,
     "append": str.strip,
     "memory": _int_list(64),
@@ -502,5 +577,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "console_limit": _int_in(1, 1 << 20),
     "shard": _shard,
     "enable": _flag,
+    "kut": _kut_tree,
+    "kut_level": _int_in(1, MAX_LEVELS),
+    "kselftests": _kselftests_dir,
+    "kselftests_level": _int_in(1, MAX_LEVELS),
+    "known_failures": _known_failures,
 }
 assert set(_PARSERS) == set(OPTION_BY_NAME), "every option needs a parser"

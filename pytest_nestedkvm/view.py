@@ -48,10 +48,11 @@ class View:
 
     exports: tuple[Export, ...]
     links: tuple[tuple[str, str], ...]  # (path, target) symlinks in the guest's root, e.g. ("/bin", "usr/bin")
+    tmpfs: tuple[Path, ...] = ()  # more tmpfs mounts than layout.TMPFS_DIRS (a place for links)
 
     def one_level_down(self) -> View:
         """What a guest exports to the guest inside it: its own view, from the same paths."""
-        return View(tuple(Export(e.target, e.target) for e in self.exports), self.links)
+        return View(tuple(Export(e.target, e.target) for e in self.exports), self.links, self.tmpfs)
 
 
 def build_view(etc_copy: Path, shared: Iterable[Path], root: Path = Path("/")) -> View:

@@ -1,14 +1,14 @@
 """The guests run the kernel this session was pointed at, and KVM with nesting works on it.
 
-A kernel CI job builds a bzImage and its modules and passes them with
-`--nested-kernel` and `--nested-modules` (see README.md); without them the
-plugin boots the host's kernel. Either way these tests read which kernel the
-plugin picked (the plugin's own lookup, not a hard-coded version) and check
-that L1 and L2 run exactly that build, with KVM, nested=1, and a working
-/dev/kvm (the kvm_api suite's program runs a VM of its own in each).
+A kernel CI job builds its tree and passes it with `--nested-kernel` (the
+build directory, or a bzImage with `--nested-modules`; see README.md); without
+it the plugin boots the host's kernel. Either way these tests read which kernel
+the plugin picked (the plugin's own lookup, not a hard-coded version) and check
+that L1 and L2 run exactly that build, with KVM, nested=1 and modprobe working
+on its modules, and a working /dev/kvm (the kvm_api suite's program runs a VM
+of its own in each).
 
-    pytest --nested-kernel arch/x86/boot/bzImage --nested-modules mods/lib/modules/<version> \\
-        --nested-levels=2 example_suites/custom_kernel
+    make -j$(nproc) && pytest --nested-kernel=. --nested-levels=2 path/to/example_suites/custom_kernel
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.fixtures import POOL_KEY
 from pytest_nestedkvm.guest import Guest
-from pytest_nestedkvm.initramfs import Kernel, find_kernel
+from pytest_nestedkvm.initramfs import Kernel
+from pytest_nestedkvm.session import SESSION_KEY
 
 KVM_HELLO = Path(__file__).resolve().parent.parent / "kvm_api" / "kvm_hello.py"
 
 
 @pytest.fixture(scope="session")
 def kernel(pytestconfig: pytest.Config) -> Kernel:
-    """The kernel the plugin boots: --nested-kernel/--nested-modules, else the host's."""
-    settings = pytestconfig.stash[POOL_KEY].settings
-    return find_kernel(settings.kernel, settings.modules)
+    """The kernel the plugin boots: --nested-kernel (a build tree or an image, with
+    --nested-modules), else the host's; `modules_dir` is what the guests load from."""
+    return pytestconfig.stash[SESSION_KEY].kernel
 
 
 def build_string(image: Path) -> str | None:
@@ -55,11 +55,13 @@ def check_runs_kernel(guest: Guest, kernel: Kernel) -> None:
         assert built.endswith(" " + guest.succeed("uname -v").strip())
 
 
-def check_kvm_works(guest: Guest) -> None:
+def check_kvm_works(guest: Guest, kernel: Kernel) -> None:
     modules = guest.succeed("cut -d' ' -f1 /proc/modules").split()
     vendor = "kvm_amd" if "kvm_amd" in modules else "kvm_intel"
     assert "kvm" in modules and vendor in modules  # loaded from the modules given with the kernel
     assert guest.succeed(f"cat /sys/module/{vendor}/parameters/nested").strip() in ("1", "Y")
+    # modprobe's tools find those modules too: /lib/modules/<release> in the guest is the kernel's own.
+    assert guest.succeed(f"/sbin/modinfo -F vermagic {vendor}").split()[0] == kernel.release
     guest.put(KVM_HELLO, "/tmp/kvm_hello.py")  # a checkout under /tmp would be hidden by the guest's tmpfs
     out = guest.succeed(shlex.join(["python3", "-B", "/tmp/kvm_hello.py", "0x10"]))
     assert out.splitlines()[-1] == "kvm_hello: OK"
@@ -70,8 +72,8 @@ def test_l1_runs_the_kernel_under_test(l1: Guest, kernel: Kernel) -> None:
     check_runs_kernel(l1, kernel)
 
 
-def test_l1_has_kvm_with_nesting_on_that_kernel(l1: Guest) -> None:
-    check_kvm_works(l1)
+def test_l1_has_kvm_with_nesting_on_that_kernel(l1: Guest, kernel: Kernel) -> None:
+    check_kvm_works(l1, kernel)
 
 
 @pytest.mark.nested(level=2)
@@ -81,5 +83,5 @@ def test_l2_runs_the_same_kernel_on_l1s_kvm(l2: Guest, kernel: Kernel) -> None:
 
 
 @pytest.mark.nested(level=2)
-def test_l2_has_kvm_too(l2: Guest) -> None:
-    check_kvm_works(l2)
+def test_l2_has_kvm_too(l2: Guest, kernel: Kernel) -> None:
+    check_kvm_works(l2, kernel)

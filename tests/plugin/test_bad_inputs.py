@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from fakes import fake_qemu
+from kernel_trees import RELEASE, build_tree
 
 from pytest_nestedkvm.errors import ConfigError, HostError
 from pytest_nestedkvm.initramfs import find_kernel
@@ -379,4 +380,97 @@ def test_login_password_from_env_or_ini_stays_off_the_command_line(
     assert data == {"login": ["tester", "s3cret"],
                     "source": "env NESTEDKVM_LOGIN" if source == "env" else "ini nested_login"}
     assert not any("s3cret" in arg for arg in args)
+    assert not called.exists()
+
+
+# --- 9. --nested-kernel naming a kernel build directory -------------------------------------
+
+
+def test_kernel_tree_without_a_bzimage(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tree = tmp_path / "linux"
+    (tree / "arch/x86/boot").mkdir(parents=True)  # configured, `make` not run yet
+    line = refused(pytester, monkeypatch, tmp_path, f"--nested-kernel={tree}")
+    assert line == (f"ERROR: --nested-kernel='{tree}' (from command line): {tree} has no arch/x86/boot/bzImage: "
+                    "build it there with `make bzImage modules`, or pass a kernel image file")
+
+
+def test_kernel_tree_without_modules_order(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tree = build_tree(tmp_path / "linux", modules=False)  # after `make bzImage` alone
+    monkeypatch.setenv("NESTEDKVM_KERNEL", str(tree))
+    line = refused(pytester, monkeypatch, tmp_path)
+    assert line == (f"ERROR: --nested-kernel={tree} (from env NESTEDKVM_KERNEL): {tree} has no modules.order: "
+                    "build the modules there with `make modules`, or pass --nested-modules DIR")
+
+
+def test_kernel_tree_with_modules_not_built(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tree = build_tree(tmp_path / "linux", built=False)  # modules.order listed, no .ko files
+    write_ini(pytester, {"kernel": str(tree)})
+    line = refused(pytester, monkeypatch, tmp_path)
+    assert line == (f"ERROR: --nested-kernel={tree} (from ini nested_kernel): 3 of the 3 modules in "
+                    f"{tree}/modules.order are not built (e.g. drivers/virtio/virtio_ring.ko): run `make modules` "
+                    "there")
+
+
+def test_kernel_tree_with_a_stale_bzimage(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tree = build_tree(tmp_path / "linux", built=False)
+    (tree / "include/config/kernel.release").write_text("9.9.1-tree\n")  # LOCALVERSION changed, not rebuilt
+    line = refused(pytester, monkeypatch, tmp_path, f"--nested-kernel={tree}")
+    assert line == (f"ERROR: --nested-kernel='{tree}' (from command line): {tree}/arch/x86/boot/bzImage is release "
+                    "9.9.0-tree but the tree is now 9.9.1-tree: rebuild it with `make bzImage modules`")
+
+
+def test_kernel_tree_without_depmod(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tree = build_tree(tmp_path / "linux")
+    pytester.makeconftest("from pytest_nestedkvm import kernel_tree\nkernel_tree.SBIN_DIRS = ()\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # nothing but the fake QEMU added by refused()
+    line = refused(pytester, monkeypatch, tmp_path, f"--nested-kernel={tree}")
+    assert line == (f"ERROR: --nested-kernel={tree} (from command line): depmod is not installed (it indexes the "
+                    "tree's modules for the guests): apt-get install kmod, or pass --nested-modules DIR")
+
+
+DUMP_KERNEL = """
+import json, os
+from pathlib import Path
+
+from pytest_nestedkvm.initramfs import cache_dir
+from pytest_nestedkvm.session import SESSION_KEY
+
+
+def test_dump(pytestconfig):
+    session = pytestconfig.stash[SESSION_KEY]
+    written_before = cache_dir().exists()
+    kernel = session.kernel  # the first use prepares the tree's modules
+    with open("kernel.json", "w") as f:
+        json.dump({"setting": str(session.settings.kernel), "path": str(kernel.path), "release": kernel.release,
+                   "modules": str(kernel.modules_dir), "written_before": written_before}, f)
+"""
+
+
+def test_kernel_tree_is_taken_at_configure_time_and_prepared_on_first_use(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    called = fake_qemu(monkeypatch, tmp_path)
+    tree = build_tree(tmp_path / "linux")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    pytester.makepyfile(test_dump=DUMP_KERNEL)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--nested-kernel={tree}", "--nested-levels=2")
+    result.assert_outcomes(passed=1)
+    data = json.loads((pytester.path / "kernel.json").read_text())
+    assert data["written_before"] is False  # configure time checked the tree and wrote nothing
+    assert (data["setting"], data["path"]) == (str(tree), f"{tree}/arch/x86/boot/bzImage")
+    assert data["release"] == RELEASE
+    modules = Path(data["modules"])
+    assert modules.is_relative_to(cache / "pytest-nestedkvm/modules") and modules.name == RELEASE
+    assert (modules / "modules.dep").is_file()
     assert not called.exists()

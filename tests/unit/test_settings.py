@@ -319,12 +319,12 @@ def test_kernel_missing_rejected(tmp_path: Path) -> None:
     assert "does not exist" in message
 
 
-def test_kernel_directory_rejected(tmp_path: Path) -> None:
+def test_directory_that_is_not_a_built_kernel_tree_rejected(tmp_path: Path) -> None:
     message = config_error(ini={"kernel": str(tmp_path)})
     assert "--nested-kernel" in message
     assert repr(str(tmp_path)) in message
     assert "ini nested_kernel" in message
-    assert "is not a file" in message
+    assert "has no arch/x86/boot/bzImage: build it there with `make bzImage modules`" in message
 
 
 def test_image_missing_rejected_from_env(tmp_path: Path) -> None:

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Run the FULL kvm-unit-tests x86 list and the FULL KVM selftests list inside L1 (and L2 with
+--levels 1,2) and print, per suite and level: passed, skipped (by reason), failed, xfailed, wall time.
+
+Each (suite, level) is one pytest session of the plugin's own items, with a JUnit report that
+this script reads. Trees come from scripts/build_suites.sh (cached). Under TCG it takes long
+(each kvm-unit-test 15-30 s, some up to their timeout): run it in the background.
+
+    nohup .venv/bin/python benchmarks/kvm_suites.py --levels 1 > /tmp/kvm_suites.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD = REPO / "scripts" / "build_suites.sh"
+KUT_TARBALL = REPO.parent / "shared" / "kvm-unit-tests-1da1819e.tar.xz"
+
+
+def build(*args: str) -> Path | None:
+    done = subprocess.run([str(BUILD), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"build_suites.sh {' '.join(args)}: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def run(option: str, tree: Path, level: int, extra: list[str]) -> tuple[float, Path]:
+    work = Path(tempfile.mkdtemp(prefix="kvm-suites-bench-"))
+    junit = work / "junit.xml"
+    suite = option.removeprefix("--nested-")
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"{option}={tree}",
+                    f"--nested-{suite}-level={level}", f"--junitxml={junit}", *extra], cwd=work)
+    return time.monotonic() - start, junit
+
+
+def table(junit: Path) -> tuple[collections.Counter[str], collections.Counter[str], list[str]]:
+    counts: collections.Counter[str] = collections.Counter()
+    skips: collections.Counter[str] = collections.Counter()
+    failed = []
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        outcome = "passed"
+        for tag in ("failure", "error", "skipped"):
+            found = case.find(tag)
+            if found is not None:
+                message = found.get("message", "")
+                outcome = "xfailed" if tag == "skipped" and found.get("type") == "pytest.xfail" else tag
+                if outcome == "skipped":
+                    skips[_reason(message)] += 1
+                elif outcome in ("failure", "error"):
+                    failed.append(f"{case.get('name')}: {message[:140]}")
+        counts[outcome] += 1
+    return counts, skips, failed
+
+
+def _reason(message: str) -> str:
+    """A skip message without the test's name, so equal reasons count together."""
+    inner = message.partition("(")[2].rpartition(")")[0] if "(" in message else message
+    return inner or message
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="1", help="comma list of levels to run each suite at (default 1)")
+    parser.add_argument("--suites", default="kut,kselftests")
+    parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
+    args = parser.parse_args()
+    # The suites run against the KVM of the kernel built from source, as in CI (else the host's kernel).
+    kernel = build("kernel")
+    extra = [f"--nested-kernel={kernel}"] if kernel else []
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}: {' '.join(sys.argv)}; L1 kernel: {kernel or 'the host kernel'}")
+    trees = {}
+    if "kut" in args.suites:
+        trees["--nested-kut"] = build("kut", str(KUT_TARBALL)) if KUT_TARBALL.is_file() else None
+    if "kselftests" in args.suites:
+        trees["--nested-kselftests"] = build("kselftests")
+    for option, tree in trees.items():
+        if tree is None:
+            print(f"{option}: no tree, skipped")
+            continue
+        for level in (int(x) for x in args.levels.split(",")):
+            wall, junit = run(option, tree, level, [*extra, *args.pytest_args])
+            counts, skips, failed = table(junit)
+            print(f"\n## {option.removeprefix('--nested-')} at L{level}: wall {wall:.0f} s")
+            print("| outcome | count |\n|---|---|")
+            for outcome in ("passed", "skipped", "xfailed", "failure", "error"):
+                print(f"| {outcome} | {counts[outcome]} |")
+            print("\nskipped by reason:")
+            for reason, number in skips.most_common():
+                print(f"  {number:3d}  {reason}")
+            print("failed:")
+            for line in failed:
+                print(f"  {line}")
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

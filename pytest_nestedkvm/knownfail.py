@@ -1,0 +1,64 @@
+"""The known-failure list of the hypervisor suites: one file, one reason per entry.
+
+    # comments and blank lines are ignored
+    kut:msr                  Expected #GP on WRMSR(MSR_FS_BASE, non-canonical) is not raised under TCG
+    kselftests:x86_64/amx_test   TCG has no AMX
+
+Each entry is `<suite>:<test name>`, whitespace, then the reason (required). A listed test
+that fails or times out is an xfail with that reason; one that passes is an XPASS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Suite = Literal["kut", "kselftests"]
+SUITES: tuple[Suite, ...] = ("kut", "kselftests")
+
+
+@dataclass(frozen=True)
+class Entry:
+    reason: str
+    line: int  # where it is in the file, for the xfail reason
+
+
+@dataclass(frozen=True)
+class KnownFailures:
+    path: Path
+    entries: Mapping[tuple[str, str], Entry] = field(default_factory=dict)  # (suite, name) -> entry
+
+    def lookup(self, suite: Suite, name: str) -> Entry | None:
+        return self.entries.get((suite, name))
+
+    def __str__(self) -> str:  # how settings show the value in an error message
+        return str(self.path)
+
+
+def parse(text: str, path: Path) -> KnownFailures:
+    """The entries of a known-failure file; ValueError names the first bad line and how to fix it."""
+    entries: dict[tuple[str, str], Entry] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, *rest = line.split(None, 1)
+        reason = rest[0].strip() if rest else ""
+        suite, colon, name = key.partition(":")
+        where = f"{path}:{number}"
+        if not colon or suite not in SUITES or not name:
+            raise ValueError(f"{where}: {key!r} is not <suite>:<test name> with suite one of "
+                             f"{', '.join(SUITES)}: write e.g. 'kut:msr <reason>'")
+        if not reason:
+            raise ValueError(f"{where}: {key} has no reason: write why it fails after the name")
+        if (suite, name) in entries:
+            raise ValueError(f"{where}: {key} is listed twice (first on line {entries[suite, name].line}): "
+                             "keep one entry")
+        entries[suite, name] = Entry(reason, number)
+    return KnownFailures(path, entries)
+
+
+def load(path: Path) -> KnownFailures:
+    return parse(path.read_text(encoding="utf-8"), path)
