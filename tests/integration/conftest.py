@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -26,8 +28,31 @@ def _real_boot_cache(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def qemu_processes() -> set[str]:
+    """The QEMUs this session answers for: its descendants, and orphans (a QEMU that outlived
+    its pytest is reparented to init). Other processes' guests on a shared machine (a benchmark,
+    another session) come and go on their own and are not counted."""
     out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
-    return set(out.split())
+    return {pid for pid in out.split() if _ours_or_orphaned(int(pid))}
+
+
+def _ours_or_orphaned(pid: int) -> bool:
+    me = os.getpid()
+    parent = _parent(pid)
+    if parent == 1:
+        return True
+    while parent is not None and parent > 1:
+        if parent == me:
+            return True
+        parent = _parent(parent)
+    return False
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None  # gone meanwhile
+    return int(stat.rpartition(")")[2].split()[1])  # the field after the state; comm may hold spaces
 
 
 @pytest.fixture
