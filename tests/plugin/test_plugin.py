@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 from fakes import fake_qemu
+from test_kvm_suite_options import kut_tree, selftests_tree
 
+from pytest_nestedkvm import knownfail
 from pytest_nestedkvm.host import probe
 from pytest_nestedkvm.settings import OPTION_BY_NAME, OPTIONS, Option
 
@@ -104,7 +106,7 @@ def cli_args(values: dict[str, str]) -> list[str]:
 
 def run_dump(pytester: pytest.Pytester, *args: str) -> dict[str, Any]:
     pytester.makepyfile(test_dump=DUMP_TEST)
-    result = pytester.runpytest(*args)
+    result = pytester.runpytest(*args, "test_dump.py")  # by name: a suite option alone collects the suite only
     result.assert_outcomes(passed=1)
     data: dict[str, Any] = json.loads((pytester.path / "settings.json").read_text())
     return data
@@ -149,6 +151,17 @@ def make_values(base: Path) -> ValueTable:
         path.write_bytes(b"QFI\xfb" + b"\0" * 508)  # a qcow2 header's magic
         return Case(str(path), path.resolve())
 
+    def known(name: str) -> Case:
+        path = base / name
+        path.write_text(f"kut:msr  fails in {name}\n")
+        return Case(str(path), knownfail.load(path.resolve()))
+
+    def kut(name: str) -> Case:
+        return Case(str(kut_tree(base / name)), (base / name).resolve())
+
+    def selftests(name: str) -> Case:
+        return Case(str(selftests_tree(base / name)), (base / name).resolve())
+
     def directory(name: str, create: bool = True) -> Case:
         path = base / name
         if create:
@@ -184,11 +197,31 @@ def make_values(base: Path) -> ValueTable:
         "shard": (Case("1/1", (1, 1)), Case("2/2", (2, 2)), Case(" 604/1000 ", (604, 1000))),
         # CLI: the switch itself; env/ini: "0" on the losing side of the precedence checks.
         "enable": (Case("", True), Case("yes", True), Case("on", True)),
+        "kut": (kut("kut-cli"), kut("kut-env"), kut("kut-ini")),
+        "kut_level": (Case("2", 2), Case("1", 1), Case(" 2 ", 2)),
+        "kselftests": (selftests("ksft-cli"), selftests("ksft-env"), selftests("ksft-ini")),
+        "kselftests_level": (Case("1", 1), Case("2", 2), Case("1", 1)),
+        "known_failures": (known("kf-cli"), known("kf-env"), known("kf-ini")),
     }
+
+
+# The suite options put guest tests of their own beside test_dump.py: they need guests up to
+# their level (2 at most here), and -k keeps them out of the run.
+SUITE_OPTIONS = ("kut", "kut_level", "kselftests", "kselftests_level", "known_failures")
+
+
+def levels_args(name: str) -> list[str]:
+    if name == "levels":
+        return []
+    return ["--nested-levels=2", "-k", "dump"] if name in SUITE_OPTIONS else ["--nested-levels=0"]
 
 
 def companion_args(name: str, base: Path) -> list[str]:
     """What an option needs beside it to be accepted: --nested-login only goes with an L1 disk image."""
+    if name == "kut_level":
+        return [f"--nested-kut={kut_tree(base / 'companion-kut')}"]
+    if name == "kselftests_level":
+        return [f"--nested-kselftests={selftests_tree(base / 'companion-ksft')}"]
     if name != "login":
         return []
     image = base / "login-l1.qcow2"
@@ -251,8 +284,7 @@ def test_option_is_honoured_from_each_source(
 ) -> None:
     option = OPTION_BY_NAME[name]
     case = make_values(pytester.path)[name][("cli", "env", "ini").index(source)]
-    args: list[str] = ["--nested-levels=0"] if name != "levels" else []
-    args += companion_args(name, pytester.path)
+    args = levels_args(name) + companion_args(name, pytester.path)
     if source == "cli":
         args += cli_args({name: case.raw})
     elif source == "env":
@@ -278,8 +310,7 @@ def test_cli_beats_env_beats_ini(pytester: pytest.Pytester, monkeypatch: pytest.
     cli, env, ini = make_values(pytester.path)[name]
     if option.flag:  # a switch can only say "on": put "off" in the sources it must beat
         env, ini = Case("0", False), Case("0", False)
-    base = ["--nested-levels=0"] if name != "levels" else []
-    base += companion_args(name, pytester.path)
+    base = levels_args(name) + companion_args(name, pytester.path)
     write_ini(pytester, {name: ini.raw})
     monkeypatch.setenv(option.env, env.raw)
 
