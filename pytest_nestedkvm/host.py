@@ -103,7 +103,7 @@ class HostReport:
 # --- reading the tree ---------------------------------------------------------------
 
 
-def _read(path: Path) -> str | None:
+def read_text_or_none(path: Path) -> str | None:
     """File content stripped, or None when it is missing or unreadable."""
     try:
         return path.read_text(encoding="utf-8", errors="replace").strip()
@@ -113,7 +113,7 @@ def _read(path: Path) -> str | None:
 
 def cpuinfo_field(root: Path, name: str) -> str | None:
     """Value of ``name`` for the first processor in proc/cpuinfo (all CPUs agree on x86)."""
-    text = _read(root / "proc" / "cpuinfo")
+    text = read_text_or_none(root / "proc" / "cpuinfo")
     if text is None:
         return None
     for line in text.splitlines():
@@ -152,7 +152,7 @@ def module_is_builtin(root: Path, name: str) -> bool:
 
 
 def module_refcnt(root: Path, name: str) -> int | None:
-    raw = _read(root / "sys" / "module" / name / "refcnt")
+    raw = read_text_or_none(root / "sys" / "module" / name / "refcnt")
     try:
         return None if raw is None else int(raw)
     except ValueError:
@@ -170,7 +170,7 @@ def nested_raw(root: Path, backend: str | None) -> str | None:
     """The nested parameter as the kernel prints it ("Y"/"N" for intel, "1"/"0" for amd)."""
     if backend not in HARDWARE_BACKENDS:
         return None
-    return _read(root / "sys" / "module" / str(backend) / "parameters" / "nested")
+    return read_text_or_none(root / "sys" / "module" / str(backend) / "parameters" / "nested")
 
 
 def parse_nested(raw: str | None) -> bool | None:

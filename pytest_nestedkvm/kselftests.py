@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import ktap
+from .host import read_text_or_none
 from .kut import Verdict
 
 KSFT_SKIP = 4
@@ -71,7 +72,7 @@ def _is_program(path: Path) -> bool:
 def timeout_seconds(root: Path) -> float:
     """The runner's timeout: `timeout=` in the settings file of the collection directory (kvm/, not
     its subdirectories), else 45 s."""
-    return parse_settings_timeout(_read(root / "settings"))
+    return parse_settings_timeout(read_text_or_none(root / "settings"))
 
 
 def parse_settings_timeout(text: str | None) -> float:
@@ -85,13 +86,6 @@ def parse_settings_timeout(text: str | None) -> float:
                 raise ValueError(f"settings: timeout={raw.strip()!r} is not a whole number of seconds")
             value = float(raw.strip())
     return value
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except OSError:
-        return None
 
 
 def guest_command(root: Path, test: str) -> str:
