@@ -77,6 +77,11 @@ class HostReport:
         """The accelerator whose speed guests here run at: TCG's on an emulated CPU, even with KVM."""
         return "tcg" if self.cpu_emulated else self.accel
 
+    @property
+    def kvm_on_emulated_cpu(self) -> bool:
+        """KVM whose SVM is itself emulated by TCG (this plugin's own L1, a KVM host inside TCG)."""
+        return self.accel == "kvm" and self.cpu_emulated
+
     def as_dict(self) -> dict[str, object]:
         """Every field, JSON-serialisable (tuples become lists, QemuInfo a dict)."""
         data: dict[str, object] = asdict(self)

@@ -82,7 +82,8 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
     assert report.qemu is not None
     common = GuestSpec(
         level=level, qemu=report.qemu.binary, accel=report.accel if level == 1 else "kvm",
-        cpu=settings.cpu_for(level, report.cpu), memory_mib=settings.memory_for(level), smp=settings.smp_for(level),
+        cpu=settings.cpu_for(level, report.cpu), memory_mib=settings.memory_for(level),
+        smp=settings.smp_for(level, kvm_on_emulated_cpu=report.kvm_on_emulated_cpu),
         extra_args=settings.qemu_args_for(level),
     )
     image = settings.l1_image if level == 1 else settings.l2_image if level == 2 else None

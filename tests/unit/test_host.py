@@ -140,7 +140,7 @@ def test_kvm_on_a_tcg_emulated_cpu_is_planned_at_tcgs_pace(tmp_path: Path) -> No
     root = make_tree(tmp_path, flags=BASE_FLAGS + " hypervisor svm", modules=("kvm", "kvm_amd"),
                      nested={"kvm_amd": "1"}, model_name="QEMU TCG CPU version 2.5+")
     report = probe(root, qemu=QEMU)
-    assert (report.accel, report.cpu, report.cpu_emulated) == ("kvm", "host", True)
+    assert (report.accel, report.cpu, report.cpu_emulated, report.kvm_on_emulated_cpu) == ("kvm", "host", True, True)
     assert any("QEMU's TCG emulation" in reason for reason in report.reasons)
     assert probe(make_tree(tmp_path / "hw", flags=BASE_FLAGS + " svm", modules=("kvm", "kvm_amd"),
                            nested={"kvm_amd": "1"}, model_name="AMD EPYC 7763"), qemu=QEMU).cpu_emulated is False
