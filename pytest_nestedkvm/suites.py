@@ -72,6 +72,26 @@ class SuiteItem(pytest.Item):
     def keep_log(self, text: str) -> None:
         self.log = text if len(text) <= SECTION_LIMIT else "...\n" + text[-SECTION_LIMIT:]
 
+    def timeout_for(self, seconds: float) -> float:
+        """The suite's own timeout scaled to this host's pace and the level, kept as a JUnit property."""
+        timeout = scaled_timeout(seconds, self.pace, self.level)
+        self.user_properties.append(("timeout_s", f"{timeout:g}"))
+        return timeout
+
+    def scaling_note(self, seconds: float) -> str:
+        return timeout_note(seconds, self.pace, self.level)
+
+    @property
+    def pace(self) -> str:
+        return self.nested.report.pace  # KVM on an emulated CPU is TCG's pace
+
+    def conclude(self, verdict: kut.Verdict, message: str, note: str = "") -> None:
+        """The suite's verdict as pytest's: a pass returns, a skip skips, a failure raises with `note` added."""
+        if verdict == "skipped":
+            skip(message)
+        if verdict == "failed":
+            raise SuiteFailure(message + note)
+
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, SuiteFailure):
             return str(excinfo.value)
@@ -99,27 +119,22 @@ class KutItem(SuiteItem):
         reason = kut.guest_skip(test, facts)
         if reason is not None:
             skip(f"SKIP {test.name} ({reason})")
-        accel = self.nested.report.pace  # KVM on an emulated CPU is TCG's pace
         base = kut.timeout_seconds(test)
-        timeout = scaled_timeout(base, accel, self.level)
-        self.user_properties.append(("timeout_s", f"{timeout:g}"))
+        timeout = self.timeout_for(base)
         command = kut.guest_command(self.tree, kut.command_line(test, self.config_mak, timeout), facts.cpus)
         # x86/run's timeout(1) ends QEMU at `timeout`; the channel's own limit is the backstop for a
         # runner that hangs around it (QEMU probes, a stuck kill), and kills everything left.
-        backstop = timeout + scaled_timeout(30, accel, self.level)
+        backstop = timeout + scaled_timeout(30, self.pace, self.level)
         try:
             result = guest.run(command, timeout=backstop)
         except CommandTimeout as exc:
             self.keep_log(_text(exc.stdout) + _text(exc.stderr))
             raise SuiteFailure(f"FAIL {test.name} (did not end within {backstop:g} s and was killed; "
-                               f"timeout {timeout_note(base, accel, self.level)})") from None
+                               f"timeout {self.scaling_note(base)})") from None
         self.keep_log(result.stdout + (f"\n--- stderr ---\n{result.stderr}" if result.stderr.strip() else ""))
         verdict = kut.outcome(test, result.exit_status, result.stdout, result.stderr, timeout)
-        if verdict.verdict == "skipped":
-            skip(verdict.message)
-        if verdict.verdict == "failed":
-            note = f"; timeout {timeout_note(base, accel, self.level)}" if result.exit_status == 124 else ""
-            raise SuiteFailure(verdict.message + note)
+        self.conclude(verdict.verdict, verdict.message,
+                      f"; timeout {self.scaling_note(base)}" if result.exit_status == 124 else "")
 
 
 class KselftestItem(SuiteItem):
@@ -130,10 +145,8 @@ class KselftestItem(SuiteItem):
         super().__init__(**kwargs)
 
     def run_in(self, guest: Guest) -> None:
-        accel = self.nested.report.pace  # KVM on an emulated CPU is TCG's pace
         base = kselftests.timeout_seconds(self.root)
-        timeout = scaled_timeout(base, accel, self.level)
-        self.user_properties.append(("timeout_s", f"{timeout:g}"))
+        timeout = self.timeout_for(base)
         status: int | None
         try:
             result = guest.run(kselftests.guest_command(self.root, self.name), timeout=timeout)
@@ -143,11 +156,7 @@ class KselftestItem(SuiteItem):
         self.keep_log(output)
         verdict = kselftests.outcome(self.name, status, output, timeout)
         self.user_properties.extend(kselftests.properties(verdict.report))
-        if verdict.verdict == "skipped":
-            skip(verdict.message)
-        if verdict.verdict == "failed":
-            note = f" ({timeout_note(base, accel, self.level)})" if status is None else ""
-            raise SuiteFailure(verdict.message + note)
+        self.conclude(verdict.verdict, verdict.message, f" ({self.scaling_note(base)})" if status is None else "")
 
 
 class SuiteCollector(pytest.Collector):
