@@ -153,8 +153,11 @@ def test_kut_timeout_without_known_failure_fails_saying_the_scaled_value(
 
 
 def test_kut_at_l2(pytester: pytest.Pytester, kut_tree: Path, kernel_tree: str) -> None:
+    # L1 with one vCPU, so single-threaded TCG. With two (multi-threaded TCG) its emulated SVM reset L2
+    # in 2 of 9 such runs, and L2 or L1 within 8 runs in each of two series; with one, 15 in a row
+    # passed (README, Known limitations).
     result, cases = run_inner(pytester, kernel_tree, f"--nested-kut={kut_tree}", "--nested-kut-level=2",
-                              "-k", "vmexit_cpuid")
+                              "--nested-smp=1", "-k", "vmexit_cpuid")
     result.assert_outcomes(passed=1)
     assert cases["vmexit_cpuid"] == ("passed", "")
     assert "L2 ready" in result.stdout.str()
