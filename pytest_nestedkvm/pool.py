@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import BootError, HostError
 from .guest import Guest
-from .host import KVM_MODULE_BY_FLAG, parse_nested
+from .host import KVM_MODULE_BY_FLAG, Accel, parse_nested
 
 log = logging.getLogger("pytest_nestedkvm.pool")
 NESTED_BOOT_ATTEMPTS = 3
@@ -35,7 +35,7 @@ class GuestPool:
 
     def __init__(
         self, new: Callable[[int, Guest | None], Guest], progress: Callable[[str], None] | None = None,
-        hooks: LifecycleHooks | None = None, *, pace: str = "kvm",
+        hooks: LifecycleHooks | None = None, *, pace: Accel = "kvm",
     ) -> None:
         self.new = new
         self.pace = pace  # the host report's: "tcg" where every level's CPU, SVM included, is emulated

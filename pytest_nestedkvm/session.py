@@ -112,13 +112,14 @@ class NestedSession:
     def pool(self) -> GuestPool:
         for line in self.plan_lines():  # the plan, once, when the first guest is wanted
             self.progress(line)
-        if self.config is None:
-            return GuestPool(self._new_guest, self.progress, pace=self.report.pace)
-        hook, config = self.config.hook, self.config
-        return GuestPool(self._new_guest, self.progress, LifecycleHooks(
-            guest_ready=lambda guest: hook.pytest_nestedkvm_guest_ready(config=config, guest=guest),
-            guest_teardown=lambda guest: hook.pytest_nestedkvm_guest_teardown(config=config, guest=guest),
-        ), pace=self.report.pace)
+        hooks = None
+        if self.config is not None:
+            hook, config = self.config.hook, self.config
+            hooks = LifecycleHooks(
+                guest_ready=lambda guest: hook.pytest_nestedkvm_guest_ready(config=config, guest=guest),
+                guest_teardown=lambda guest: hook.pytest_nestedkvm_guest_teardown(config=config, guest=guest),
+            )
+        return GuestPool(self._new_guest, self.progress, hooks, pace=self.report.pace)
 
     @functools.cache  # noqa: B019 (one session object per pytest process: caching per instance is the point)
     def spec_for(self, level: int) -> GuestSpec:

@@ -9,6 +9,7 @@ import pytest
 
 from pytest_nestedkvm.errors import BootEnd, BootError
 from pytest_nestedkvm.guest import Guest
+from pytest_nestedkvm.host import Accel
 from pytest_nestedkvm.pool import NESTED_BOOT_ATTEMPTS, GuestPool
 
 
@@ -27,7 +28,7 @@ class FakeGuest:
         self.alive = True
 
 
-def boot(pace: str, guest: FakeGuest) -> list[str]:
+def boot(pace: Accel, guest: FakeGuest) -> list[str]:
     said: list[str] = []
     pool = GuestPool(lambda level, parent: cast(Guest, guest), said.append, pace=pace)
     pool.get(1)
@@ -47,7 +48,7 @@ def test_kvm_on_an_emulated_cpu_boots_again_after_a_reset_and_says_so() -> None:
      ("tcg", "tcg", "reset"),   # TCG's own guest runs on no SVM
      ("tcg", "kvm", "crashed")],  # a panic is never retried
 )
-def test_other_boot_failures_are_not_retried(pace: str, accel: str, why: Any) -> None:
+def test_other_boot_failures_are_not_retried(pace: Accel, accel: str, why: Any) -> None:
     guest = FakeGuest(accel, failures=1, why=why)
     with pytest.raises(BootError):
         boot(pace, guest)
