@@ -70,6 +70,9 @@ def test_a_user_without_access_to_dev_kvm_falls_back_to_tcg_and_the_kvm_group_ge
     user = f"/usr/bin/setpriv --reuid={UNPRIVILEGED} --regid={UNPRIVILEGED} --clear-groups"
     if l1.run(f"{user} true").exit_status != 0:
         user = f"/usr/bin/setpriv --reuid={UNPRIVILEGED} --regid=nogroup --clear-groups"
+    # The checkout may sit where only root can enter (`mktemp -d` makes 0700): CAP_DAC_READ_SEARCH
+    # lets the user read the project and its Python, and grants no write, so /dev/kvm stays closed.
+    user += " --inh-caps=+dac_read_search --ambient-caps=+dac_read_search"
     outside = inner_check(l1, user)
     assert (outside["accel"], outside["kvm_usable"]) == ("tcg", False)
     assert any("/dev/kvm exists but cannot be opened read-write by uid 65534" in reason
