@@ -128,9 +128,9 @@ class HostLink:
         return self._sockets[(level, role)]
 
     def qmp(self, deadline: Deadline, check: Check) -> Qmp:
-        path = self.paths(1).qmp
-        retry(f"L1 QMP socket {path}", partial(_checked, check, path.exists), deadline)
-        return Qmp(path, deadline.share(QMP_NEGOTIATION).remaining())
+        # Connected by _connect: the socket file exists a moment before QEMU listens on it.
+        sock = self._connect(self.paths(1).qmp, deadline, check, what="L1 QMP socket")
+        return Qmp(sock, deadline.share(QMP_NEGOTIATION).remaining())
 
     def close(self, keep_files: bool = False) -> None:
         for sock in self._sockets.values():
@@ -149,7 +149,7 @@ class HostLink:
             shutil.rmtree(self.paths(level).run_dir, ignore_errors=True)
 
     @staticmethod
-    def _connect(path: Path, deadline: Deadline, check: Check) -> socket.socket:
+    def _connect(path: Path, deadline: Deadline, check: Check, what: str = "QEMU socket") -> socket.socket:
         def attempt() -> socket.socket | None:
             check()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -160,7 +160,7 @@ class HostLink:
                 return None
             return sock
 
-        return retry(f"QEMU socket {path}", attempt, deadline)
+        return retry(f"{what} {path}", attempt, deadline)
 
 
 class ParentLink:
