@@ -23,6 +23,22 @@ PROBLEM = re.compile(
 
 PANIC = re.compile(rb"^.*Kernel panic - not syncing.*$", re.MULTILINE)
 
+# Lines of a kernel whose CPUs or tasks stopped making progress (its own watchdogs speak), and
+# the name of each kind. Under emulated virtualization these mean the emulator wedged the guest.
+STALL = re.compile(
+    rb"^.*(rcu: INFO: rcu_\w+ (?:detected stalls|self-detected stall)|rcu_\w+ kthread starved for|"
+    rb"BUG: soft lockup|Watchdog detected hard LOCKUP|INFO: task .{1,64} blocked for more than|"
+    rb"BUG: workqueue lockup).*$", re.MULTILINE)
+STALL_KINDS: tuple[tuple[str, str], ...] = (
+    ("rcu", "RCU stall"), ("soft lockup", "soft lockup"), ("hard LOCKUP", "hard lockup"),
+    ("blocked for more than", "hung task"), ("workqueue lockup", "workqueue lockup"),
+)
+
+
+def stall_kind(line: str) -> str:
+    """What a STALL line reports, in words: "RCU stall", "soft lockup", ..."""
+    return next((kind for fragment, kind in STALL_KINDS if fragment in line), "stall")
+
 
 class Console:
     def __init__(self, path: Path) -> None:
@@ -57,15 +73,30 @@ class Console:
         """The first kernel panic line at or after byte `start` (a WARN may come before it)."""
         return self._first(PANIC, start)
 
+    def first_stall(self, start: int = 0) -> str | None:
+        """The first RCU stall, soft or hard lockup or hung-task line at or after byte `start`."""
+        return self._first(STALL, start)
+
+    def scan_stall(self, start: int) -> tuple[str | None, int]:
+        """The first stall line from byte `start`, and where a later scan may begin: after the
+        last whole line read (a line still being written is read again next time)."""
+        data = self._bytes(start)
+        match = STALL.search(data)
+        if match is not None:
+            return match.group(0).decode("utf-8", "replace").strip(), start
+        return None, start + data.rfind(b"\n") + 1
+
     def _first(self, pattern: re.Pattern[bytes], start: int) -> str | None:
+        match = pattern.search(self._bytes(start))
+        return match.group(0).decode("utf-8", "replace").strip() if match else None
+
+    def _bytes(self, start: int) -> bytes:
         try:
             with self.path.open("rb") as f:
                 f.seek(start)
-                data = f.read()
+                return f.read()
         except FileNotFoundError:
-            return None
-        match = pattern.search(data)
-        return match.group(0).decode("utf-8", "replace").strip() if match else None
+            return b""
 
 
 class ConsoleRecorder:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 # Why a boot ended without a ready guest.
-BootEnd = Literal["timeout", "reset", "crashed", "parent_down", "login", "ssh"]
+BootEnd = Literal["timeout", "reset", "wedged", "crashed", "parent_down", "login", "ssh"]
 
 
 class NestedKvmError(Exception):
@@ -44,6 +44,18 @@ class GuestCrashed(NestedKvmError):
         self.parent_down = parent_down
 
 
+class GuestWedged(NestedKvmError):
+    """A guest whose virtualization is emulated reported a stall on its console (RCU stall, soft or
+    hard lockup, hung task): it is taken as wedged at once, not after the command's timeout, and
+    replaced before the next test."""
+
+    def __init__(self, message: str, *, level: int, stall: str, line: str) -> None:
+        super().__init__(message)
+        self.level = level
+        self.stall = stall  # "RCU stall", "soft lockup", ... (console.stall_kind)
+        self.line = line  # the console line that said so
+
+
 class BootError(NestedKvmError):
     """A guest did not become ready; the message quotes its last console lines."""
 
@@ -60,6 +72,12 @@ class BootError(NestedKvmError):
     def reset(self) -> bool:
         """QEMU ended cleanly (status 0, -no-reboot) while booting, with no panic: a reset."""
         return self.why == "reset"
+
+    @property
+    def emulator_fault(self) -> bool:
+        """The boot ended as emulated virtualization fails here (reset, stall, no answer), not in a
+        panic; whether the guest's virtualization is emulated is the caller's to know."""
+        return self.why in ("reset", "wedged", "timeout")
 
 
 class ChannelError(NestedKvmError):

@@ -8,27 +8,36 @@ problem meanwhile. The Trouble of a test is public: `trouble_of(report or item)`
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
+from .console import stall_kind
 from .deadline import Deadline, retry
-from .errors import BootEnd, BootError, ChannelError, GuestCrashed, LoginFailed, NestedKvmError, SshError
+from .errors import BootEnd, BootError, ChannelError, GuestCrashed, GuestWedged, LoginFailed, NestedKvmError, SshError
 
 if TYPE_CHECKING:
     from .guest import Guest
 
 TroubleKind = Literal[
     "kernel panic", "kernel oops", "kernel BUG", "kernel WARN", "kernel problem",  # seen on the console
-    "shut down", "qemu exited", "unresponsive",  # seen from outside
+    "kernel stall",  # an RCU stall, lockup or hung task on hardware KVM: possibly the hypervisor under test
+    "wedged",  # the same on emulated virtualization, or a boot that never answered there: the emulator's
+    "reset", "shut down", "qemu exited", "unresponsive",  # seen from outside
 ]
+# Kinds that emulated virtualization produces on its own here (TCG's SVM): with `emulated` set,
+# such a test runs again on fresh guests (--nested-emulator-reruns).
+EMULATOR_KINDS: frozenset[TroubleKind] = frozenset({"wedged", "reset"})
 # First matching fragment of a console problem line -> its kind.
 PROBLEM_KINDS: tuple[tuple[str, TroubleKind], ...] = (
     ("Kernel panic", "kernel panic"), ("Oops", "kernel oops"), ("BUG:", "kernel BUG"),
     ("general protection", "kernel oops"), ("WARNING:", "kernel WARN"),
 )
 TROUBLE_KEY = pytest.StashKey["Trouble"]()
+RERUNS_KEY = pytest.StashKey[list["Trouble"]]()
+RERUNS_ATTRIBUTE = "nestedkvm_reruns"  # the troubles that made the plugin run a test again
 REPORT_ATTRIBUTE = "nestedkvm_trouble"  # a plain dict on the report: it travels from xdist workers
 CLOSE_GRACE = 5.0  # at most this much of the boot budget waits for a QEMU whose channel closed to exit
 
@@ -42,6 +51,12 @@ class Trouble:
     kind: TroubleKind
     headline: str
     console: str
+    emulated: bool = False  # the guest's virtualization was emulated (TCG, or KVM on TCG's SVM)
+
+    @property
+    def emulator_fault(self) -> bool:
+        """A wedge or a reset without a panic where the virtualization is emulated: the emulator's doing."""
+        return self.emulated and self.kind in EMULATOR_KINDS
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +70,15 @@ def trouble_of(node: pytest.TestReport | pytest.Item) -> Trouble | None:
     return None if data is None else Trouble(**data)
 
 
+def reruns_of(node: pytest.TestReport | pytest.Item) -> list[Trouble]:
+    """The emulator faults that made the plugin run this test again, oldest first (see
+    --nested-emulator-reruns); from its item or any report of its last run."""
+    if isinstance(node, pytest.Item):
+        faults: list[Trouble] = node.stash[RERUNS_KEY] if RERUNS_KEY in node.stash else []
+        return list(faults)
+    return [Trouble(**data) for data in getattr(node, RERUNS_ATTRIBUTE, [])]
+
+
 @dataclass(frozen=True)
 class ConsoleMark:
     """Where a running guest stood when a test started."""
@@ -65,6 +89,23 @@ class ConsoleMark:
 
 def problem_kind(line: str) -> TroubleKind:
     return next((kind for fragment, kind in PROBLEM_KINDS if fragment in line), "kernel problem")
+
+
+def wedge_error(guest: Guest, line: str) -> GuestWedged:
+    """The error for a guest on emulated virtualization whose console printed the stall `line`:
+    "L1 wedged: RCU stall while its KVM guest ran (...): <line>"."""
+    stall = stall_kind(line)
+    return GuestWedged(f"L{guest.level} wedged: {stall}{_stall_context(guest, line)} (its virtualization is "
+                       f"emulated, so this is taken as the emulator's fault): {line}",
+                       level=guest.level, stall=stall, line=line)
+
+
+def _stall_context(guest: Guest, line: str) -> str:
+    """" while its KVM guest ran" when the kernel's report of the stall shows KVM at work, else ""."""
+    text = guest.console.read(max(guest.console_start, guest.console.size() - (64 << 10)))
+    at = text.find(line)
+    report = text[at: at + 8192] if at >= 0 else ""
+    return " while its KVM guest ran" if re.search(r"\bkvm|svm_vcpu_run|vmx_vcpu_run", report) else ""
 
 
 def mark(guests: dict[int, Guest], number: int, tag_kernel_log: bool) -> dict[int, ConsoleMark]:
@@ -84,6 +125,9 @@ def trouble_since(guests: dict[int, Guest], marks: dict[int, ConsoleMark]) -> Tr
         if not guest.alive:
             guest.link.settle_console(level)  # its last words are on their way to the file
         since = max(at.console, guest.console_ready)  # a reboot inside the test starts a new boot log
+        stall = guest.console.first_stall(since)
+        if stall is not None:
+            return _stall_trouble(guest, stall, guest.console.read(at.console))
         problem = guest.console.first_problem(since)
         if problem is None and guest.alive:
             continue
@@ -92,8 +136,26 @@ def trouble_since(guests: dict[int, Guest], marks: dict[int, ConsoleMark]) -> Tr
         deeper = [f"L{d}" for d in sorted(marks) if d > level]
         if deeper and status is not None:
             headline += f"; {', '.join(deeper)} went down with it"
-        return Trouble(level, kind, f"L{level} {headline}", guest.console.read(at.console))
+        return Trouble(level, kind, f"L{level} {headline}", guest.console.read(at.console), guest.emulated)
     return None
+
+
+def _stall_trouble(guest: Guest, line: str, console: str) -> Trouble:
+    """A stall line during a test: the emulator wedging the guest where its virtualization is
+    emulated (the guest is replaced), else a kernel stall for the user to look into."""
+    if guest.emulated:
+        wedged = guest.wedged or guest.mark_wedged(line)
+        return Trouble(guest.level, "wedged", str(wedged), console, emulated=True)
+    return Trouble(guest.level, "kernel stall", f"L{guest.level} {stall_kind(line)} during this test on hardware "
+                   f"KVM (possibly the hypervisor under test): {line}", console)
+
+
+def boot_trouble(guest: Guest, error: BootError) -> Trouble:
+    """The trouble of a test whose guest did not boot."""
+    kind: TroubleKind = ("wedged" if error.why in ("wedged", "timeout") else "reset" if error.why == "reset"
+                         else "kernel panic" if error.panicked else "qemu exited")
+    return Trouble(error.level, kind, f"L{error.level} {kind} while booting: {str(error).splitlines()[0]}",
+                   guest.console.read(guest.console_start), guest.emulated)
 
 
 def _what_happened(guest: Guest, problem: str | None, status: int | None) -> tuple[TroubleKind, str]:
@@ -118,7 +180,9 @@ def _exit_event(guest: Guest) -> tuple[TroubleKind, str] | None:
             return "kernel panic", "QMP GUEST_PANICKED"
     for event in events:
         if event.get("event") == "SHUTDOWN":
-            return "shut down", f"QMP SHUTDOWN, reason {event.get('data', {}).get('reason', 'unknown')}"
+            reason = event.get("data", {}).get("reason", "unknown")
+            # A reset under -no-reboot ends QEMU: a triple fault, or the guest asking for a reboot.
+            return "reset" if reason == "guest-reset" else "shut down", f"QMP SHUTDOWN, reason {reason}"
     return None
 
 
@@ -153,6 +217,8 @@ def boot_error(guest: Guest, exc: NestedKvmError | TimeoutError, deadline: Deadl
             retry("QEMU exit", guest.exited, deadline.share(CLOSE_GRACE), interval=0.1)
     if not isinstance(exc, GuestCrashed) and guest.exited():
         exc = exit_error(guest)  # whatever the wait saw, a QEMU that is gone says why
+    if isinstance(exc, GuestWedged):
+        return BootError(f"{guest.name} wedged while booting: {exc}{tail}", level=guest.level, why="wedged")
     if isinstance(exc, GuestCrashed):
         why: BootEnd = "parent_down" if exc.parent_down else (
             "reset" if exc.exit_status == 0 and not exc.panicked else "crashed")

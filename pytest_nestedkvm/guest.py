@@ -22,6 +22,7 @@ from .errors import (
     ChannelError,
     CommandTimeout,
     GuestCrashed,
+    GuestWedged,
     NestedKvmError,
     SshError,
 )
@@ -39,6 +40,7 @@ class Guest:
     def __init__(
         self, spec: GuestSpec, link: Link, process: HostProcess | ProcessInGuest, argv: list[str], *,
         boot_timeout: float, command_timeout: float, parent: Guest | None = None, ssh_key: SessionKey | None = None,
+        emulated: bool = False,
     ) -> None:
         self.spec, self.level, self.name, self.parent = spec, spec.level, spec.name, parent
         self.link, self.process, self.qemu_argv = link, process, argv
@@ -52,6 +54,11 @@ class Guest:
         self.console_start = self.console_ready = 0  # console bytes before this boot / before it was ready
         self.boots = 0  # how many times this guest was started: deeper guests notice a reboot
         self.stopped_on_purpose = False
+        # Its virtualization is emulated (TCG, or KVM on TCG's SVM): a stall on its console is then
+        # the emulator wedging it, and ends the wait at once instead of at the command's timeout.
+        self.emulated = emulated
+        self.wedged: GuestWedged | None = None
+        self._stall_scan = 0  # console bytes already searched for stall lines
         self._qmp: Qmp | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -62,6 +69,7 @@ class Guest:
         self.console_start = self.console.size()  # a deeper guest's log continues across restarts
         self.boots += 1
         self.stopped_on_purpose = False
+        self.wedged, self._stall_scan = None, self.console_start
         self.log.info("starting: %s", shell_line(self.qemu_argv))
         try:
             self.link.prepare()
@@ -86,9 +94,31 @@ class Guest:
         return self.process.parent_lost or self.process.exit_status() is not None
 
     def _check_alive(self) -> None:
-        """Raise GuestCrashed when QEMU is gone; channels call this while they wait."""
+        """Raise GuestCrashed when QEMU is gone, GuestWedged when it or a guest above it wedged;
+        channels call this while they wait."""
         if self.exited():
             raise forensics.exit_error(self)
+        for guest in reversed(self.chain()):  # the outermost first: a wedged L1 stalls its L2 too
+            guest.watch_stalls()
+
+    def chain(self) -> list[Guest]:
+        """This guest and the guests it runs in, innermost first."""
+        return [self] if self.parent is None else [self, *self.parent.chain()]
+
+    def watch_stalls(self) -> None:
+        """On emulated virtualization, raise GuestWedged once its console reported a stall."""
+        if self.wedged is None and self.emulated:
+            line, self._stall_scan = self.console.scan_stall(self._stall_scan)
+            if line is not None:
+                self.mark_wedged(line)
+        if self.wedged is not None:
+            raise GuestWedged(str(self.wedged), level=self.level, stall=self.wedged.stall, line=self.wedged.line)
+
+    def mark_wedged(self, line: str) -> GuestWedged:
+        """Take this guest as wedged by the stall `line` its console printed: it is not alive from
+        now on, so the next test gets a fresh one."""
+        self.wedged = forensics.wedge_error(self, line)
+        return self.wedged
 
     @property
     def channel_trouble(self) -> str | None:
@@ -97,7 +127,7 @@ class Guest:
 
     @property
     def alive(self) -> bool:
-        if self.channel.broken:
+        if self.channel.broken or self.wedged is not None:
             return False
         try:
             return not self.exited()
@@ -198,6 +228,10 @@ class Guest:
         except CommandTimeout as exc:
             exc.args = (f"{exc}\nlast console lines of {self.name}:\n{self.console.tail(10)}",)
             raise
+        except GuestWedged as exc:
+            # Stop the wedged QEMU now: it keeps host cores busy and will not answer again.
+            next(guest for guest in self.chain() if guest.level == exc.level).close(keep_files=True)
+            raise
 
     def succeed(self, command: str, timeout: float | None = None) -> str:
         """Run `command`, require exit status 0, return its stdout."""
@@ -235,7 +269,7 @@ class Guest:
 def new_guest(
     spec: GuestSpec, run_root: Path, *, parent: Guest | None, boot_timeout: float, command_timeout: float,
     edit_argv: Callable[[list[str]], None] | None = None, ssh_key: SessionKey | None = None,
-    console_limit: int = DEFAULT_CONSOLE_LIMIT,
+    console_limit: int = DEFAULT_CONSOLE_LIMIT, emulated: bool = False,
 ) -> Guest:
     """The guest for `spec`: on the host (L1) or inside `parent`, with its QEMU argv as the user's
     pytest_nestedkvm_qemu_argv hooks leave it."""
@@ -252,5 +286,5 @@ def new_guest(
     if edit_argv is not None:
         edit_argv(argv)
     return Guest(spec, link, process, argv, boot_timeout=boot_timeout, command_timeout=command_timeout,
-                 parent=parent, ssh_key=ssh_key)
+                 parent=parent, ssh_key=ssh_key, emulated=emulated)
 

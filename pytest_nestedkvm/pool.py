@@ -1,7 +1,9 @@
 """The session's guests, lifecycle only: first use, reuse, a fresh boot after a crash, teardown.
 
-A guest found dead before a test is started again from its pristine spec (every
-disk is -snapshot and the built-in root is read-only, so a restart is a clean slate).
+A guest found dead (or wedged) before a test is started again from its pristine spec
+(every disk is -snapshot and the built-in root is read-only, so a restart is a clean
+slate). A boot that fails is not tried again here: the session decides, per test,
+whether an emulator fault earns the test a rerun (--nested-emulator-reruns).
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ from dataclasses import dataclass
 
 from .errors import BootError, HostError
 from .guest import Guest
-from .host import KVM_MODULE_BY_FLAG, Accel, parse_nested
+from .host import KVM_MODULE_BY_FLAG, parse_nested
 
 log = logging.getLogger("pytest_nestedkvm.pool")
-NESTED_BOOT_ATTEMPTS = 3
 
 
 def _nothing(guest: Guest) -> None:
@@ -35,13 +36,13 @@ class GuestPool:
 
     def __init__(
         self, new: Callable[[int, Guest | None], Guest], progress: Callable[[str], None] | None = None,
-        hooks: LifecycleHooks | None = None, *, pace: Accel = "kvm",
+        hooks: LifecycleHooks | None = None,
     ) -> None:
         self.new = new
-        self.pace = pace  # the host report's: "tcg" where every level's CPU, SVM included, is emulated
         self.progress = progress or log.info
         self.hooks = hooks or LifecycleHooks()
         self.guests: dict[int, Guest] = {}
+        self.boot_failures: list[tuple[Guest, BootError]] = []  # since the caller last cleared it
 
     def get(self, level: int) -> Guest:
         """The running guest at `level`, started (or started again) when needed."""
@@ -66,22 +67,12 @@ class GuestPool:
         return guest
 
     def _boot(self, guest: Guest) -> None:
-        """Start `guest`; a boot on emulated SVM that ends in a reset without a kernel panic is tried again.
-
-        A KVM guest whose SVM is TCG's (L2 under a TCG L1, or L1 on a host whose own CPU is
-        emulated) occasionally resets while booting: about 1 in 20 L2 boots, QEMU exiting 0
-        with no panic. That is the emulator, not the code under test; on hardware KVM a
-        reset is not retried, nor is a panic anywhere. Each retry is reported.
-        """
-        on_emulated_svm = self.pace == "tcg" and guest.spec.accel == "kvm"
-        for attempt in range(1, NESTED_BOOT_ATTEMPTS + 1):
-            try:
-                guest.start()
-                return
-            except BootError as exc:
-                if not on_emulated_svm or not exc.reset or attempt == NESTED_BOOT_ATTEMPTS:
-                    raise
-                self.progress(f"L{guest.level} reset while booting (attempt {attempt}); booting it again")
+        """Start `guest`; a failed boot is kept in `boot_failures` for the session to judge."""
+        try:
+            guest.start()
+        except BootError as exc:
+            self.boot_failures.append((guest, exc))
+            raise
 
     def ensure_running(self, level: int) -> None:
         """Boot the guest at `level` again, from its pristine spec, if an earlier test left it down."""

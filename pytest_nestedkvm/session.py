@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from _pytest.runner import runtestprotocol
 
 from . import artifacts, forensics, plan
 from .cloudinit import write_nocloud_seed
 from .errors import NestedKvmError
-from .forensics import ConsoleMark
+from .forensics import ConsoleMark, Trouble
 from .guest import Guest, new_guest
 from .host import HARDWARE_BACKENDS, HostReport, enable_nested, find_qemu, probe
 from .initramfs import Kernel, boot_image, build_initramfs, cache_dir
@@ -119,7 +120,7 @@ class NestedSession:
                 guest_ready=lambda guest: hook.pytest_nestedkvm_guest_ready(config=config, guest=guest),
                 guest_teardown=lambda guest: hook.pytest_nestedkvm_guest_teardown(config=config, guest=guest),
             )
-        return GuestPool(self._new_guest, self.progress, hooks, pace=self.report.pace)
+        return GuestPool(self._new_guest, self.progress, hooks)
 
     @functools.cache  # noqa: B019 (one session object per pytest process: caching per instance is the point)
     def spec_for(self, level: int) -> GuestSpec:
@@ -142,7 +143,7 @@ class NestedSession:
 
         return new_guest(spec, self.run_root, parent=parent, boot_timeout=boot_timeout,
                          command_timeout=command_timeout, edit_argv=edit, ssh_key=self.ssh_key,
-                         console_limit=self.settings.console_limit << 20)
+                         console_limit=self.settings.console_limit << 20, emulated=self.report.pace == "tcg")
 
     # -- what fixtures and hooks use -------------------------------------------------------
 
@@ -213,9 +214,63 @@ class NestedSession:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         for line in self.workers_plan:  # in order, each line once
             terminalreporter.write_line(f"nestedkvm: {line}")
+        reruns = terminalreporter.stats.get("rerun", [])
+        if reruns:
+            terminalreporter.write_sep("=", "nestedkvm: reruns after emulator faults", yellow=True)
+            for report in reruns:
+                trouble = forensics.trouble_of(report)
+                why = trouble.headline if trouble is not None else "an emulator fault"
+                terminalreporter.write_line(f"RERUN {report.nodeid} - {why}")
+
+    def pytest_report_teststatus(
+        self, report: pytest.TestReport,
+    ) -> tuple[str, str, tuple[str, dict[str, bool]]] | None:
+        # "rerun" is an outcome of our own (pytest_runtest_protocol below), as pytest-rerunfailures' is
+        if str(report.outcome) == "rerun":
+            return "rerun", "R", ("RERUN", {"yellow": True})
+        return None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+        """A test that uses guests, run again on fresh guests when an emulator fault ended it.
+
+        Where the guests' virtualization is emulated (TCG, or KVM on TCG's SVM), a wedge (a stall
+        on the console, a boot that never answers) or a reset without a panic is the emulator's,
+        not the test's: such a run is reported as RERUN (progress line, summary, JUnit property,
+        `reruns_of`) and the test runs once more, up to --nested-emulator-reruns times. A test
+        that fails in any other way, or the same way on its last run, fails.
+        """
+        if self.settings.emulator_reruns == 0 or not uses_guests(item):
+            return None  # pytest's own protocol
+        hook = item.ihook
+        hook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        faults: list[Trouble] = []
+        while True:
+            item.stash[forensics.RERUNS_KEY] = list(faults)
+            reports = runtestprotocol(item, nextitem=nextitem, log=False)
+            fault = next((r for r in reports if r.failed and _emulator_fault(r)), None)
+            trouble = forensics.trouble_of(fault) if fault is not None else None
+            if fault is None or trouble is None or len(faults) >= self.settings.reruns_allowed(emulated=True):
+                for report in reports:
+                    hook.pytest_runtest_logreport(report=report)
+                break
+            faults.append(trouble)
+            for report in reports[:reports.index(fault)]:
+                hook.pytest_runtest_logreport(report=report)
+            fault.outcome = "rerun"  # type: ignore[assignment]
+            hook.pytest_runtest_logreport(report=fault)
+            item.user_properties.append(("nestedkvm_emulator_rerun", trouble.headline))  # JUnit XML
+            self.progress(f"{item.nodeid}: {trouble.headline}; running it again on fresh guests "
+                          f"(rerun {len(faults)} of {self.settings.reruns_allowed(emulated=True)})")
+            self.pool.stop_from(trouble.level)
+            _forget_failed_fixtures(item)
+        hook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        if "pool" in self.__dict__:
+            self.pool.boot_failures.clear()  # a boot that fails from here on is this test's
         levels = levels_used(item)
         if not levels:
             return
@@ -231,7 +286,10 @@ class NestedSession:
             for level in levels:
                 self.pool.stop_from(level)
         for level in levels:
-            self.pool.ensure_running(level)  # a guest an earlier test crashed comes back pristine
+            # Booted here, not in the fixture: a boot that fails is this test's error and is not
+            # cached by a session-scoped fixture for every later test. A guest an earlier test
+            # crashed or wedged comes back pristine.
+            self.pool.get(level)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
@@ -254,6 +312,14 @@ class NestedSession:
             report.outcome = "failed"
             report.longrepr = trouble.headline
             report.sections.append((f"L{trouble.level} console during this test", trouble.console[-20000:]))
+        elif report.failed and call.when in ("setup", "call") and "pool" in self.__dict__ and self.pool.boot_failures:
+            guest, error = self.pool.boot_failures[0]  # a guest this test needed did not boot
+            trouble = forensics.boot_trouble(guest, error)
+            item.stash[forensics.TROUBLE_KEY] = trouble
+            setattr(report, forensics.REPORT_ATTRIBUTE, trouble.as_dict())
+        reruns = item.stash.get(forensics.RERUNS_KEY, None)
+        if reruns:
+            setattr(report, forensics.RERUNS_ATTRIBUTE, [t.as_dict() for t in reruns])
         if report.failed and call.when in ("setup", "call") and self.settings.artifacts and self.guests:
             report.sections.append(artifacts.report_section(self.settings.artifacts, item.nodeid, self.guests, marks))
         return report
@@ -267,6 +333,27 @@ class NestedSession:
             return (yield)
         finally:
             self.close()  # after the session's fixtures are torn down: the one place guests stop
+
+
+def uses_guests(item: pytest.Item) -> bool:
+    """The test asks for a guest: a level fixture, the nested marker, or the nested_guest factory."""
+    return bool(levels_used(item)) or "nested_guest" in getattr(item, "fixturenames", ())
+
+
+def _emulator_fault(report: pytest.TestReport) -> bool:
+    trouble = forensics.trouble_of(report)
+    return trouble is not None and trouble.emulator_fault
+
+
+def _forget_failed_fixtures(item: pytest.Item) -> None:
+    """pytest keeps a fixture's error for the rest of its scope: forget the errors of this test's
+    fixtures so its rerun sets them up again (a session-scoped fixture would otherwise fail it)."""
+    info = getattr(item, "_fixtureinfo", None)
+    for definitions in (info.name2fixturedefs.values() if info is not None else ()):
+        for definition in definitions:
+            cached = definition.cached_result
+            if cached is not None and cached[2] is not None:
+                definition.cached_result = None
 
 
 def levels_used(item: pytest.Item) -> list[int]:

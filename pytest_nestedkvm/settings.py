@@ -106,6 +106,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("kselftests_level", "the guest level the KVM selftests run in (default 1)", "N"),
     Option("known_failures", "known failures of --nested-kut and --nested-kselftests, one '<suite>:<test> <reason>' "
            "line each (suite kut or kselftests): a listed test that fails is an xfail with that reason", "FILE"),
+    Option("emulator_reruns", "times a test runs again on fresh guests when emulated virtualization wedged or reset "
+           "a guest (default 1 where the host's virtualization is emulated, 0 on hardware KVM, where no rerun "
+           "happens)", "N"),
 )
 
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
@@ -139,6 +142,7 @@ class Settings:
     kselftests: Path | None = None
     kselftests_level: int = 1
     known_failures: KnownFailures | None = None
+    emulator_reruns: int | None = None  # None: by the host, see reruns_allowed
     l1_smp_default: int = 2  # see from_sources: fewer when xdist workers share the host's cores
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -230,6 +234,13 @@ class Settings:
         once in CI while probing its virtio devices, and with a host core busy never booted in time."""
         l1_default = 1 if kvm_on_emulated_cpu else self.l1_smp_default
         return _per_level(self.smp, level, lambda lv: l1_default if lv == 1 else 1)
+
+    def reruns_allowed(self, *, emulated: bool) -> int:
+        """Reruns a test gets after an emulator fault: the user's number, else 1 where the host's
+        virtualization is emulated. On hardware KVM nothing is the emulator's fault, so none."""
+        if not emulated:
+            return 0
+        return 1 if self.emulator_reruns is None else self.emulator_reruns
 
     def in_shard(self, nodeid: str) -> bool:
         """Whether the test `nodeid` belongs to this run's share (always, without --nested-shard).
@@ -587,5 +598,6 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "kselftests": _kselftests_dir,
     "kselftests_level": _int_in(1, MAX_LEVELS),
     "known_failures": _known_failures,
+    "emulator_reruns": _int_in(0, 10),
 }
 assert set(_PARSERS) == set(OPTION_BY_NAME), "every option needs a parser"

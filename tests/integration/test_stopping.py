@@ -31,7 +31,12 @@ def test_a_stopped_session_removes_its_run_directory(
         """
     )
     before = qemu_processes()
-    process = pytester.popen([sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider"],
+    # Ctrl-C must reach the inner pytest whatever this process inherited: a background job of a
+    # non-interactive shell (CI started as `.ci/run &`) starts with SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt. The child sets its own disposition before pytest starts.
+    inner = ("import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.exit(pytest.main(sys.argv[1:]))")
+    process = pytester.popen([sys.executable, "-c", inner, "-s", "-p", "no:cacheprovider"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     seen = []

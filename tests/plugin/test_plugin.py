@@ -202,6 +202,7 @@ def make_values(base: Path) -> ValueTable:
         "kselftests": (selftests("ksft-cli"), selftests("ksft-env"), selftests("ksft-ini")),
         "kselftests_level": (Case("1", 1), Case("2", 2), Case("1", 1)),
         "known_failures": (known("kf-cli"), known("kf-env"), known("kf-ini")),
+        "emulator_reruns": (Case("0", 0), Case("2", 2), Case(" 10 ", 10)),
     }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.console import RAW_SHELL, Console, ConsoleRecorder, serial_login
+from pytest_nestedkvm.console import RAW_SHELL, Console, ConsoleRecorder, serial_login, stall_kind
 
 BOOT = (
     "[    0.000000] Linux version 6.1.0-18-amd64 (debian-kernel@lists.debian.org)\r\n"
@@ -295,3 +295,39 @@ def test_serial_login_gives_up_after_its_timeout() -> None:
     ours, _silent = socket.socketpair()
     with pytest.raises(TimeoutError, match=r"within 1\.5 s"):
         serial_login(ours, "tester", "pw", timeout=1.5, check=lambda: None)
+
+
+@pytest.mark.parametrize(
+    ("line", "kind"),
+    [
+        ("[   24.101] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:", "RCU stall"),
+        ("[   24.2] rcu: INFO: rcu_sched self-detected stall on CPU", "RCU stall"),
+        ("[   45.1] rcu: rcu_preempt kthread starved for 21002 jiffies! g5525 f0x0 RCU_GP_WAIT_FQS(5) ->cpu=1",
+         "RCU stall"),
+        ("[   48.0] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [sh:120]", "soft lockup"),
+        ("[   12.0] NMI watchdog: Watchdog detected hard LOCKUP on cpu 1", "hard lockup"),
+        ("[  130.0] INFO: task kworker/0:1:42 blocked for more than 120 seconds.", "hung task"),
+        ("[  40.0] BUG: workqueue lockup - pool cpus=0 node=0 flags=0x0 nice=0 stuck for 31s!", "workqueue lockup"),
+    ],
+)
+def test_each_kind_of_stall_is_found_and_named(tmp_path: Path, line: str, kind: str) -> None:
+    console = console_with(tmp_path, BOOT + line + "\r\n[   49.0] more after\r\n")
+    assert console.first_stall() == line
+    assert stall_kind(line) == kind
+
+
+def test_ordinary_rcu_and_watchdog_lines_are_no_stall(tmp_path: Path) -> None:
+    console = console_with(tmp_path, BOOT + "[ 0.1] rcu: Hierarchical RCU implementation.\n"
+                           "[ 0.2] rcu: \tRCU restricting CPUs from NR_CPUS=64 to nr_cpu_ids=1.\n"
+                           "[ 0.3] watchdog: Disabling watchdog on nohz_full cores by default\n"
+                           "[ 9.0] echo 'INFO: task' > /dev/null\n")
+    assert console.first_stall() is None
+
+
+def test_scan_stall_resumes_after_the_last_whole_line(tmp_path: Path) -> None:
+    console = console_with(tmp_path, BOOT + "[ 24.0] rcu: INFO: rcu_pre")  # the line is still being written
+    line, resume = console.scan_stall(0)
+    assert line is None and resume == len(BOOT.encode())
+    with console.path.open("ab") as f:
+        f.write(b"empt detected stalls on CPUs/tasks:\r\n")
+    assert console.scan_stall(resume) == ("[ 24.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:", resume)

@@ -9,16 +9,21 @@ from typing import Any
 import pytest
 
 from pytest_nestedkvm.console import Console
+from pytest_nestedkvm.errors import BootError, GuestWedged
 from pytest_nestedkvm.forensics import (
     REPORT_ATTRIBUTE,
+    RERUNS_ATTRIBUTE,
     TROUBLE_KEY,
     ConsoleMark,
     Trouble,
+    boot_trouble,
     exit_error,
     mark,
     problem_kind,
+    reruns_of,
     trouble_of,
     trouble_since,
+    wedge_error,
 )
 
 PANIC = "[    5.1] Kernel panic - not syncing: sysrq triggered crash"
@@ -69,6 +74,8 @@ class FakeGuest:
     boots: int = 1
     commands: list[str] = field(default_factory=list)
     refuse: bool = False
+    emulated: bool = False
+    wedged: Any = None
     link: FakeLink = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,7 +87,12 @@ class FakeGuest:
 
     @property
     def alive(self) -> bool:
-        return self.channel_trouble is None and not self.process.parent_lost and self.process.status is None
+        return (self.channel_trouble is None and self.wedged is None and not self.process.parent_lost
+                and self.process.status is None)
+
+    def mark_wedged(self, line: str) -> GuestWedged:
+        self.wedged = wedge_error(self, line)  # type: ignore[arg-type]
+        return self.wedged
 
     def qmp_events(self, wait: float = 0.0) -> list[dict[str, Any]]:
         return self.events
@@ -268,7 +280,7 @@ def test_trouble_round_trips_through_a_report() -> None:
     assert trouble_of(report) is None
     setattr(report, REPORT_ATTRIBUTE, TROUBLE.as_dict())
     assert TROUBLE.as_dict() == {"level": 2, "kind": "kernel oops", "headline": TROUBLE.headline,
-                                 "console": "Oops: 0002\n"}
+                                 "console": "Oops: 0002\n", "emulated": False}
     assert trouble_of(report) == TROUBLE
 
 
@@ -331,3 +343,95 @@ def test_exit_error_of_a_guest_whose_parent_went_down(make: Any, parent_state: d
     assert (error.level, error.exit_status, error.parent_down, error.panicked) == (2, None, True, False)
     assert str(error).startswith(f"l2 went down with its parent: {why}")
 
+
+
+# -- stalls: wedged on emulated virtualization, a kernel stall on hardware KVM ------------------
+
+RCU_STALL = "[   24.101] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:"
+KVM_TRACE = ["[   24.102]  svm_vcpu_run+0x2d5/0x6a0 [kvm_amd]",
+             "[   24.103]  kvm_arch_vcpu_ioctl_run+0x1c0/0x5e0 [kvm]"]
+SOFT_LOCKUP = "[   48.000] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [sh:120]"
+
+
+def test_a_stall_on_emulated_virtualization_wedges_the_guest(make: Any) -> None:
+    guest = make(1, "ready", emulated=True)
+    guests, marks = marked(guest)
+    guest.print("$ ./set_sregs_test", RCU_STALL, *KVM_TRACE)
+    trouble = trouble_since(guests, marks)
+    assert trouble is not None
+    assert (trouble.level, trouble.kind, trouble.emulated, trouble.emulator_fault) == (1, "wedged", True, True)
+    assert trouble.headline.startswith("L1 wedged: RCU stall while its KVM guest ran (its virtualization is emulated")
+    assert trouble.headline.endswith(RCU_STALL)
+    assert not guest.alive and guest.wedged.stall == "RCU stall"  # the next test gets a fresh guest
+
+
+def test_a_stall_is_named_before_the_bug_line_it_also_is(make: Any) -> None:
+    guest = make(1, "ready", emulated=True)
+    guests, marks = marked(guest)
+    guest.print(SOFT_LOCKUP, "[   48.001]  lkdtm_SOFTLOCKUP+0x10/0x20")
+    trouble = trouble_since(guests, marks)
+    assert trouble is not None and trouble.kind == "wedged"
+    assert trouble.headline.startswith("L1 wedged: soft lockup (its")  # no KVM in the report
+
+
+def test_the_same_stall_on_hardware_kvm_is_a_kernel_stall_and_no_emulator_fault(make: Any) -> None:
+    guest = make(1, "ready")
+    guests, marks = marked(guest)
+    guest.print(RCU_STALL, *KVM_TRACE)
+    trouble = trouble_since(guests, marks)
+    assert trouble is not None
+    assert (trouble.kind, trouble.emulator_fault) == ("kernel stall", False)
+    assert "possibly the hypervisor under test" in trouble.headline
+    assert guest.wedged is None and guest.alive
+
+
+def test_an_outer_wedge_is_blamed_before_the_stall_it_causes_deeper(make: Any) -> None:
+    l1, l2 = make(1, "ready", emulated=True), make(2, "ready", emulated=True)
+    guests, marks = marked(l1, l2)
+    l2.print("[ 30.0] rcu: INFO: rcu_sched self-detected stall on CPU")
+    l1.print(SOFT_LOCKUP)
+    trouble = trouble_since(guests, marks)
+    assert trouble is not None and (trouble.level, trouble.kind) == (1, "wedged")
+
+
+@pytest.mark.parametrize(
+    ("events", "kind", "fault"),
+    [([{"event": "SHUTDOWN", "data": {"reason": "guest-reset"}}], "reset", True),
+     ([{"event": "SHUTDOWN", "data": {"reason": "guest-shutdown"}}], "shut down", False),
+     ([{"event": "GUEST_PANICKED"}, {"event": "SHUTDOWN", "data": {"reason": "guest-reset"}}], "kernel panic", False)],
+)
+def test_a_reset_without_a_panic_is_an_emulator_fault_where_emulated(
+    make: Any, events: list[dict[str, Any]], kind: str, fault: bool,
+) -> None:
+    guest = make(1, "ready", emulated=True)
+    guests, marks = marked(guest)
+    guest.process.status = 0
+    guest.events = events
+    trouble = trouble_since(guests, marks)
+    assert trouble is not None and (trouble.kind, trouble.emulator_fault) == (kind, fault)
+
+
+@pytest.mark.parametrize(
+    ("why", "panicked", "kind", "fault"),
+    [("reset", False, "reset", True), ("wedged", False, "wedged", True), ("timeout", False, "wedged", True),
+     ("crashed", True, "kernel panic", False), ("crashed", False, "qemu exited", False)],
+)
+def test_boot_trouble(make: Any, why: Any, panicked: bool, kind: str, fault: bool) -> None:
+    guest = make(2, "booting on", emulated=True)
+    trouble = boot_trouble(guest, BootError("l2 died while booting: x\nmore", level=2, why=why, panicked=panicked))
+    assert (trouble.level, trouble.kind, trouble.emulator_fault) == (2, kind, fault)
+    assert trouble.headline == f"L2 {kind} while booting: l2 died while booting: x"
+    assert "booting on" in trouble.console
+
+
+def test_nothing_is_an_emulator_fault_on_hardware_kvm(make: Any) -> None:
+    guest = make(2, "booting on")
+    assert not boot_trouble(guest, BootError("l2 reset", level=2, why="reset")).emulator_fault
+
+
+def test_reruns_travel_on_a_report() -> None:
+    report = pytest.TestReport("t.py::test", ("t.py", 0, "test"), {}, "passed", None, "call")
+    assert reruns_of(report) == []
+    wedged = Trouble(1, "wedged", "L1 wedged: RCU stall", "console", emulated=True)
+    setattr(report, RERUNS_ATTRIBUTE, [wedged.as_dict()])
+    assert reruns_of(report) == [wedged]
