@@ -15,12 +15,13 @@ from .errors import (
     CommandTimeout,
     ConfigError,
     GuestCrashed,
+    GuestWedged,
     HostError,
     LoginFailed,
     NestedKvmError,
     SshError,
 )
-from .forensics import Trouble, trouble_of
+from .forensics import Trouble, reruns_of, trouble_of
 from .guest import Guest
 from .host import HostReport
 from .qemu import GuestSpec
@@ -40,6 +41,7 @@ __all__ = [
     "Guest",
     "GuestCrashed",
     "GuestSpec",
+    "GuestWedged",
     "HostError",
     "HostReport",
     "LoginFailed",
@@ -47,5 +49,6 @@ __all__ = [
     "SshError",
     "Trouble",
     "__version__",
+    "reruns_of",
     "trouble_of",
 ]

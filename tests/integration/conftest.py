@@ -10,6 +10,8 @@ import pytest
 
 from pytest_nestedkvm.initramfs import cache_dir
 
+REPO = Path(__file__).resolve().parents[2]
+BUILD = REPO / "scripts" / "build_suites.sh"
 # pytester points HOME into /tmp, which guests cover with tmpfs: inner sessions keep
 # using the real (content-addressed, shareable) boot cache instead.
 CACHE_ROOT = cache_dir().parent
@@ -71,3 +73,20 @@ def no_qemu_left() -> Iterator[None]:
             return
         time.sleep(0.1)
     assert qemu_processes() <= before, "a QEMU process outlived the test"
+
+
+def build(*args: str) -> Path:
+    """A tree scripts/build_suites.sh builds once into the cache (instant once built); skips when the
+    build says what is missing (exit 2)."""
+    done = subprocess.run([str(BUILD), *args], capture_output=True, text=True)
+    if done.returncode == 2:
+        pytest.skip(f"build_suites.sh {args[0]}: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def kernel_tree() -> str:
+    """The kernel built from source (linux-source-6.1, our fragment, LKDTM in it) as L1 and L2: what a
+    kernel CI runs."""
+    return f"--nested-kernel={build('kernel')}"
