@@ -285,11 +285,11 @@ class NestedSession:
         if item.get_closest_marker("nested_fresh"):
             for level in levels:
                 self.pool.stop_from(level)
-        for level in levels:
-            # Booted here, not in the fixture: a boot that fails is this test's error and is not
-            # cached by a session-scoped fixture for every later test. A guest an earlier test
-            # crashed or wedged comes back pristine.
-            self.pool.get(level)
+        if levels[-1] >= 1:
+            # Booted here (the deepest with the levels above it), not in the fixture: a boot that
+            # fails is this test's error, not one that a session-scoped fixture caches for every
+            # later test. A guest an earlier test crashed or wedged comes back pristine.
+            self.pool.get(levels[-1])
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:

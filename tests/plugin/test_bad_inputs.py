@@ -109,6 +109,7 @@ from pytest_nestedkvm.session import SESSION_KEY
 
 class FakePool:
     guests = {1: object()}  # save() fails before it reads a guest
+    boot_failures = []
 
     def close(self):
         pass
