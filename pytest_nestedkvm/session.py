@@ -250,7 +250,7 @@ class NestedSession:
             reports = runtestprotocol(item, nextitem=nextitem, log=False)
             fault = next((r for r in reports if r.failed and _emulator_fault(r)), None)
             trouble = forensics.trouble_of(fault) if fault is not None else None
-            if fault is None or trouble is None or len(faults) >= self.settings.reruns_allowed(emulated=True):
+            if fault is None or trouble is None or len(faults) >= self.settings.reruns:
                 for report in reports:
                     hook.pytest_runtest_logreport(report=report)
                 break
@@ -261,7 +261,7 @@ class NestedSession:
             hook.pytest_runtest_logreport(report=fault)
             item.user_properties.append(("nestedkvm_emulator_rerun", trouble.headline))  # JUnit XML
             self.progress(f"{item.nodeid}: {trouble.headline}; running it again on fresh guests "
-                          f"(rerun {len(faults)} of {self.settings.reruns_allowed(emulated=True)})")
+                          f"(rerun {len(faults)} of {self.settings.reruns})")
             self.pool.stop_from(trouble.level)
             _forget_failed_fixtures(item)
         hook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)

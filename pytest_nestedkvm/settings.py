@@ -235,11 +235,10 @@ class Settings:
         l1_default = 1 if kvm_on_emulated_cpu else self.l1_smp_default
         return _per_level(self.smp, level, lambda lv: l1_default if lv == 1 else 1)
 
-    def reruns_allowed(self, *, emulated: bool) -> int:
-        """Reruns a test gets after an emulator fault: the user's number, else 1 where the host's
-        virtualization is emulated. On hardware KVM nothing is the emulator's fault, so none."""
-        if not emulated:
-            return 0
+    @property
+    def reruns(self) -> int:
+        """Reruns a test gets after an emulator fault: the user's number, else 1. Only a guest whose
+        virtualization is emulated has emulator faults, so on hardware KVM nothing reruns."""
         return 1 if self.emulator_reruns is None else self.emulator_reruns
 
     def in_shard(self, nodeid: str) -> bool:

@@ -27,9 +27,10 @@ BOOTS = Path("boots.txt")  # one word per boot to come: "ok" or "reset"
 
 
 class Guest:
-    level, emulated, console_start, console_ready, stopped_on_purpose, channel_trouble = 1, True, 0, 0, False, None
+    level, console_start, console_ready, stopped_on_purpose, channel_trouble = 1, 0, 0, False, None
 
     def __init__(self):
+        self.emulated = not Path("hardware-kvm").exists()
         self.console = Console(Path("console.log"))
         self.console.path.write_text("booted\\n")
         self.wedged = None
@@ -140,6 +141,16 @@ def test_a_wedge_during_the_test_reruns_it_and_names_the_wedge(run: pytest.Pytes
     assert outcomes(result) == dict(passed=1, rerun=1)
     result.stdout.fnmatch_lines([f"RERUN test_guest.py::test_wedges_once - L1 wedged: RCU stall (its virtualization "
                                  f"is emulated, so this is taken as the emulator's fault): {STALL}"])
+
+
+def test_a_stall_on_hardware_kvm_is_the_tests_failure_and_never_rerun(run: pytest.Pytester) -> None:
+    Path("boots.txt").write_text("ok ok")
+    Path("hardware-kvm").touch()
+    result = run.runpytest("-k", "wedges", "--nested-emulator-reruns=3", "-p", "no:cacheprovider")
+    assert outcomes(result) == dict(failed=1)
+    result.stdout.fnmatch_lines([f"*L1 RCU stall during this test on hardware KVM (possibly the hypervisor under "
+                                 f"test): {STALL}"])
+    assert "RERUN" not in result.stdout.str()
 
 
 def test_the_same_fault_on_the_last_run_fails(run: pytest.Pytester) -> None:
