@@ -83,7 +83,7 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
     common = GuestSpec(
         level=level, qemu=report.qemu.binary, accel=report.accel if level == 1 else "kvm",
         cpu=settings.cpu_for(level, report.cpu), memory_mib=settings.memory_for(level),
-        smp=settings.smp_for(level, kvm_on_emulated_cpu=report.kvm_on_emulated_cpu),
+        smp=settings.smp_for(level, emulated=report.pace == "tcg"),
         extra_args=settings.qemu_args_for(level),
     )
     image = settings.l1_image if level == 1 else settings.l2_image if level == 2 else None

@@ -189,9 +189,10 @@ class Settings:
     def check_host_plan(self, *, accel: str, host_cpus: int, default_kernel: Callable[[], Path | None]) -> None:
         """The checks that need the host's plan and the kernel: L1's vCPUs under TCG, and the memory
         of each level that boots the built-in guest (`default_kernel` is asked only when needed)."""
-        if self.levels >= 1 and accel == "tcg" and self.smp_for(1) > host_cpus:
+        l1_vcpus = self.smp_for(1, emulated=True)
+        if self.levels >= 1 and accel == "tcg" and l1_vcpus > host_cpus:
             raise ConfigError(
-                f"{self._given('smp')}: L1 gets {self.smp_for(1)} vCPUs under TCG, but this process may use only "
+                f"{self._given('smp')}: L1 gets {l1_vcpus} vCPUs under TCG, but this process may use only "
                 f"{host_cpus} host cores and each TCG vCPU keeps one busy: use --nested-smp={host_cpus} or fewer",
                 option="smp")
         levels = self.built_in_levels()
@@ -228,11 +229,13 @@ class Settings:
     def qemu_args_for(self, level: int) -> tuple[str, ...]:
         return self.qemu_args if level == 1 else self.l2_qemu_args
 
-    def smp_for(self, level: int, *, kvm_on_emulated_cpu: bool = False) -> int:
-        """vCPUs at `level`: explicit value, else 2 for L1 (see from_sources) and 1 deeper. KVM on an
-        emulated CPU gives L1 one: a 2-vCPU KVM guest there boots slower (22 s against 12 s), reset
-        once in CI while probing its virtio devices, and with a host core busy never booted in time."""
-        l1_default = 1 if kvm_on_emulated_cpu else self.l1_smp_default
+    def smp_for(self, level: int, *, emulated: bool = False) -> int:
+        """vCPUs at `level`: explicit value, else 2 for L1 (see from_sources) and 1 deeper. Where the
+        host's virtualization is emulated (TCG, or KVM on a CPU QEMU emulates) L1 gets one: with two,
+        QEMU 7.2's TCG froze the whole L1 (no stall report, no answer) while a KVM selftest ran a
+        nested guest, 1 in 16 runs of state_test, none in 80 with one (README, The emulated path);
+        a two-vCPU KVM L1 on emulated SVM reset while booting and never booted with a core busy."""
+        l1_default = 1 if emulated else self.l1_smp_default
         return _per_level(self.smp, level, lambda lv: l1_default if lv == 1 else 1)
 
     @property

@@ -360,7 +360,7 @@ def test_memory_for_defaults_halve_with_depth() -> None:
 def test_smp_for_defaults() -> None:
     settings = Settings()
     assert [settings.smp_for(level) for level in (1, 2, 3, 4)] == [2, 1, 1, 1]
-    assert [settings.smp_for(level, kvm_on_emulated_cpu=True) for level in (1, 2)] == [1, 1]
+    assert [settings.smp_for(level, emulated=True) for level in (1, 2)] == [1, 1]
 
 
 def test_memory_for_overrides_then_falls_back_to_defaults() -> None:
