@@ -36,7 +36,7 @@ import paramiko
 from . import ssh
 from .console import serial_login
 from .deadline import Deadline
-from .errors import ChannelError, CommandFailed, CommandTimeout, LoginFailed
+from .errors import ChannelError, CommandFailed, CommandTimeout, GuestSilent, LoginFailed
 from .ssh import sshd_script
 
 if TYPE_CHECKING:
@@ -296,6 +296,10 @@ class ChannelSetup:
     check: Callable[[], None]  # raises GuestCrashed when the guest's QEMU is gone
     login: tuple[str, str] | None = None  # the serial channel's user and password
     open_ssh: Callable[[Deadline], paramiko.SSHClient] | None = None  # the SSH channel's client
+    # Seconds: while a command runs this long, the control shell must answer `true` within as many
+    # more, else the guest is silent (GuestSilent). None: no such check (a guest that freezes
+    # whole is then seen at the command's timeout).
+    heartbeat: float | None = None
 
 
 class Channel:
@@ -314,6 +318,7 @@ class Channel:
         self.shell: ShellChannel | None = None
         self.control: ShellChannel | None = None
         self.ssh_client: paramiko.SSHClient | None = None
+        self._answered = 0.0  # when the guest last showed it runs: a command started or `true` came back
 
     def open(self, deadline: Deadline) -> None:
         raise NotImplementedError
@@ -329,6 +334,7 @@ class Channel:
     def run(self, command: str, timeout: float) -> CommandResult:
         if self.shell is None:
             raise ChannelError(f"{self.setup.name} is not running")
+        self._answered = time.monotonic()
         return self.shell.run(command, timeout)
 
     def panic(self) -> None:
@@ -347,15 +353,39 @@ class Channel:
             self.ssh_client.close()
             self.ssh_client = None
 
-    def _connect(self, role: str, stream: ByteStream, deadline: Deadline, interruptible: bool) -> ShellChannel:
-        channel = ShellChannel(stream, f"{self.setup.name}.{role}", watchdog=self.setup.check,
+    def _connect(self, role: str, stream: ByteStream, deadline: Deadline, interruptible: bool,
+                 watchdog: Callable[[], None] | None = None) -> ShellChannel:
+        channel = ShellChannel(stream, f"{self.setup.name}.{role}", watchdog=watchdog or self.setup.check,
                                interrupt=self._interrupt if interruptible else None)
         channel.connect(deadline.remaining())
         return channel
 
     def _open_pair(self, streams: tuple[ByteStream, ByteStream], deadline: Deadline) -> None:
-        self.shell = self._connect("cmd", streams[0], deadline, interruptible=True)
+        self.shell = self._connect("cmd", streams[0], deadline, interruptible=True, watchdog=self._watch)
         self.control = self._connect("ctl", streams[1], deadline, interruptible=False)
+
+    def answers(self, timeout: float) -> bool:
+        """Whether the guest answers `true` on its control shell (or main shell) within `timeout`."""
+        shell = self.control or self.shell
+        try:
+            return shell is not None and shell.run("true", timeout).exit_status == 0
+        except (CommandTimeout, ChannelError):
+            return False
+
+    def _watch(self) -> None:
+        """The main shell's watchdog: the guest's QEMU is there, and with a heartbeat, the guest
+        answers on the control shell while a long command runs (only the main shell waits here,
+        so the control shell is idle)."""
+        self.setup.check()
+        every = self.setup.heartbeat
+        if every is None or self.control is None or time.monotonic() - self._answered < every:
+            return
+        try:
+            self.control.run("true", every)
+        except CommandTimeout:
+            raise GuestSilent(f"{self.setup.name}: a command ran for {every:g} s and then its control shell did not "
+                              f"answer `true` within {every:g} s: the whole guest stopped") from None
+        self._answered = time.monotonic()
 
     def _interrupt(self, shell_pid: int) -> None:
         if self.control is not None:

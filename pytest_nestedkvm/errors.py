@@ -84,6 +84,11 @@ class ChannelError(NestedKvmError):
     """The command channel to a guest broke or answered something unexpected."""
 
 
+class GuestSilent(ChannelError):
+    """While a command ran, the guest's control shell did not answer `true` either: the whole guest
+    stopped, not only the command (see ChannelSetup.heartbeat)."""
+
+
 class SshError(ChannelError):
     """A guest's SSH server could not be reached or refused the session key."""
 

@@ -91,10 +91,10 @@ def problem_kind(line: str) -> TroubleKind:
     return next((kind for fragment, kind in PROBLEM_KINDS if fragment in line), "kernel problem")
 
 
-def wedge_error(guest: Guest, line: str) -> GuestWedged:
-    """The error for a guest on emulated virtualization whose console printed the stall `line`:
-    "L1 wedged: RCU stall while its KVM guest ran (...): <line>"."""
-    stall = stall_kind(line)
+def wedge_error(guest: Guest, line: str, stall: str | None = None) -> GuestWedged:
+    """The error for a guest on emulated virtualization whose console printed the stall `line`
+    (or that showed `stall` otherwise): "L1 wedged: RCU stall while its KVM guest ran (...): <line>"."""
+    stall = stall or stall_kind(line)
     return GuestWedged(f"L{guest.level} wedged: {stall}{_stall_context(guest, line)} (its virtualization is "
                        f"emulated, so this is taken as the emulator's fault): {line}",
                        level=guest.level, stall=stall, line=line)
@@ -125,6 +125,8 @@ def trouble_since(guests: dict[int, Guest], marks: dict[int, ConsoleMark]) -> Tr
         if not guest.alive:
             guest.link.settle_console(level)  # its last words are on their way to the file
         since = max(at.console, guest.console_ready)  # a reboot inside the test starts a new boot log
+        if guest.wedged is not None:  # seen while a command waited: a stall line, or no answer at all
+            return Trouble(level, "wedged", str(guest.wedged), guest.console.read(at.console), emulated=True)
         stall = guest.console.first_stall(since)
         if stall is not None:
             return _stall_trouble(guest, stall, guest.console.read(at.console))
@@ -144,8 +146,7 @@ def _stall_trouble(guest: Guest, line: str, console: str) -> Trouble:
     """A stall line during a test: the emulator wedging the guest where its virtualization is
     emulated (the guest is replaced), else a kernel stall for the user to look into."""
     if guest.emulated:
-        wedged = guest.wedged or guest.mark_wedged(line)
-        return Trouble(guest.level, "wedged", str(wedged), console, emulated=True)
+        return Trouble(guest.level, "wedged", str(guest.mark_wedged(line)), console, emulated=True)
     return Trouble(guest.level, "kernel stall", f"L{guest.level} {stall_kind(line)} during this test on hardware "
                    f"KVM (possibly the hypervisor under test): {line}", console)
 
@@ -169,6 +170,8 @@ def _what_happened(guest: Guest, problem: str | None, status: int | None) -> tup
     if status is not None:
         return "qemu exited", f"QEMU exited with status {status} during this test (no panic on its console)"
     broken = guest.channel_trouble or "its QEMU runs but its shell does not answer"
+    if guest.emulated:  # a guest that froze whole: the emulator's, as a stall is
+        return "wedged", f"wedged: no answer during this test (its virtualization is emulated): {broken}"
     return "unresponsive", f"stopped answering during this test: {broken}"
 
 

@@ -22,6 +22,7 @@ from .errors import (
     ChannelError,
     CommandTimeout,
     GuestCrashed,
+    GuestSilent,
     GuestWedged,
     NestedKvmError,
     SshError,
@@ -32,6 +33,10 @@ from .process import QEMU_ENV, HostProcess, ProcessInGuest
 from .qemu import SSH_GUEST_PORT, GuestSpec, build_argv, shell_line
 from .qmp import Qmp
 from .ssh import SessionKey
+
+# Seconds x level: on emulated virtualization, a command that runs this long makes the plugin ask
+# the control shell for `true`, which must come back within as long again (else GuestWedged).
+HEARTBEAT = 30.0
 
 
 class Guest:
@@ -47,16 +52,18 @@ class Guest:
         self.boot_timeout, self.command_timeout = boot_timeout, command_timeout
         self.ssh_key = ssh_key
         self.console = Console(link.console_path)
+        # Its virtualization is emulated (TCG, or KVM on TCG's SVM): a stall on its console is then
+        # the emulator wedging it, and ends the wait at once instead of at the command's timeout;
+        # so does a control shell that stops answering while a command runs (a guest frozen whole).
+        self.emulated = emulated
         self.channel = channel_class(spec.channel)(
-            ChannelSetup(self.name, link, self._check_alive, spec.login, self._open_ssh))
+            ChannelSetup(self.name, link, self._check_alive, spec.login, self._open_ssh,
+                         heartbeat=HEARTBEAT * self.level if emulated else None))
         self.log = logging.getLogger(f"pytest_nestedkvm.guest.{self.name}")
         self.boot_seconds: float | None = None
         self.console_start = self.console_ready = 0  # console bytes before this boot / before it was ready
         self.boots = 0  # how many times this guest was started: deeper guests notice a reboot
         self.stopped_on_purpose = False
-        # Its virtualization is emulated (TCG, or KVM on TCG's SVM): a stall on its console is then
-        # the emulator wedging it, and ends the wait at once instead of at the command's timeout.
-        self.emulated = emulated
         self.wedged: GuestWedged | None = None
         self._stall_scan = 0  # console bytes already searched for stall lines
         self._qmp: Qmp | None = None
@@ -114,10 +121,10 @@ class Guest:
         if self.wedged is not None:
             raise GuestWedged(str(self.wedged), level=self.level, stall=self.wedged.stall, line=self.wedged.line)
 
-    def mark_wedged(self, line: str) -> GuestWedged:
-        """Take this guest as wedged by the stall `line` its console printed: it is not alive from
-        now on, so the next test gets a fresh one."""
-        self.wedged = forensics.wedge_error(self, line)
+    def mark_wedged(self, line: str, stall: str | None = None) -> GuestWedged:
+        """Take this guest as wedged by the stall `line` its console printed (or by `stall`, what
+        was seen instead): it is not alive from now on, so the next test gets a fresh one."""
+        self.wedged = forensics.wedge_error(self, line, stall)
         return self.wedged
 
     @property
@@ -232,6 +239,14 @@ class Guest:
             # Stop the wedged QEMU now: it keeps host cores busy and will not answer again.
             next(guest for guest in self.chain() if guest.level == exc.level).close(keep_files=True)
             raise
+        except GuestSilent as exc:
+            # The outermost guest that does not answer is the one that froze (a frozen L1 silences L2).
+            frozen = next((g for g in reversed(self.chain()[1:]) if not g.channel.answers(HEARTBEAT * g.level)),
+                          self)
+            wedged = frozen.mark_wedged(str(exc) if frozen is self else f"{frozen.name} does not answer either",
+                                        stall="no answer")
+            frozen.close(keep_files=True)
+            raise wedged from None
 
     def succeed(self, command: str, timeout: float | None = None) -> str:
         """Run `command`, require exit status 0, return its stdout."""

@@ -24,7 +24,7 @@ from pytest_nestedkvm.channel import (
     channel_class,
 )
 from pytest_nestedkvm.deadline import Deadline
-from pytest_nestedkvm.errors import ChannelError, CommandTimeout
+from pytest_nestedkvm.errors import ChannelError, CommandTimeout, GuestSilent
 
 
 def fine() -> None:
@@ -109,8 +109,42 @@ def test_agent_open_connects_cmd_then_ctl_with_the_guests_check(agent: AgentChan
     assert agent.shell is not None and agent.control is not None
     assert agent.shell.shell_pid == link.shells[0][0].pid
     assert agent.control.shell_pid == link.shells[1][0].pid
-    assert agent.shell.watchdog is fine
+    assert agent.control.watchdog is fine
+    assert agent.shell.watchdog == agent._watch  # the guest's check, and the heartbeat when set
     assert agent.broken is None
+
+
+def heartbeat_agent(link: ShellLink, every: float) -> AgentChannel:
+    channel = AgentChannel(ChannelSetup("l1", link, fine, heartbeat=every))  # type: ignore[arg-type]
+    channel.open(Deadline.after(10))
+    return channel
+
+
+def test_a_long_command_on_a_guest_that_answers_passes_the_heartbeat(link: ShellLink) -> None:
+    agent = heartbeat_agent(link, 0.3)
+    assert agent.run("sleep 1.5; echo done", 10).stdout == "done\n"  # the control shell answered meanwhile
+
+
+def test_a_guest_whose_control_shell_stops_answering_is_silent_long_before_the_timeout(link: ShellLink) -> None:
+    agent = heartbeat_agent(link, 0.5)
+    control_pid = link.shells[1][0].pid
+    os.kill(control_pid, signal.SIGSTOP)  # as a guest frozen whole: neither shell gets to run
+    try:
+        with pytest.raises(GuestSilent, match=r"l1: a command ran for 0.5 s and then its control shell did not "
+                                              r"answer `true` within 0.5 s: the whole guest stopped"):
+            agent.run("sleep 30", 60)  # would succeed after 30 s: only the heartbeat raises
+        assert not agent.answers(0.5)
+    finally:
+        os.kill(control_pid, signal.SIGCONT)
+
+
+def test_without_a_heartbeat_a_silent_control_shell_is_not_asked(link: ShellLink) -> None:
+    agent = heartbeat_agent(link, None)  # type: ignore[arg-type]
+    os.kill(link.shells[1][0].pid, signal.SIGSTOP)
+    try:
+        assert agent.run("sleep 1; echo done", 10).stdout == "done\n"
+    finally:
+        os.kill(link.shells[1][0].pid, signal.SIGCONT)
 
 
 def test_agent_runs_commands(agent: AgentChannel) -> None:

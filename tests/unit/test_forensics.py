@@ -90,8 +90,8 @@ class FakeGuest:
         return (self.channel_trouble is None and self.wedged is None and not self.process.parent_lost
                 and self.process.status is None)
 
-    def mark_wedged(self, line: str) -> GuestWedged:
-        self.wedged = wedge_error(self, line)  # type: ignore[arg-type]
+    def mark_wedged(self, line: str, stall: str | None = None) -> GuestWedged:
+        self.wedged = wedge_error(self, line, stall)  # type: ignore[arg-type]
         return self.wedged
 
     def qmp_events(self, wait: float = 0.0) -> list[dict[str, Any]]:
@@ -435,3 +435,22 @@ def test_reruns_travel_on_a_report() -> None:
     wedged = Trouble(1, "wedged", "L1 wedged: RCU stall", "console", emulated=True)
     setattr(report, RERUNS_ATTRIBUTE, [wedged.as_dict()])
     assert reruns_of(report) == [wedged]
+
+
+def test_a_guest_that_stopped_answering_is_wedged_where_emulated_and_unresponsive_on_hardware(make: Any) -> None:
+    for emulated, kind in ((True, "wedged"), (False, "unresponsive")):
+        guest = make(1, "ready", emulated=emulated)
+        guests, marks = marked(guest)
+        guest.channel_trouble = "'x' timed out and killing it failed"
+        trouble = trouble_since(guests, marks)
+        assert trouble is not None and (trouble.kind, trouble.emulator_fault) == (kind, emulated)
+
+
+def test_a_guest_found_silent_during_a_command_is_the_tests_wedge_after_its_qemu_was_stopped(make: Any) -> None:
+    guest = make(1, "ready", emulated=True)
+    guests, marks = marked(guest)
+    guest.mark_wedged("l1: a command ran for 30 s and then its control shell did not answer", stall="no answer")
+    guest.process.status = -9  # stopped by the plugin: no stall line, no panic on its console
+    trouble = trouble_since(guests, marks)
+    assert trouble is not None and (trouble.kind, trouble.emulator_fault) == ("wedged", True)
+    assert trouble.headline.startswith("L1 wedged: no answer (its virtualization is emulated")
