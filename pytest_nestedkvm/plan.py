@@ -23,7 +23,7 @@ from .view import View
 # TCG every level is emulated), and each level multiplies the cost.
 BOOT_TIMEOUT = {"kvm": 30.0, "tcg": 90.0}
 COMMAND_TIMEOUT = {"kvm": 60.0, "tcg": 120.0}
-# L1's kernel command line where the host's virtualization is emulated: a periodic tick. QEMU
+# L1's kernel command line where TCG runs it: a periodic tick. QEMU
 # 7.2's TCG now and then loses L1's local APIC timer interrupt while L1's KVM runs a guest; in
 # one-shot mode (NO_HZ, high-resolution timers) nothing arms the timer again and L1 sleeps until
 # another interrupt comes ("rcu_preempt kthread timer wakeup didn't happen", 5 of 10 runs of
@@ -105,8 +105,9 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
 
 
 def emulation_append(level: int, report: HostReport) -> str:
-    """The kernel arguments the built-in guest at `level` needs on this host's emulated virtualization."""
-    return EMULATED_L1_TICK if level == 1 and report.pace == "tcg" else ""
+    """The kernel arguments the built-in guest at `level` needs on this host's emulated virtualization:
+    the periodic tick for an L1 whose timer TCG delivers (a KVM guest's timer is its KVM's)."""
+    return EMULATED_L1_TICK if level == 1 and report.accel == "tcg" else ""
 
 
 def _image(common: GuestSpec, image: Path, settings: Settings, files: BootFiles) -> GuestSpec:
