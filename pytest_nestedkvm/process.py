@@ -252,11 +252,13 @@ class ProcessInGuest:
         if self.started_in is None or self.parent_lost or self.exit_status() is not None:
             return
         w, tenths = self.workdir, int(self.parent_grace * 10)
+        # After SIGKILL too, wait for its exit to be recorded: until then its QEMU still holds the
+        # parent's virtio ports, and a fresh guest at this level could not open them ("busy").
+        wait = f"i=0; while [ ! -e {w}/exit ] && [ $i -lt {tenths} ]; do sleep 0.1; i=$((i + 1)); done"
         self.parent.run(
-            f"pid=$(cat {w}/pid 2>/dev/null) || exit 0; kill $pid 2>/dev/null; i=0; "
-            f"while [ ! -e {w}/exit ] && [ $i -lt {tenths} ]; do sleep 0.1; i=$((i + 1)); done; "
-            "kill -9 $pid 2>/dev/null",
-            timeout=self.parent_grace * 2,
+            f"pid=$(cat {w}/pid 2>/dev/null) || exit 0; kill $pid 2>/dev/null; {wait}; "
+            f"[ -e {w}/exit ] || {{ kill -9 $pid 2>/dev/null; {wait}; }}",
+            timeout=self.parent_grace * 3,
         )
 
     def output(self, lines: int) -> str:
