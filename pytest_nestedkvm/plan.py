@@ -23,12 +23,6 @@ from .view import View
 # TCG every level is emulated), and each level multiplies the cost.
 BOOT_TIMEOUT = {"kvm": 30.0, "tcg": 90.0}
 COMMAND_TIMEOUT = {"kvm": 60.0, "tcg": 120.0}
-# L1's kernel command line where TCG runs it: a periodic tick. QEMU
-# 7.2's TCG now and then loses L1's local APIC timer interrupt while L1's KVM runs a guest; in
-# one-shot mode (NO_HZ, high-resolution timers) nothing arms the timer again and L1 sleeps until
-# another interrupt comes ("rcu_preempt kthread timer wakeup didn't happen", 5 of 10 runs of
-# benchmarks/stress.py --workload kselftests-l1); a periodic tick re-arms itself (10 of 10).
-EMULATED_L1_TICK = "nohz=off highres=off"
 # Where L1 holds an L2 disk image and its seed (its first two virtio disks).
 L2_IMAGE_DISKS = (Path("/dev/vda"), Path("/dev/vdb"))
 
@@ -98,16 +92,10 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
     l2_image_disks = (settings.l2_image, files.seeds[2]) if level == 1 and 2 in files.seeds else ()
     return dataclasses.replace(
         common, kernel=files.kernel, initrd=files.initrd,
-        append=" ".join(filter(None, (emulation_append(level, report), settings.append))),  # the user's last
+        append=settings.append,
         view=files.view if level == 1 or files.view is None else files.view.one_level_down(),
         firmware=files.firmware, deepest=settings.levels, disks=tuple(p for p in l2_image_disks if p is not None),
     )
-
-
-def emulation_append(level: int, report: HostReport) -> str:
-    """The kernel arguments the built-in guest at `level` needs on this host's emulated virtualization:
-    the periodic tick for an L1 whose timer TCG delivers (a KVM guest's timer is its KVM's)."""
-    return EMULATED_L1_TICK if level == 1 and report.accel == "tcg" else ""
 
 
 def _image(common: GuestSpec, image: Path, settings: Settings, files: BootFiles) -> GuestSpec:

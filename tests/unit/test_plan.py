@@ -95,9 +95,7 @@ def test_l1_builtin_spec_follows_report_settings_and_boot_files() -> None:
     assert (spec.level, spec.qemu, spec.accel, spec.cpu) == (1, QEMU.binary, "tcg", "max")
     assert (spec.memory_mib, spec.smp, spec.extra_args) == (1024, 3, ("-device", "virtio-rng-pci"))
     assert (spec.kernel, spec.initrd, spec.firmware) == (KERNEL, INITRD, FIRMWARE)
-    # under TCG L1 ticks periodically (EMULATED_L1_TICK); the user's arguments come last and win
-    assert (spec.append, spec.view, spec.share_root, spec.deepest, spec.disks) == (
-        "nohz=off highres=off quiet", VIEW, None, 2, ())
+    assert (spec.append, spec.view, spec.share_root, spec.deepest, spec.disks) == ("quiet", VIEW, None, 2, ())
     assert spec.exports == VIEW.exports
     assert spec.channel == "agent"
 
@@ -228,17 +226,6 @@ def test_kvm_on_an_emulated_cpu_gets_tcg_budgets() -> None:
     spec = GuestSpec(level=1, qemu=QEMU.binary, accel="kvm", cpu="host", memory_mib=512, smp=1)
     emulated = dataclasses.replace(host(accel="kvm"), cpu_emulated=True)
     assert timeouts(spec, settings(), emulated) == (90.0, 120.0)
-
-
-@pytest.mark.parametrize(
-    ("report", "level", "append"),
-    [(host(accel="tcg", cpu="max"), 1, "nohz=off highres=off"),
-     (dataclasses.replace(host(accel="kvm"), cpu_emulated=True), 1, ""),  # a KVM L1: its timer is KVM's
-     (host(accel="tcg", cpu="max"), 2, ""),  # L2's timer is KVM's in L1, not TCG's
-     (host(accel="kvm"), 1, "")],  # hardware KVM keeps the kernel's own tick
-)
-def test_a_periodic_tick_only_for_an_l1_under_tcg(report: HostReport, level: int, append: str) -> None:
-    assert builtin_spec(level, settings(levels="2"), report, FILES).append == append
 
 
 def test_emulated_virtualization_gives_l1_one_vcpu_unless_the_user_says_otherwise() -> None:
