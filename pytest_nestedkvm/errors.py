@@ -73,12 +73,6 @@ class BootError(NestedKvmError):
         """QEMU ended cleanly (status 0, -no-reboot) while booting, with no panic: a reset."""
         return self.why == "reset"
 
-    @property
-    def emulator_fault(self) -> bool:
-        """The boot ended as emulated virtualization fails here (reset, stall, no answer), not in a
-        panic; whether the guest's virtualization is emulated is the caller's to know."""
-        return self.why in ("reset", "wedged", "timeout")
-
 
 class ChannelError(NestedKvmError):
     """The command channel to a guest broke or answered something unexpected."""

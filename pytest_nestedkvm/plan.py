@@ -91,8 +91,7 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
         return _image(common, image, settings, files)
     l2_image_disks = (settings.l2_image, files.seeds[2]) if level == 1 and 2 in files.seeds else ()
     return dataclasses.replace(
-        common, kernel=files.kernel, initrd=files.initrd,
-        append=settings.append,
+        common, kernel=files.kernel, initrd=files.initrd, append=settings.append,
         view=files.view if level == 1 or files.view is None else files.view.one_level_down(),
         firmware=files.firmware, deepest=settings.levels, disks=tuple(p for p in l2_image_disks if p is not None),
     )
