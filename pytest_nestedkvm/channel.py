@@ -166,6 +166,7 @@ class ShellChannel:
         self.interrupt = interrupt
         self.shell_pid: int | None = None
         self.broken: str | None = None
+        self.busy = False  # a command is in flight: a second one must not be sent meanwhile
         self._buffer = bytearray()
         self.log = logging.getLogger(f"pytest_nestedkvm.channel.{name}")
 
@@ -189,10 +190,13 @@ class ShellChannel:
         self.stream.sendall(b"__nk " + nonce + b" " + shlex.quote(command).encode() + b"\n")
         markers = _markers(nonce)
         parts: list[bytes] = []  # what came before the start marker, stdout, stderr, status: as each completes
+        self.busy = True
         try:
             self._read_reply(markers, parts, start + timeout)
         except TimeoutError:
             raise self._timed_out(command, timeout, markers, parts) from None
+        finally:
+            self.busy = False
         _, stdout, stderr, raw_status = parts
         status = _number(raw_status)
         if status is None:
@@ -364,11 +368,14 @@ class Channel:
         self.shell = self._connect("cmd", streams[0], deadline, interruptible=True, watchdog=self._watch)
         self.control = self._connect("ctl", streams[1], deadline, interruptible=False)
 
-    def answers(self, timeout: float) -> bool:
-        """Whether the guest answers `true` on its control shell (or main shell) within `timeout`."""
+    def answers(self, timeout: float) -> bool | None:
+        """Whether the guest answers `true` on its control shell (or main shell) within `timeout`;
+        None where that cannot be asked now (not open, or that shell is waiting for a command)."""
         shell = self.control or self.shell
+        if shell is None or shell.busy:
+            return None
         try:
-            return shell is not None and shell.run("true", timeout).exit_status == 0
+            return shell.run("true", timeout).exit_status == 0
         except (CommandTimeout, ChannelError):
             return False
 

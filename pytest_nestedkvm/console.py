@@ -66,8 +66,10 @@ class Console:
         return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
     def first_problem(self, start: int = 0) -> str | None:
-        """The first panic/oops/BUG/WARN line printed at or after byte `start`."""
-        return self._first(PROBLEM, start)
+        """The first panic/oops/BUG/WARN line printed at or after byte `start`, not counting
+        stall lines (`BUG: soft lockup`): those are first_stall's."""
+        lines = (m.group(0) for m in PROBLEM.finditer(self._bytes(start)) if not STALL.match(m.group(0)))
+        return next((line.decode("utf-8", "replace").strip() for line in lines), None)
 
     def first_panic(self, start: int = 0) -> str | None:
         """The first kernel panic line at or after byte `start` (a WARN may come before it)."""
@@ -78,12 +80,12 @@ class Console:
         return self._first(STALL, start)
 
     def scan_stall(self, start: int) -> tuple[str | None, int]:
-        """The first stall line from byte `start`, and where a later scan may begin: after the
-        last whole line read (a line still being written is read again next time)."""
+        """The first stall line from byte `start`, and where a later scan may begin: after that
+        line, or after the last whole line read (a line still being written is read again)."""
         data = self._bytes(start)
         match = STALL.search(data)
         if match is not None:
-            return match.group(0).decode("utf-8", "replace").strip(), start
+            return match.group(0).decode("utf-8", "replace").strip(), start + match.end()
         return None, start + data.rfind(b"\n") + 1
 
     def _first(self, pattern: re.Pattern[bytes], start: int) -> str | None:

@@ -125,9 +125,12 @@ def trouble_since(guests: dict[int, Guest], marks: dict[int, ConsoleMark]) -> Tr
         if not guest.alive:
             guest.link.settle_console(level)  # its last words are on their way to the file
         since = max(at.console, guest.console_ready)  # a reboot inside the test starts a new boot log
+        if guest.emulated and guest.alive:  # a stall line it runs on from is no trouble (Guest.watch_stalls)
+            with contextlib.suppress(GuestWedged):
+                guest.watch_stalls()
         if guest.wedged is not None:  # seen while a command waited: a stall line, or no answer at all
             return Trouble(level, "wedged", str(guest.wedged), guest.console.read(at.console), emulated=True)
-        stall = guest.console.first_stall(since)
+        stall = None if guest.emulated and guest.alive else guest.console.first_stall(since)
         if stall is not None:
             return _stall_trouble(guest, stall, guest.console.read(at.console))
         problem = guest.console.first_problem(since)

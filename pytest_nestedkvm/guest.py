@@ -66,6 +66,8 @@ class Guest:
         self.stopped_on_purpose = False
         self.wedged: GuestWedged | None = None
         self._stall_scan = 0  # console bytes already searched for stall lines
+        self._asking = False  # the control shell is being asked whether the guest runs on
+        self.stalls_survived: list[str] = []  # stall lines after which the guest answered (this boot)
         self._qmp: Qmp | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -76,7 +78,7 @@ class Guest:
         self.console_start = self.console.size()  # a deeper guest's log continues across restarts
         self.boots += 1
         self.stopped_on_purpose = False
-        self.wedged, self._stall_scan = None, self.console_start
+        self.wedged, self._stall_scan, self.stalls_survived = None, self.console_start, []
         self.log.info("starting: %s", shell_line(self.qemu_argv))
         try:
             self.link.prepare()
@@ -113,13 +115,37 @@ class Guest:
         return [self] if self.parent is None else [self, *self.parent.chain()]
 
     def watch_stalls(self) -> None:
-        """On emulated virtualization, raise GuestWedged once its console reported a stall."""
+        """On emulated virtualization, raise GuestWedged once its console reported a stall that
+        it did not run on from."""
         if self.wedged is None and self.emulated:
-            line, self._stall_scan = self.console.scan_stall(self._stall_scan)
-            if line is not None:
-                self.mark_wedged(line)
+            line, end = self.console.scan_stall(self._stall_scan)
+            survived = None if line is None else self._runs_on_after(line)
+            if line is None or survived is not None:  # None: asked again at the next check
+                self._stall_scan = end
+            if survived is False:
+                self.mark_wedged(line or "")
         if self.wedged is not None:
             raise GuestWedged(str(self.wedged), level=self.level, stall=self.wedged.stall, line=self.wedged.line)
+
+    def _runs_on_after(self, line: str) -> bool | None:
+        """Whether the guest answers its control shell after printing the stall `line`; None when
+        that cannot be asked now (the control shell is busy: its own answer will tell).
+        Under TCG a stall line often means the emulator held back the guest's timer interrupt for
+        a while: the guest runs on as soon as another interrupt comes (the question is one)."""
+        control = self.channel.control
+        if control is None:
+            return False  # nothing to ask on (while booting): a stall there is a wedge
+        if self._asking or control.busy:
+            return None
+        self._asking = True
+        try:
+            alive = self.channel.answers(HEARTBEAT * self.level)
+        finally:
+            self._asking = False
+        if alive:
+            self.stalls_survived.append(line)
+            self.log.warning("printed a stall and still answers, so it goes on: %s", line)
+        return alive
 
     def mark_wedged(self, line: str, stall: str | None = None) -> GuestWedged:
         """Take this guest as wedged by the stall `line` its console printed (or by `stall`, what
@@ -241,7 +267,7 @@ class Guest:
             raise
         except GuestSilent as exc:
             # The outermost guest that does not answer is the one that froze (a frozen L1 silences L2).
-            frozen = next((g for g in reversed(self.chain()[1:]) if not g.channel.answers(HEARTBEAT * g.level)),
+            frozen = next((g for g in reversed(self.chain()[1:]) if g.channel.answers(HEARTBEAT * g.level) is False),
                           self)
             wedged = frozen.mark_wedged(str(exc) if frozen is self else f"{frozen.name} does not answer either",
                                         stall="no answer")

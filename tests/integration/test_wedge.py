@@ -3,7 +3,8 @@ a fresh guest. LKDTM (enabled by the kernel fragment of scripts/build_suites.sh)
 in L1 on the kernel built from source; under TCG the guest's virtualization is emulated, so both
 count as wedges:
 - SOFTLOCKUP spins with interrupts on: the kernel's own detectors print an RCU stall or a soft
-  lockup, and the console watch ends the command;
+  lockup, the console watch asks the control shell, which cannot answer on the one spinning
+  vCPU, and that ends the command;
 - HARDLOCKUP spins with interrupts off: on L1's one vCPU nothing runs and nothing is printed (TCG
   gives the guest no NMI watchdog), as when the emulator froze L1 under a KVM selftest; the
   heartbeat on the control shell ends the command.

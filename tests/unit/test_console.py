@@ -64,9 +64,16 @@ def test_first_problem_after_a_start_offset(tmp_path: Path) -> None:
 
 
 def test_first_problem_after_offset_ignores_earlier_only(tmp_path: Path) -> None:
-    console = console_with(tmp_path, BOOT + "[ 3.0] BUG: soft lockup - CPU#0 stuck for 22s!\n")
-    assert console.first_problem(len(BOOT.encode())) == "[ 3.0] BUG: soft lockup - CPU#0 stuck for 22s!"
+    console = console_with(tmp_path, BOOT + "[ 3.0] BUG: kernel NULL pointer dereference, address: 0\n")
+    assert console.first_problem(len(BOOT.encode())) == "[ 3.0] BUG: kernel NULL pointer dereference, address: 0"
     assert console.first_problem(len(BOOT.encode()) + 30) is None
+
+
+def test_a_stall_line_is_no_problem_line_but_a_bug_after_it_is(tmp_path: Path) -> None:
+    console = console_with(tmp_path, BOOT + "[ 3.0] watchdog: BUG: soft lockup - CPU#0 stuck for 22s!\n"
+                           "[ 4.0] BUG: unable to handle page fault for address: 8\n")
+    assert console.first_stall() == "[ 3.0] watchdog: BUG: soft lockup - CPU#0 stuck for 22s!"
+    assert console.first_problem() == "[ 4.0] BUG: unable to handle page fault for address: 8"
 
 
 def test_first_problem_tolerates_undecodable_bytes(tmp_path: Path) -> None:
@@ -330,4 +337,6 @@ def test_scan_stall_resumes_after_the_last_whole_line(tmp_path: Path) -> None:
     assert line is None and resume == len(BOOT.encode())
     with console.path.open("ab") as f:
         f.write(b"empt detected stalls on CPUs/tasks:\r\n")
-    assert console.scan_stall(resume) == ("[ 24.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:", resume)
+    line, after = console.scan_stall(resume)
+    assert line == "[ 24.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:"
+    assert console.read(after).startswith("\n") and console.scan_stall(after) == (None, console.size())

@@ -76,6 +76,7 @@ class FakeGuest:
     refuse: bool = False
     emulated: bool = False
     wedged: Any = None
+    runs_on: bool = False  # answers its control shell after a stall line
     link: FakeLink = field(init=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +94,13 @@ class FakeGuest:
     def mark_wedged(self, line: str, stall: str | None = None) -> GuestWedged:
         self.wedged = wedge_error(self, line, stall)  # type: ignore[arg-type]
         return self.wedged
+
+    def watch_stalls(self) -> None:
+        line = self.console.first_stall(self.console_ready)
+        if line is not None and self.wedged is None and not self.runs_on:
+            self.mark_wedged(line)
+        if self.wedged is not None:
+            raise self.wedged
 
     def qmp_events(self, wait: float = 0.0) -> list[dict[str, Any]]:
         return self.events
@@ -363,6 +371,15 @@ def test_a_stall_on_emulated_virtualization_wedges_the_guest(make: Any) -> None:
     assert trouble.headline.startswith("L1 wedged: RCU stall while its KVM guest ran (its virtualization is emulated")
     assert trouble.headline.endswith(RCU_STALL)
     assert not guest.alive and guest.wedged.stall == "RCU stall"  # the next test gets a fresh guest
+
+
+def test_a_stall_an_emulated_guest_runs_on_from_is_no_trouble(make: Any) -> None:
+    # Under TCG a stall line often only means the emulator held back the timer for a while.
+    guest = make(1, "ready", emulated=True, runs_on=True)
+    guests, marks = marked(guest)
+    guest.print("$ ./set_sregs_test", SOFT_LOCKUP, *KVM_TRACE)
+    assert trouble_since(guests, marks) is None
+    assert guest.alive
 
 
 def test_a_stall_is_named_before_the_bug_line_it_also_is(make: Any) -> None:
