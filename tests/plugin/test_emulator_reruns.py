@@ -47,6 +47,13 @@ class Guest:
         self.wedged = forensics.wedge_error(self, line)
         return self.wedged
 
+    def watch_stalls(self):  # a guest that does not answer once it printed a stall
+        line = self.console.first_stall(self.console_ready)
+        if line is not None and self.wedged is None:
+            self.mark_wedged(line)
+        if self.wedged is not None:
+            raise self.wedged
+
 
 class Pool:
     def __init__(self):
