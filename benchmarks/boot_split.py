@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from pytest_nestedkvm.errors import ConfigError
+from pytest_nestedkvm.host import probe
 from pytest_nestedkvm.initramfs import find_kernel
 from pytest_nestedkvm.layout import BOOT_MARKS
 from pytest_nestedkvm.session import NestedSession
@@ -105,6 +107,19 @@ def measure(configs: dict[str, dict[str, str]], runs: int) -> dict[str, dict[str
     return samples
 
 
+def usable_accels(accels: tuple[str, ...]) -> str:
+    """Those of `accels` this host can run L1 with; a note on stderr for each left out."""
+    usable = []
+    for accel in accels:
+        try:
+            probe(accel=accel)
+        except ConfigError as exc:
+            print(f"note: no {accel} column: {exc}", file=sys.stderr)
+            continue
+        usable.append(accel)
+    return ",".join(usable)
+
+
 def configurations(accels: str, variant: str | None, options: dict[str, str]) -> dict[str, dict[str, str]]:
     """One per accelerator, and with --variant ARGS KVM once more with those QEMU arguments."""
     configs = {accel: {**options, "accel": accel} for accel in accels.split(",")}
@@ -149,7 +164,8 @@ def inside_l1(runs: int, variant: str | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--accel", default="kvm,tcg", help="comma-separated accelerators to compare")
+    parser.add_argument("--accel", help="comma-separated accelerators to compare (default: kvm,tcg, leaving out "
+                        "one this host cannot use, with a note)")
     parser.add_argument("--inside-l1", action="store_true", help="run the comparison inside an L1 of this host")
     parser.add_argument("--kernel", help="--nested-kernel for the measured guest")
     parser.add_argument("--modules", help="--nested-modules for the measured guest")
@@ -164,7 +180,11 @@ def main() -> None:
         return
     options = {name: value for name in ("kernel", "modules", "memory", "boot_timeout")
                if (value := getattr(args, name))}
-    samples = measure(configurations(args.accel, args.variant, options), args.runs)
+    try:
+        accels = args.accel or usable_accels(("kvm", "tcg"))
+        samples = measure(configurations(accels, args.variant, options), args.runs)
+    except ConfigError as exc:  # an accelerator asked for by name that this host cannot use
+        sys.exit(f"boot_split.py: {exc}")
     print(json.dumps(samples) if args.json else table(samples, f"L1 boot, medians of {args.runs} runs (s)"))
 
 

@@ -36,19 +36,24 @@ import paramiko
 from . import ssh
 from .console import serial_login
 from .deadline import Deadline
-from .errors import ChannelError, CommandFailed, CommandTimeout, GuestSilent, LoginFailed
+from .errors import ChannelError, CommandFailed, CommandTimeout, GuestSilent, LoginFailed, printable
 from .ssh import sshd_script
 
 if TYPE_CHECKING:
     from .link import Link
 
 MARK = b"\n@@NK"
+DEFAULT_OUTPUT_LIMIT = 64 << 20  # bytes of a command's stdout, and of its stderr, kept (--nested-output-limit)
+TRUNCATED = b"\n[nestedkvm: %d more bytes were read and dropped: past --nested-output-limit]\n"
 # Grace for a killed command's markers to arrive before the channel counts as broken.
 KILL_GRACE = 10.0
 POLL = 0.25  # how often a blocked read checks whether the guest is still alive
 
 # Defined once per connection. __nk runs command $2 with reply nonce $1; the
-# subshell drops both from its positional parameters before the command runs.
+# subshell drops both from its positional parameters before the command runs. Its
+# stderr is spooled to a file: a command that hid the spool directory (a tmpfs over
+# /tmp) gets it made again; where that fails, the status line breaks the channel
+# rather than report a status for a command that never ran.
 # __nk_kill lists every descendant of a pid by walking /proc (repeated passes
 # until the set stops growing) and SIGKILLs them.
 PREAMBLE = r"""
@@ -58,6 +63,9 @@ __nk_i=0
 __nk() {
   __nk_i=$((__nk_i % 64 + 1))
   printf '\n@@NK%s:S\n' "$1"
+  if ! { [ -d "$__nk_d" ] || mkdir -p -m 700 "$__nk_d"; } 2>/dev/null; then
+    printf '\n@@NK%s:E\n\n@@NK%s:X no spool directory %s\n' "$1" "$1" "$__nk_d"; return
+  fi
   ( __nk_c=$2; set --; eval "$__nk_c" ) </dev/null 2>"$__nk_d/e$__nk_i"
   __nk_s=$?
   if [ -s "$__nk_d/e$__nk_i" ]; then
@@ -119,7 +127,7 @@ class CommandResult:
     def failure(self, guest: str, expectation: str) -> CommandFailed:
         """The assertion error for this result when it is not what `expectation` says."""
         def clip(text: str) -> str:
-            text = text.rstrip("\n")
+            text = printable(text.rstrip("\n"))
             return text if len(text) <= 2000 else "..." + text[-2000:]
 
         return CommandFailed(
@@ -159,11 +167,15 @@ class ShellChannel:
         *,
         watchdog: Callable[[], None] | None = None,
         interrupt: Callable[[int], None] | None = None,
+        limit: int = DEFAULT_OUTPUT_LIMIT,
     ) -> None:
         self.stream = stream
         self.name = name
         self.watchdog = watchdog
         self.interrupt = interrupt
+        self.limit = limit  # bytes kept of each part of a reply (stdout, stderr); the rest is counted
+        self._kept = bytearray()  # the part being read, as far as it is kept
+        self._dropped = 0  # bytes of it read past `limit`
         self.shell_pid: int | None = None
         self.broken: str | None = None
         self.busy = False  # a command is in flight: a second one must not be sent meanwhile
@@ -200,7 +212,7 @@ class ShellChannel:
         _, stdout, stderr, raw_status = parts
         status = _number(raw_status)
         if status is None:
-            self.broken = f"the status line of {command!r} was {raw_status!r}, not a number"
+            self.broken = f"the status line of {command!r} was {_text(raw_status)!r}, not a number"
             raise ChannelError(f"{self.name}: {self.broken}")
         return CommandResult(command, status, _text(stdout), _text(stderr), time.monotonic() - start)
 
@@ -216,10 +228,10 @@ class ShellChannel:
         stopped = self._recover(command, markers, parts)
         what = "was killed" if stopped else "could not be stopped, so this channel is now unusable"
         # stdout, then stderr, as far as they arrived; the part in progress is in the buffer
-        received = [*parts[1:], bytes(self._buffer)] if parts else []
+        received = [*parts[1:], bytes(self._kept) + bytes(self._buffer)] if parts else []
         stdout = received[0] if received else b""
         stderr = received[1] if len(received) > 1 else b""
-        printed = (stdout + stderr).decode("utf-8", "replace").rstrip().splitlines()[-5:]
+        printed = printable((stdout + stderr).decode("utf-8", "replace")).rstrip().splitlines()[-5:]
         if printed:
             tail = "\nits last output:\n" + "\n".join(printed)
         else:
@@ -247,15 +259,22 @@ class ShellChannel:
         return True
 
     def _read_until(self, marker: bytes, deadline: float) -> bytes:
-        """Consume and return the bytes before `marker` (the marker is consumed too)."""
+        """Consume and return the bytes before `marker` (the marker is consumed too), the first
+        `limit` of them and a line that says how many more were dropped."""
+        self._kept, self._dropped = bytearray(), 0
         searched = 0
         while True:
             index = self._buffer.find(marker, searched)
             if index >= 0:
-                data = bytes(self._buffer[:index])
-                del self._buffer[: index + len(marker)]
-                return data
+                self._keep(index)
+                del self._buffer[: len(marker)]
+                if self._dropped:
+                    self._kept += TRUNCATED % self._dropped
+                return bytes(self._kept)
             searched = max(0, len(self._buffer) - len(marker) + 1)
+            if searched > self.limit:  # bytes that cannot begin the marker: keep or count them
+                self._keep(searched)
+                searched = 0
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
@@ -276,6 +295,13 @@ class ShellChannel:
                 self._buffer += chunk
             elif self.watchdog:
                 self.watchdog()
+
+    def _keep(self, count: int) -> None:
+        """Move the first `count` bytes of the buffer to the part being read, as far as it has room."""
+        room = max(0, self.limit - len(self._kept))
+        self._kept += self._buffer[:min(count, room)]
+        self._dropped += max(0, count - room)
+        del self._buffer[:count]
 
 
 # -- channel kinds: how a guest's shells are reached -----------------------------------------
@@ -304,6 +330,7 @@ class ChannelSetup:
     # more, else the guest is silent (GuestSilent). None: no such check (a guest that freezes
     # whole is then seen at the command's timeout).
     heartbeat: float | None = None
+    output_limit: int = DEFAULT_OUTPUT_LIMIT  # bytes of each of a command's stdout and stderr kept
 
 
 class Channel:
@@ -360,7 +387,7 @@ class Channel:
     def _connect(self, role: str, stream: ByteStream, deadline: Deadline, interruptible: bool,
                  watchdog: Callable[[], None] | None = None) -> ShellChannel:
         channel = ShellChannel(stream, f"{self.setup.name}.{role}", watchdog=watchdog or self.setup.check,
-                               interrupt=self._interrupt if interruptible else None)
+                               interrupt=self._interrupt if interruptible else None, limit=self.setup.output_limit)
         channel.connect(deadline.remaining())
         return channel
 

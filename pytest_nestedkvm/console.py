@@ -15,6 +15,7 @@ from pathlib import Path
 import pexpect.fdpexpect
 
 from .deadline import Deadline, retry
+from .errors import printable
 
 # Lines that mean the kernel under test is in trouble (panic, oops, BUG, KVM WARN).
 PROBLEM = re.compile(
@@ -60,10 +61,10 @@ class Console:
         return data.decode("utf-8", "replace").replace("\r\n", "\n")
 
     def tail(self, lines: int = 15) -> str:
-        """The last `lines` lines, for error messages."""
+        """The last `lines` lines, for error messages (control characters escaped)."""
         size = self.size()
         text = self.read(max(0, size - 64 * 1024))
-        return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+        return printable("\n".join(text.rstrip("\n").splitlines()[-lines:]))
 
     def first_problem(self, start: int = 0) -> str | None:
         """The first panic/oops/BUG/WARN line printed at or after byte `start`, not counting

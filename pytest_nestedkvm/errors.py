@@ -8,7 +8,18 @@ Code decides on the fields (`why`, `exit_status`, `panicked` ...), never on the 
 
 from __future__ import annotations
 
+import re
 from typing import Literal
+
+# Control characters but newline and tab: a guest's output quoted in a message must not drive
+# the terminal that shows it (escape sequences, carriage returns that hide what came before).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` from a guest, fit for a message: each control character shown as an escape (\\x1b)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
 
 # Why a boot ended without a ready guest.
 BootEnd = Literal["timeout", "reset", "wedged", "crashed", "parent_down", "login", "ssh"]

@@ -15,7 +15,7 @@ from typing import Any
 import paramiko
 
 from . import forensics, ssh
-from .channel import ChannelSetup, CommandResult, channel_class
+from .channel import DEFAULT_OUTPUT_LIMIT, ChannelSetup, CommandResult, channel_class
 from .console import Console
 from .deadline import Deadline, retry
 from .errors import (
@@ -45,7 +45,7 @@ class Guest:
     def __init__(
         self, spec: GuestSpec, link: Link, process: HostProcess | ProcessInGuest, argv: list[str], *,
         boot_timeout: float, command_timeout: float, parent: Guest | None = None, ssh_key: SessionKey | None = None,
-        emulated: bool = False,
+        emulated: bool = False, output_limit: int = DEFAULT_OUTPUT_LIMIT,
     ) -> None:
         self.spec, self.level, self.name, self.parent = spec, spec.level, spec.name, parent
         self.link, self.process, self.qemu_argv = link, process, argv
@@ -58,7 +58,7 @@ class Guest:
         self.emulated = emulated
         self.channel = channel_class(spec.channel)(
             ChannelSetup(self.name, link, self._check_alive, spec.login, self._open_ssh,
-                         heartbeat=HEARTBEAT * self.level if emulated else None))
+                         heartbeat=HEARTBEAT * self.level if emulated else None, output_limit=output_limit))
         self.log = logging.getLogger(f"pytest_nestedkvm.guest.{self.name}")
         self.boot_seconds: float | None = None
         self.console_start = self.console_ready = 0  # console bytes before this boot / before it was ready
@@ -246,7 +246,7 @@ class Guest:
 
     def get(self, remote: str, local: str | os.PathLike[str]) -> None:
         """Copy a file out of the guest to L0 over SFTP: the bytes exact, the permission bits too
-        except setuid and setgid, which are dropped (a guest never puts a set-id program on L0)."""
+        except setuid, setgid, sticky and world-writable, which are dropped."""
         ssh.get(self.ssh, remote, Path(local), self.command_timeout)
 
     # -- commands --------------------------------------------------------------------------
@@ -310,7 +310,7 @@ class Guest:
 def new_guest(
     spec: GuestSpec, run_root: Path, *, parent: Guest | None, boot_timeout: float, command_timeout: float,
     edit_argv: Callable[[list[str]], None] | None = None, ssh_key: SessionKey | None = None,
-    console_limit: int = DEFAULT_CONSOLE_LIMIT, emulated: bool = False,
+    console_limit: int = DEFAULT_CONSOLE_LIMIT, output_limit: int = DEFAULT_OUTPUT_LIMIT, emulated: bool = False,
 ) -> Guest:
     """The guest for `spec`: on the host (L1) or inside `parent`, with its QEMU argv as the user's
     pytest_nestedkvm_qemu_argv hooks leave it."""
@@ -327,5 +327,5 @@ def new_guest(
     if edit_argv is not None:
         edit_argv(argv)
     return Guest(spec, link, process, argv, boot_timeout=boot_timeout, command_timeout=command_timeout,
-                 parent=parent, ssh_key=ssh_key, emulated=emulated)
+                 parent=parent, ssh_key=ssh_key, emulated=emulated, output_limit=output_limit)
 

@@ -41,7 +41,8 @@ NINEP_OPTIONS = "trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose"
 # The guest's shell: static busybox ash from tmpfs. Under TCG a dynamically linked
 # exec costs 40-130 ms (measured), while busybox runs its applets (cat, grep, ...)
 # without exec; programs busybox lacks still come from the host root's PATH.
-AGENT_SHELL = "/run/nestedkvm/busybox sh"
+BUSYBOX = f"{PORT_DIR}/busybox"
+AGENT_SHELL = f"{BUSYBOX} sh"
 # The guest scheduler's wakeup granularity (see stage2_script).
 WAKEUP_GRANULARITY_NS = 15_000_000
 
@@ -354,7 +355,9 @@ cd /
 for port in {COMMAND_PORT} {CONTROL_PORT}; do
   dev={PORT_DIR}/port.$port
   [ -e $dev ] || {{ echo "nestedkvm: no virtio port $port" > /dev/console; continue; }}
-  (while :; do {AGENT_SHELL} <>$dev >&0 2>/dev/console; sleep 0.2; done) &
+  # The shell reads the port; what it and its commands print goes through a pipe that `cat`
+  # copies to the port, so no command holds a descriptor it could read the next command from.
+  (while :; do {{ {AGENT_SHELL} 3>&- 2>/dev/console | {BUSYBOX} cat >&3 3>&-; }} 3<>$dev <&3; sleep 0.2; done) &
 done
 read up _ < /proc/uptime; echo "stage2=$up" >> {BOOT_MARKS}
 echo "nestedkvm: stage2 up" > /dev/console

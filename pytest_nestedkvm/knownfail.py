@@ -5,7 +5,9 @@
     kselftests:x86_64/amx_test   TCG has no AMX
 
 Each entry is `<suite>:<test name>`, whitespace, then the reason (required). A listed test
-that fails or times out is an xfail with that reason; one that passes is an XPASS.
+that fails or times out is an xfail with that reason; one that passes is an XPASS. A listed
+test whose guest does not boot, crashes or stops answering is not an xfail: that is an error
+of the guests, not the known failure.
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .channel import channel_class
 from .errors import ConfigError
 from .host import HostReport
-from .qemu import GuestSpec
+from .qemu import Disk, DiskFormat, GuestSpec
 from .settings import Settings
 from .view import View
 
@@ -24,7 +24,8 @@ from .view import View
 BOOT_TIMEOUT = {"kvm": 30.0, "tcg": 90.0}
 COMMAND_TIMEOUT = {"kvm": 60.0, "tcg": 120.0}
 # Where L1 holds an L2 disk image and its seed (its first two virtio disks).
-L2_IMAGE_DISKS = (Path("/dev/vda"), Path("/dev/vdb"))
+# L1 has decoded the image (format=qcow2 there), so L2's QEMU reads both as raw.
+L2_IMAGE_DISKS = (Disk(Path("/dev/vda")), Disk(Path("/dev/vdb")))
 
 GuestSpecHook = Callable[[int, GuestSpec], GuestSpec]
 
@@ -38,6 +39,7 @@ class BootFiles:
     firmware: Path | None
     seeds: Mapping[int, Path]
     view: View | None = None  # what L1 sees of L0; each deeper level sees what its parent sees
+    image_formats: Mapping[Path, DiskFormat] = field(default_factory=dict)  # of the user's disk images
 
 
 def skip_reason(level: int, settings: Settings, report: HostReport) -> str | None:
@@ -89,11 +91,12 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
     image = settings.l1_image if level == 1 else settings.l2_image if level == 2 else None
     if image is not None:
         return _image(common, image, settings, files)
-    l2_image_disks = (settings.l2_image, files.seeds[2]) if level == 1 and 2 in files.seeds else ()
+    l2_image_disks = ((_disk(settings.l2_image, files), Disk(files.seeds[2]))
+                      if level == 1 and 2 in files.seeds and settings.l2_image is not None else ())
     return dataclasses.replace(
         common, kernel=files.kernel, initrd=files.initrd, append=settings.append,
         view=files.view if level == 1 or files.view is None else files.view.one_level_down(),
-        firmware=files.firmware, deepest=settings.levels, disks=tuple(p for p in l2_image_disks if p is not None),
+        firmware=files.firmware, deepest=settings.levels, disks=l2_image_disks,
     )
 
 
@@ -101,12 +104,16 @@ def _image(common: GuestSpec, image: Path, settings: Settings, files: BootFiles)
     """A user's disk image, booted by its own bootloader with -snapshot. With cloud-init the session
     key arrives through a NoCloud seed and commands run over SSH; with --nested-login on the serial console."""
     login = settings.login if common.level == 1 else None
-    disks: tuple[Path, ...]
+    disks: tuple[Disk, ...]
     if common.level == 2:
         disks = L2_IMAGE_DISKS  # L1 holds them (see builtin_spec)
     else:
-        disks = (image,) if login else (image, files.seeds[1])
+        disks = (_disk(image, files),) if login else (_disk(image, files), Disk(files.seeds[1]))
     return dataclasses.replace(common, disks=disks, channel="serial" if login else "ssh", login=login)
+
+
+def _disk(image: Path, files: BootFiles) -> Disk:
+    return Disk(image, files.image_formats[image])
 
 
 def timeouts(spec: GuestSpec, settings: Settings, report: HostReport) -> tuple[float, float]:

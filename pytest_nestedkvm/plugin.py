@@ -15,6 +15,7 @@ from .initramfs import find_kernel
 from .qemu import GuestSpec
 from .session import SESSION_KEY, SESSION_PLUGIN, NestedSession
 from .settings import OPTIONS, Settings
+from .view import unshareable
 
 __all__ = ["l0", "l1", "l2", "nested_guest"]
 
@@ -90,6 +91,10 @@ def configured_settings(config: pytest.Config) -> Settings:
         settings.check_host_plan(accel=report.accel, host_cpus=host_cpus, default_kernel=_default_kernel)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
+    reason = unshareable(config.rootpath, project=True)  # the built-in guests see the project
+    if reason is not None:
+        raise pytest.UsageError(f"pytest's rootdir {config.rootpath}: {reason}: run pytest from a project "
+                                "directory (or give --rootdir one)")
     return settings
 
 

@@ -81,13 +81,22 @@ class GuestPool:
             self.get(level)
 
     def stop_from(self, level: int) -> None:
-        """Stop the guest at `level` and those inside it: their next user gets a fresh boot."""
+        """Stop the guest at `level` and those inside it: their next user gets a fresh boot.
+        Every one is stopped; the first guest_teardown hook that raised is raised after."""
+        failure: BaseException | None = None
         for deeper in sorted((lv for lv in self.guests if lv >= level), reverse=True):
-            self._stop(self.guests[deeper])
+            try:
+                self._stop(self.guests[deeper])
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def close(self) -> None:
-        self.stop_from(1)  # deepest first: each needs its parent to stop
-        self.guests.clear()
+        try:
+            self.stop_from(1)  # deepest first: each needs its parent to stop
+        finally:
+            self.guests.clear()
 
     def _stop(self, guest: Guest) -> None:
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from .channel import ChannelKind, channel_class
 from .host import Accel
@@ -32,6 +32,17 @@ SSH_GUEST_PORT = 22
 USER_NIC = f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:0-:{SSH_GUEST_PORT}"
 
 
+DiskFormat = Literal["qcow2", "raw"]
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A disk for a guest, always attached with -snapshot, its format named (never probed)."""
+
+    path: Path
+    format: DiskFormat = "raw"
+
+
 @dataclass(frozen=True)
 class GuestSpec:
     """Everything that decides what a guest is; two equal specs boot the same guest."""
@@ -47,7 +58,7 @@ class GuestSpec:
     append: str = ""
     view: View | None = None  # what the built-in guest sees of its host (view.py), each part read-only over 9p
     share_root: Path | None = None  # deprecated (0.1): exported whole as the guest's root; use `view`
-    disks: tuple[Path, ...] = ()  # always attached with -snapshot
+    disks: tuple[Disk, ...] = ()
     firmware: Path | None = None
     deepest: int = 1  # the deepest level of the chain: this QEMU carries the streams of levels below
     # How commands reach the guest: "agent" (the built-in guest's shells on virtio ports),
@@ -196,11 +207,13 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
     for index, (level, role, name) in enumerate(ports):
         argv += ["-chardev", f"{ends.chardev(level, role)},id=port{index}",
                  "-device", f"virtserialport,bus=vser.0,chardev=port{index},name={name}"]
+    # multidevs=forbid: a filesystem mounted below an export (a procfs a chroot build left there)
+    # is not served; the guest gets an error for it.
     for index, export in enumerate(spec.exports):
-        argv += ["-fsdev", f"local,id=fs{index},path={export.source},security_model=none,readonly=on,multidevs=remap",
+        argv += ["-fsdev", f"local,id=fs{index},path={export.source},security_model=none,readonly=on,multidevs=forbid",
                  "-device", f"virtio-9p-pci,fsdev=fs{index},mount_tag={EXPORT_TAG}{index}"]
     for index, disk in enumerate(spec.disks):
-        argv += ["-drive", f"file={disk},if=virtio,index={index},media=disk"]
+        argv += ["-drive", f"file={disk.path},format={disk.format},if=virtio,index={index},media=disk"]
     argv += ["-device", "pvpanic-pci", "-nic", USER_NIC, "-snapshot", *spec.extra_args]
     return argv
 

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import os
 import platform
-import pwd
 import shutil
 import signal
 import tempfile
@@ -35,9 +34,9 @@ from .initramfs import Kernel, boot_image, build_initramfs, cache_dir
 from .kernel_tree import boot_kernel, modules_share, with_modules
 from .pool import GuestPool, LifecycleHooks
 from .qemu import QBOOT, GuestSpec
-from .settings import Settings
+from .settings import Settings, image_format
 from .ssh import SessionKey, make_session_key
-from .view import build_view, copy_etc, python_dirs
+from .view import build_view, filtered_etc, python_dirs
 
 T = TypeVar("T")
 SESSION_PLUGIN = "nestedkvm-session"
@@ -94,15 +93,18 @@ class NestedSession:
         for level, seed in seeds.items():
             write_nocloud_seed(seed, public_key=self.ssh_key.public_line, hostname=f"nestedkvm-l{level}",
                                instance_id=self.run_root.name)
+        formats = {image: image_format(image) for image in (self.settings.l1_image, self.settings.l2_image)
+                   if image is not None}
         if self.settings.l1_image is not None:  # a disk image boots its own kernel
-            return plan.BootFiles(kernel=None, initrd=None, firmware=None, seeds=seeds)
+            return plan.BootFiles(kernel=None, initrd=None, firmware=None, seeds=seeds, image_formats=formats)
         kernel = self.kernel
         files = plan.BootFiles(kernel=boot_image(kernel), initrd=build_initramfs(kernel),
                                firmware=QBOOT if QBOOT.is_file() else None, seeds=seeds)
-        shared = [cache_dir(), self.rootdir, *python_dirs(), *self.settings.share, *modules_share(kernel),
+        shared = [cache_dir(), *python_dirs(), *self.settings.share, *modules_share(kernel),
                   *self.settings.suite_dirs()]
-        view = with_modules(build_view(copy_etc(self.run_root / "etc"), shared), kernel)  # for modprobe in guests
-        return dataclasses.replace(files, view=view)
+        view = build_view(filtered_etc(cache_dir()), shared, project=self.rootdir)
+        view = with_modules(view, kernel)  # for modprobe in guests
+        return dataclasses.replace(files, view=view, image_formats=formats)
 
     @property
     def rootdir(self) -> Path:
@@ -143,7 +145,8 @@ class NestedSession:
 
         return new_guest(spec, self.run_root, parent=parent, boot_timeout=boot_timeout,
                          command_timeout=command_timeout, edit_argv=edit, ssh_key=self.ssh_key,
-                         console_limit=self.settings.console_limit << 20, emulated=self.report.pace == "tcg")
+                         console_limit=self.settings.console_limit << 20,
+                         output_limit=self.settings.output_limit << 20, emulated=self.report.pace == "tcg")
 
     # -- what fixtures and hooks use -------------------------------------------------------
 
@@ -184,10 +187,12 @@ class NestedSession:
             reporter.write_line(f"nestedkvm: {message}")
 
     def close(self) -> None:
-        if "pool" in self.__dict__:
-            self.pool.close()
-        if "run_root" in self.__dict__:
-            shutil.rmtree(self.run_root, ignore_errors=True)
+        try:
+            if "pool" in self.__dict__:
+                self.pool.close()
+        finally:  # a guest_teardown hook that raised still leaves no key behind
+            if "run_root" in self.__dict__:
+                shutil.rmtree(self.run_root, ignore_errors=True)
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -377,24 +382,31 @@ def reported(function: Callable[..., T], *args: object) -> T:
     pytest.fail(f"{type(error).__name__}: {error}", pytrace=False)
 
 
+# SIGTERM (a CI job cancelled, `timeout`), SIGHUP (the terminal closed) and SIGQUIT (Ctrl-\\)
+# end the session as Ctrl-C does: pytest tears down, and the session stops its guests and
+# removes the run directory, private key included. Only where nobody else handles them.
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 def _interrupt_on_sigterm() -> None:
-    """SIGTERM (a CI job cancelled, `timeout`) ends the session as Ctrl-C does: pytest tears down
-    and the session stops its guests and removes the run directory, private key included."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _sigterm)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in ENDING_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, _interrupt)
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt("SIGTERM")
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _remove_stale_run_dirs() -> None:
     """Remove run directories whose pytest process is gone (it was killed before it could)."""
     for path in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*-*"):
         pid = path.name.removeprefix(RUN_DIR_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and path.owner() == _user():
+        try:
+            ours = path.stat().st_uid == os.getuid()  # by uid: an owner without a passwd entry is not ours
+        except OSError:
+            continue
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and ours:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _user() -> str:
-    return pwd.getpwuid(os.getuid()).pw_name

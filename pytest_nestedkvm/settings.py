@@ -7,14 +7,18 @@ every value once, naming where a bad value came from.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import shlex
+import shutil
+import subprocess
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import knownfail, kut
 from . import kselftests as kselftests_suite
@@ -95,6 +99,8 @@ OPTIONS: tuple[Option, ...] = (
            "system directories, the project and its Python environment (comma-separated)", "PATH[,PATH...]"),
     Option("console_limit", "MiB of console log kept per guest on the host; past it one line says that the rest "
            "was dropped (default 64)", "MIB"),
+    Option("output_limit", "MiB of a command's stdout, and as much of its stderr, kept in pytest's memory; past it "
+           "the rest is read and dropped, and one line at the end says how much (default 64)", "MIB"),
     Option("shard", "run only share I of N of the collected tests (1 <= I <= N), the same share on every "
            "machine: for a CI matrix where each job boots its own guests", "I/N"),
     Option("enable", "try to reload kvm_intel/kvm_amd with nested=1 when it is off (needs root)", flag=True),
@@ -135,6 +141,7 @@ class Settings:
     artifacts: Path | None = None
     share: tuple[Path, ...] = ()
     console_limit: int = 64
+    output_limit: int = 64
     shard: tuple[int, int] | None = None  # (I, N): share I of N, see in_shard
     enable: bool = False
     kut: Path | None = None
@@ -174,10 +181,11 @@ class Settings:
             try:
                 values[option.name] = _PARSERS[option.name](raw)
             except (ValueError, OSError) as exc:  # OSError: a file the parser reads (kernel, image) cannot be read
-                raise ConfigError(f"{option.cli}={raw!r} (from {source}): {exc}", option=option.name) from None
+                shown = "'<hidden: it may hold a password>'" if option.name == "login" else repr(raw)
+                raise ConfigError(f"{option.cli}={shown} (from {source}): {exc}", option=option.name) from None
             sources[option.name] = source
         _suite_levels(values, sources)
-        workers = int(env.get("PYTEST_XDIST_WORKER_COUNT", "") or 1)
+        workers = _xdist_workers(env.get("PYTEST_XDIST_WORKER_COUNT", ""))
         l1_smp_default = max(1, min(2, host_cpus // workers)) if host_cpus else 2
         settings = cls(**values, l1_smp_default=l1_smp_default, sources=sources)
         settings._check_memory(host_memory_mib)
@@ -345,16 +353,29 @@ def _pick(
     return None, "default"
 
 
+def _xdist_workers(raw: str) -> int:
+    """How many pytest-xdist workers share the host (set by xdist itself; 1 when absent or not a number)."""
+    try:
+        return max(1, _whole(raw))
+    except ValueError:
+        return 1
+
+
 def _per_level(values: tuple[int, ...], level: int, default: Callable[[int], int]) -> int:
     return values[level - 1] if level <= len(values) else default(level)
 
 
+def _whole(raw: str) -> int:
+    """A whole number in ASCII digits (int() also takes "٣" and "1_000")."""
+    text = raw.strip()
+    if not re.fullmatch(r"[+-]?[0-9]+", text, flags=re.ASCII):
+        raise ValueError("expected a whole number")
+    return int(text)
+
+
 def _int_in(low: int, high: int | None) -> Callable[[str], int]:
     def parse(raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ValueError("expected a whole number") from None
+        value = _whole(raw)
         if value < low or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise ValueError(f"must be {bound}")
@@ -396,6 +417,8 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
 
 def _seconds(raw: str) -> float:
     try:
+        if not raw.isascii() or "_" in raw:  # float() also takes "٣٠" and "1_0"
+            raise ValueError
         value = float(raw)
     except ValueError:
         raise ValueError("expected a number of seconds") from None
@@ -431,9 +454,11 @@ def _kernel_image(path: Path) -> Path:
                      "(\"HdrS\" at 0x202) nor ELF magic; pass arch/x86/boot/bzImage (or a /boot/vmlinuz-*)")
 
 
+QCOW2_MAGIC = b"QFI\xfb"
+QCOW2_EXTERNAL_DATA = 1 << 2  # incompatible feature bit: the guest's data lives in another file
 _MAGICS: tuple[tuple[bytes, str], ...] = (
     (b"\x1f\x8b", "gzip data (an initramfs?)"), (b"070701", "a cpio archive (an initramfs?)"),
-    (b"\xfd7zXZ", "xz data"), (b"\x28\xb5\x2f\xfd", "zstd data"), (b"QFI\xfb", "a qcow2 disk image"),
+    (b"\xfd7zXZ", "xz data"), (b"\x28\xb5\x2f\xfd", "zstd data"), (QCOW2_MAGIC, "a qcow2 disk image"),
     (b"#!", "a script"),
 )
 
@@ -479,13 +504,52 @@ def _existing_dir(raw: str) -> Path:
 
 
 def _disk_image(path: Path) -> Path:
-    """A file QEMU can boot through the firmware: qcow2, or a raw disk with a boot sector."""
+    """A file QEMU can boot through the firmware (qcow2, or a raw disk with a boot sector) that
+    reads no file outside its own directory."""
     with path.open("rb") as f:
         head = f.read(512)
-    if head[:4] == b"QFI\xfb" or head[510:512] == b"\x55\xaa":
+    if head[:4] == QCOW2_MAGIC:
+        _check_references(path, head)
+        return path
+    if head[510:512] == b"\x55\xaa":
         return path
     raise ValueError(f"{path} is not a bootable disk image (neither qcow2 nor a raw disk with a boot sector): "
                      "pass a qcow2 or raw disk image, e.g. a distribution's cloud image")
+
+
+def image_format(path: Path) -> Literal["qcow2", "raw"]:
+    """The format of a disk image that _disk_image accepted: QEMU is told it, never left to probe."""
+    with path.open("rb") as f:
+        return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
+
+
+def _check_references(path: Path, head: bytes) -> None:
+    """A qcow2 image may name a backing file or an external data file, which QEMU would open and
+    show the guest (-snapshot does not stop reads): each must lie in the image's own directory."""
+    version, backing_offset = int.from_bytes(head[4:8], "big"), int.from_bytes(head[8:16], "big")
+    external = version >= 3 and int.from_bytes(head[72:80], "big") & QCOW2_EXTERNAL_DATA
+    if not backing_offset and not external:
+        return
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise ValueError(f"{path} names other files (a backing file or a data file), and qemu-img, which the "
+                         "plugin reads them with, is not installed: install qemu-utils")
+    info = subprocess.run([qemu_img, "info", "--output=json", "--backing-chain", "-U", "-f", "qcow2", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    if info.returncode != 0:
+        why = (info.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ValueError(f"{path}: qemu-img cannot read its backing chain ({why}): pass an image QEMU can open")
+    allowed = path.resolve().parent
+    for layer in json.loads(info.stdout):
+        data_file = layer.get("format-specific", {}).get("data", {}).get("data-file")
+        for what, name in (("backing file", layer.get("full-backing-filename")), ("data file", data_file)):
+            if name is None:
+                continue
+            where = Path(name)
+            if ":" in name.split("/", 1)[0] or not where.is_absolute() or not where.resolve().is_relative_to(allowed):
+                raise ValueError(f"{path} reads {name} (its {what}), which is not in the image's own directory "
+                                 f"{allowed}: the guest would see it; put it there, or make a standalone image "
+                                 "(qemu-img convert -O qcow2)")
 
 
 def _login(raw: str) -> tuple[str, str]:
@@ -498,7 +562,7 @@ def _login(raw: str) -> tuple[str, str]:
 def _shard(raw: str) -> tuple[int, int]:
     index, _, count = raw.strip().partition("/")
     try:
-        i, n = int(index), int(count)
+        i, n = _whole(index), _whole(count)
     except ValueError:
         raise ValueError("expected I/N, share I of N (e.g. 2/3)") from None
     if not 1 <= n <= MAX_SHARDS:
@@ -593,6 +657,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "artifacts": _artifacts_dir,
     "share": _shares,
     "console_limit": _int_in(1, 1 << 20),
+    "output_limit": _int_in(1, 1 << 20),
     "shard": _shard,
     "enable": _flag,
     "kut": _kut_tree,

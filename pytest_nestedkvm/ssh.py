@@ -196,4 +196,5 @@ def get(client: paramiko.SSHClient, remote: str, local: Path, timeout: float) ->
     with _sftp(client, timeout) as sftp:
         sftp.get(remote, str(local))
         mode = sftp.stat(remote).st_mode
-    os.chmod(local, stat.S_IMODE(mode or 0o600) & ~(stat.S_ISUID | stat.S_ISGID))
+    # Never a set-id, sticky or world-writable file on L0 from a guest.
+    os.chmod(local, stat.S_IMODE(mode or 0o600) & ~(stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWOTH))

@@ -229,7 +229,9 @@ class SuitesPlugin:
                 entry = known.lookup(item.suite, item.name)
                 if entry is not None:
                     reason = f"known failure ({known.path.name}:{entry.line}): {entry.reason}"
-                    item.add_marker(pytest.mark.xfail(reason=reason, strict=False))
+                    # raises=: only the suite's own verdict is absorbed; a guest that did not boot,
+                    # crashed or lost its channel is the error it is.
+                    item.add_marker(pytest.mark.xfail(reason=reason, strict=False, raises=SuiteFailure))
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(

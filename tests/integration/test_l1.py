@@ -54,6 +54,25 @@ def test_stdin_is_not_the_channel(l1: Guest) -> None:
     assert l1.run("cat; echo done").stdout == "done\n"
 
 
+def test_nor_is_stdout_nor_any_other_descriptor_a_command_gets(l1: Guest) -> None:
+    # A background job of one command that reads its stdout must not take the next command off
+    # the port (and answer it in its place): stdout is a pipe's write end; no descriptor is the port.
+    l1.succeed("(head -c 100 <&1 > /tmp/taken 2>/tmp/why &); true")
+    assert l1.succeed("echo the next command ran") == "the next command ran\n"
+    assert l1.succeed("sleep 0.2; cat /tmp/taken") == ""
+    assert "vport" not in l1.succeed("ls -l /proc/self/fd/")
+    assert "Device or resource busy" in l1.fail("head -c 1 /proc/$$/fd/0")  # the shell's: it opens once
+
+
+def test_a_command_that_hides_tmp_does_not_stop_the_next_ones_running(l1: Guest) -> None:
+    l1.succeed("mount -t tmpfs tmpfs /tmp")
+    try:
+        assert l1.fail("echo ran >&2; false") == "ran\n"  # it ran: a status for a command run for real
+        assert l1.succeed("echo ran") == "ran\n"
+    finally:
+        l1.succeed("umount /tmp")
+
+
 def test_state_does_not_leak_between_commands(l1: Guest) -> None:
     l1.run("cd /sys; X=1; exit 3")
     assert l1.succeed("pwd; echo ${X:-unset}") == "/\nunset\n"

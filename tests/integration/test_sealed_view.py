@@ -139,13 +139,23 @@ UNPRIVILEGED = "nestedkvm-tester"
 
 
 @pytest.fixture(scope="module")
-def unprivileged_python() -> Path:
+def unprivileged_python() -> Iterator[Path]:
     """A user without privileges and its own venv of this project, on Debian's python3 (the
-    project's own interpreter may live under /root, which that user cannot enter)."""
+    project's own interpreter may live under /root, which that user cannot enter). An account
+    made here is removed again, home included."""
     if os.geteuid() != 0 or not shutil.which("useradd") or not Path("/usr/bin/python3").exists():
         pytest.skip("creating an unprivileged user needs root, useradd and /usr/bin/python3")
-    if subprocess.run(["id", UNPRIVILEGED], capture_output=True).returncode != 0:
+    made = subprocess.run(["id", UNPRIVILEGED], capture_output=True).returncode != 0
+    if made:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", UNPRIVILEGED], check=True)
+    try:
+        yield _venv_of_the_project()
+    finally:
+        if made:
+            subprocess.run(["userdel", "--remove", UNPRIVILEGED], capture_output=True, check=True)
+
+
+def _venv_of_the_project() -> Path:
     home = Path(pwd.getpwnam(UNPRIVILEGED).pw_dir)
     source = home / "source"
     shutil.rmtree(source, ignore_errors=True)
@@ -187,3 +197,35 @@ def test_an_unprivileged_users_guest_sees_no_more(planted: dict[str, object], un
         assert "5 passed" in result.stdout, result.stdout + result.stderr
     finally:
         shutil.rmtree(project, ignore_errors=True)
+
+
+MOUNTED_BELOW = """
+import pytest
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_filesystem_mounted_below_the_project_is_not_served(nested_guest, level):
+    guest = nested_guest(level)
+    project = {project!r}
+    assert guest.succeed(f"cat {{project}}/beside.txt") == "served\\n"  # the looking works
+    guest.fail(f"cat {{project}}/procfs/1/environ")
+    guest.fail(f"cat {{project}}/procfs/self/status")
+    assert guest.run(f"ls {{project}}/procfs").stdout == ""
+"""
+
+
+@pytest.mark.nested(level=2)
+def test_a_procfs_mounted_below_the_project_stays_out_of_the_guests(pytester: pytest.Pytester) -> None:
+    # What a chroot build (debootstrap) leaves below an exported directory while it runs.
+    if os.geteuid() != 0:
+        pytest.skip("mounting a procfs needs root")
+    (pytester.path / "beside.txt").write_text("served\n")
+    procfs = pytester.path / "procfs"
+    procfs.mkdir()
+    subprocess.run(["mount", "-t", "proc", "proc", str(procfs)], check=True)
+    try:
+        assert (procfs / "1" / "status").exists()  # mounted for real on L0
+        pytester.makepyfile(MOUNTED_BELOW.format(project=str(pytester.path)))
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-levels=2")
+    finally:
+        subprocess.run(["umount", str(procfs)], check=True)
+    result.assert_outcomes(passed=2)

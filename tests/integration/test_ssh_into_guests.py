@@ -82,6 +82,12 @@ def test_put_and_get_exact(nested_guest, level: int, mib: int, tmp_path: Path) -
     assert stat.S_IMODE(back.stat().st_mode) == 0o751
 
 
+def test_get_drops_set_id_sticky_and_world_writable_bits(l1: Guest, tmp_path: Path) -> None:
+    l1.succeed("echo x > /tmp/loose; chmod 7777 /tmp/loose")
+    l1.get("/tmp/loose", tmp_path / "loose")
+    assert stat.S_IMODE((tmp_path / "loose").stat().st_mode) == 0o775
+
+
 @pytest.mark.nested(level=2)
 def test_l2_is_reached_through_l1_and_never_on_l0(l1: Guest, l2: Guest) -> None:
     _, out, _ = l2.ssh.exec_command("cat /proc/sys/kernel/random/boot_id", timeout=240)

@@ -1,5 +1,6 @@
-"""A pytest stopped from outside (SIGTERM from a CI runner or `timeout`, Ctrl-C) still removes its
-run directory (private key, console logs) and leaves no QEMU behind."""
+"""A pytest stopped from outside (SIGTERM from a CI runner or `timeout`, Ctrl-C, a closed terminal's
+SIGHUP, Ctrl-\\'s SIGQUIT) still removes its run directory (private key, console logs) and leaves
+no QEMU behind."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from conftest import qemu_processes  # type: ignore[import-not-found]
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT],
+                         ids=["SIGTERM", "Ctrl-C", "SIGHUP", "SIGQUIT"])
 def test_a_stopped_session_removes_its_run_directory(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stop: signal.Signals
 ) -> None:
@@ -31,10 +33,11 @@ def test_a_stopped_session_removes_its_run_directory(
         """
     )
     before = qemu_processes()
-    # Ctrl-C must reach the inner pytest whatever this process inherited: a background job of a
-    # non-interactive shell (CI started as `.ci/run &`) starts with SIGINT ignored, and Python then
-    # never raises KeyboardInterrupt. The child sets its own disposition before pytest starts.
+    # The signal must reach the inner pytest whatever this process inherited: a background job of a
+    # non-interactive shell (CI started as `.ci/run &`) starts with SIGINT ignored, nohup ignores
+    # SIGHUP. The child sets its own dispositions (as a terminal's would be) before pytest starts.
     inner = ("import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "[signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)]; "
              "sys.exit(pytest.main(sys.argv[1:]))")
     process = pytester.popen([sys.executable, "-c", inner, "-s", "-p", "no:cacheprovider"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

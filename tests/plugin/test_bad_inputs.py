@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -475,3 +476,61 @@ def test_kernel_tree_is_taken_at_configure_time_and_prepared_on_first_use(
     assert modules.is_relative_to(cache / "pytest-nestedkvm/modules") and modules.name == RELEASE
     assert (modules / "modules.dep").is_file()
     assert not called.exists()
+
+
+# --- the project itself -----------------------------------------------------------------
+
+
+def test_a_project_that_holds_the_key_store_of_home_is_refused(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # pytester runs pytest with $HOME at its rootdir, as a CI account runs it in its home (/var/lib/ci).
+    (pytester.path / ".ssh").mkdir()
+    (pytester.path / ".ssh" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    line = refused(pytester, monkeypatch, tmp_path)
+    assert line == (f"ERROR: pytest's rootdir {pytester.path}: it holds or lies in {pytester.path / '.ssh'}, a secret "
+                    "location of this host: run pytest from a project directory (or give --rootdir one)")
+
+
+def test_the_root_as_rootdir_is_refused(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                        tmp_path: Path) -> None:
+    line = refused(pytester, monkeypatch, tmp_path, "--rootdir=/")
+    assert line == ("ERROR: pytest's rootdir /: it is a secret location of this host: run pytest from a project "
+                    "directory (or give --rootdir one)")
+
+
+# --- disk images read only themselves ---------------------------------------------------
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("option", ["--nested-l1-image", "--nested-l2-image"])
+def test_an_image_whose_backing_file_is_a_host_file_is_refused(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, option: str
+) -> None:
+    image = tmp_path / "images" / "evil.qcow2"
+    image.parent.mkdir()
+    qemu_img("create", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw", str(image))
+    line = refused(pytester, monkeypatch, tmp_path, f"{option}={image}", "--nested-levels=2")
+    assert line.endswith(f"{image} reads /etc/hostname (its backing file), which is not in the image's own "
+                         f"directory {image.parent}: the guest would see it; put it there, or make a standalone "
+                         "image (qemu-img convert -O qcow2)")
+
+
+def test_an_image_whose_data_file_lies_elsewhere_is_refused(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    image = tmp_path / "images" / "split.qcow2"
+    image.parent.mkdir()
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'data.raw'}", str(image), "1M")
+    line = refused(pytester, monkeypatch, tmp_path, f"--nested-l1-image={image}")
+    assert f"{image} reads {tmp_path / 'data.raw'} (its data file), which is not in the image's own" in line
+
+
+def test_an_image_with_its_backing_file_beside_it_is_accepted(tmp_path: Path) -> None:
+    base, overlay = tmp_path / "base.qcow2", tmp_path / "overlay.qcow2"
+    qemu_img("create", "-f", "qcow2", str(base), "1M")
+    qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay))
+    assert Settings.from_sources({"l1_image": str(overlay)}).l1_image == overlay

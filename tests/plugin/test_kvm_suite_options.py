@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fakes import fake_qemu
 from test_bad_inputs import refused  # the same one-line, nothing-started, nothing-written check
 
 CFG = """\
@@ -170,5 +171,19 @@ def pytest_collection_finish(session):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--nested-kut={kut}",
                                            f"--nested-known-failures={known}", "--collect-only", "-q", "-s")
     assert "XFAIL kut::msr None" in result.outlines
-    assert ("XFAIL kut::vmx {'reason': 'known failure (known.txt:2): no VMX under TCG', 'strict': False}"
-            in result.outlines)
+    assert ("XFAIL kut::vmx {'reason': 'known failure (known.txt:2): no VMX under TCG', 'strict': False, "
+            "'raises': <class 'pytest_nestedkvm.suites.SuiteFailure'>}" in result.outlines)
+
+
+def test_a_known_failure_whose_guest_never_boots_is_an_error_not_an_xfail(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    kut = kut_tree(tmp_path / "kut")
+    known = tmp_path / "known.txt"
+    known.write_text("kut:vmx  no VMX under TCG\n")
+    fake_qemu(monkeypatch, tmp_path)  # answers --version, then exits at once: L1 never boots
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--nested-kut={kut}", "-k", "vmx",
+                                           f"--nested-known-failures={known}", "--nested-emulator-reruns=0")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    outcomes = result.parseoutcomes()
+    assert "xfailed" not in outcomes and outcomes.get("errors", 0) + outcomes.get("failed", 0) == 1, outcomes

@@ -168,6 +168,11 @@ def make_values(base: Path) -> ValueTable:
             path.mkdir()
         return Case(str(path), path.resolve())
 
+    def share(name: str) -> Case:
+        path = base / name
+        path.mkdir(exist_ok=True)
+        return Case(str(path), (path.resolve(),))
+
     return {
         "levels": (Case("3", 3), Case("2", 2), Case("0", 0)),
         # kvm is refused on hosts without a usable KVM, so the three values repeat: the
@@ -190,9 +195,11 @@ def make_values(base: Path) -> ValueTable:
         "boot_timeout": (Case("30", 30.0), Case("45.5", 45.5), Case("60", 60.0)),
         "command_timeout": (Case("10", 10.0), Case("20", 20.0), Case("7.5", 7.5)),
         "artifacts": (directory("a-cli", False), directory("a-env", False), directory("a-ini", False)),
-        "share": (Case(str(base), (base.resolve(),)), Case(f"{base},{base}", (base.resolve(), base.resolve())),
-                  Case(f" {base} ,", (base.resolve(),))),
+        # Not the pytester directory itself: it is the inner run's $HOME, which no share may be.
+        "share": (share("s-cli"), Case(f"{share('s-env').raw},{base}/s-env", ((base / "s-env").resolve(),) * 2),
+                  Case(f" {share('s-ini').raw} ,", ((base / "s-ini").resolve(),))),
         "console_limit": (Case("1", 1), Case("64", 64), Case("1024", 1024)),
+        "output_limit": (Case("1", 1), Case("64", 64), Case("2048", 2048)),
         # Shares that hold the inner test_dump.py::test_dump (crc32 % N + 1), so it still runs.
         "shard": (Case("1/1", (1, 1)), Case("2/2", (2, 2)), Case(" 604/1000 ", (604, 1000))),
         # CLI: the switch itself; env/ini: "0" on the losing side of the precedence checks.

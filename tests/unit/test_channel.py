@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.channel import MARK, ByteStream, CommandResult, ShellChannel
+from pytest_nestedkvm.channel import DEFAULT_OUTPUT_LIMIT, MARK, ByteStream, CommandResult, ShellChannel
 from pytest_nestedkvm.errors import ChannelError, CommandTimeout, GuestCrashed
 
 SHELLS = [pytest.param(["/bin/sh"], id="sh")]
@@ -29,7 +29,7 @@ def spawn(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Spawn]:
     shell: list[str] = request.param
     started: list[tuple[subprocess.Popen[bytes], socket.socket]] = []
 
-    def make(interrupt: Callable[[int], None] | None = None) -> ShellChannel:
+    def make(interrupt: Callable[[int], None] | None = None, limit: int = DEFAULT_OUTPUT_LIMIT) -> ShellChannel:
         ours, theirs = socket.socketpair()
         process = subprocess.Popen(
             shell, stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.DEVNULL, start_new_session=True,
@@ -37,7 +37,7 @@ def spawn(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Spawn]:
         )
         theirs.close()
         started.append((process, ours))
-        channel = ShellChannel(ours, f"test{len(started)}", interrupt=interrupt)
+        channel = ShellChannel(ours, f"test{len(started)}", interrupt=interrupt, limit=limit)
         pid = channel.connect(10)
         assert pid == process.pid
         return channel
@@ -133,6 +133,20 @@ def test_large_output(channel: ShellChannel) -> None:
     binary = channel.run("dd if=/dev/zero bs=65536 count=16 2>/dev/null; echo done >&2", 20)
     assert binary.stdout_bytes == b"\0" * (1 << 20)
     assert binary.stderr == "done\n"
+
+
+@pytest.mark.parametrize("lines", [99_999, 100_000, 100_001, 3_000_000])
+def test_output_past_the_limit_is_read_counted_and_dropped(spawn: Spawn, lines: int) -> None:
+    channel = spawn(limit=1_000_000)  # 100 000 lines of 10 bytes
+    result = channel.run(f"yes abcdefghi | head -n {lines}; yes e | head -n {lines} >&2; exit 7", 60)
+    kept = min(lines, 100_000)
+    dropped = (lines - kept) * 10
+    note = f"\n[nestedkvm: {dropped} more bytes were read and dropped: past --nested-output-limit]\n"
+    assert result.stdout == "abcdefghi\n" * kept + (note if dropped else "")
+    assert result.stderr == ("e\n" * lines)[:1_000_000] + (note.replace(str(dropped), str(lines * 2 - 1_000_000))
+                                                           if lines * 2 > 1_000_000 else "")
+    assert result.exit_status == 7
+    assert channel.run("echo in step", 5).stdout == "in step\n"
 
 
 def test_large_stderr(channel: ShellChannel) -> None:
@@ -240,6 +254,20 @@ def test_spool_files_are_reused_safely(channel: ShellChannel) -> None:
         assert (result.stdout, result.stderr) == ((f"{i}\n", f"e{i}\n") if i % 3 else ("", ""))
     listing = channel.run('ls -A "${TMPDIR:-/tmp}"/.nestedkvm.$$ | wc -l', 5).stdout
     assert 0 < int(listing) <= 2 * 64
+
+
+def test_a_spool_directory_a_command_removed_is_made_again(channel: ShellChannel) -> None:
+    # As when a test mounts a tmpfs over the guest's /tmp: the next commands still run for real.
+    assert channel.run('rm -rf "${TMPDIR:-/tmp}"/.nestedkvm.*', 5).ok
+    result = channel.run("echo ran; echo err >&2; exit 3", 5)
+    assert (result.stdout, result.stderr, result.exit_status) == ("ran\n", "err\n", 3)
+
+
+def test_a_spool_directory_that_cannot_be_made_breaks_the_channel(channel: ShellChannel, tmp_path: Path) -> None:
+    assert channel.run('d=$(echo "${TMPDIR:-/tmp}"/.nestedkvm.*); rm -rf "$d"; touch "$d"', 5).ok
+    with pytest.raises(ChannelError, match="no spool directory"):
+        channel.run(f"touch {tmp_path}/ran", 5)  # never a status for a command that did not run
+    assert channel.broken is not None and not (tmp_path / "ran").exists()
 
 
 def test_timeout_with_interrupt_kills_and_keeps_the_channel(spawn: Spawn) -> None:
@@ -460,3 +488,11 @@ def test_timeout_while_stderr_arrives_reports_stdout_as_stdout() -> None:
         channel.run("x", 0.1)
     assert info.value.stdout == b"the stdout"
     assert info.value.stderr == b"half"
+
+
+def test_a_failure_message_shows_the_guests_control_characters_escaped(channel: ShellChannel) -> None:
+    result = channel.run(r"printf 'clear\033[2J\rhidden'; printf 'bell\a' >&2; exit 1", 5)
+    assert result.stdout == "clear\x1b[2J\rhidden"  # the result itself stays exact
+    message = str(result.failure("l1", "expected exit status 0"))
+    assert "clear\\x1b[2J\\x0dhidden" in message and "bell\\x07" in message
+    assert "\x1b" not in message and "\r" not in message and "\a" not in message

@@ -11,7 +11,7 @@ from pytest_nestedkvm import plan
 from pytest_nestedkvm.errors import ConfigError
 from pytest_nestedkvm.host import HostReport, QemuInfo
 from pytest_nestedkvm.plan import BootFiles, builtin_spec, seed_levels, skip_reason, spec_for, timeouts
-from pytest_nestedkvm.qemu import GuestSpec
+from pytest_nestedkvm.qemu import Disk, GuestSpec
 from pytest_nestedkvm.settings import Settings
 from pytest_nestedkvm.view import Export, View
 
@@ -145,28 +145,28 @@ def test_boot_files_under_tmp_are_fine_for_deeper_levels() -> None:
 def test_l1_holds_the_l2_image_and_its_seed_as_disks(image: Path, tmp_path: Path) -> None:
     seed = tmp_path / "seed-l2.iso"
     chosen = settings(levels="2", l2_image=str(image))
-    files = dataclasses.replace(FILES, seeds={2: seed})
+    files = dataclasses.replace(FILES, seeds={2: seed}, image_formats={image: "qcow2"})
     l1 = builtin_spec(1, chosen, host(), files)
-    assert l1.disks == (image, seed)
+    assert l1.disks == (Disk(image, "qcow2"), Disk(seed, "raw"))  # QEMU is told each format
     assert l1.channel == "agent"
     l2 = builtin_spec(2, chosen, host(), files)
-    assert l2.disks == plan.L2_IMAGE_DISKS == (Path("/dev/vda"), Path("/dev/vdb"))
+    assert l2.disks == plan.L2_IMAGE_DISKS == (Disk(Path("/dev/vda")), Disk(Path("/dev/vdb")))  # decoded by L1
     assert (l2.channel, l2.login, l2.kernel) == ("ssh", None, None)
     assert (l1.view, l2.view, l2.exports) == (VIEW, None, ())  # an image sees nothing of its host
 
 
 def test_l1_image_with_cloud_init_uses_ssh_and_its_seed(image: Path, tmp_path: Path) -> None:
     seed = tmp_path / "seed-l1.iso"
-    files = BootFiles(kernel=None, initrd=None, firmware=None, seeds={1: seed})
+    files = BootFiles(kernel=None, initrd=None, firmware=None, seeds={1: seed}, image_formats={image: "qcow2"})
     spec = builtin_spec(1, settings(l1_image=str(image)), host(), files)
-    assert (spec.channel, spec.disks, spec.login) == ("ssh", (image, seed), None)
+    assert (spec.channel, spec.disks, spec.login) == ("ssh", (Disk(image, "qcow2"), Disk(seed)), None)
     assert (spec.kernel, spec.share_root, spec.view) == (None, None, None)
 
 
 def test_l1_image_with_login_uses_serial_and_no_seed(image: Path) -> None:
-    files = BootFiles(kernel=None, initrd=None, firmware=None, seeds={})
+    files = BootFiles(kernel=None, initrd=None, firmware=None, seeds={}, image_formats={image: "qcow2"})
     spec = builtin_spec(1, settings(l1_image=str(image), login="tester:secret"), host(), files)
-    assert (spec.channel, spec.disks, spec.login) == ("serial", (image,), ("tester", "secret"))
+    assert (spec.channel, spec.disks, spec.login) == ("serial", (Disk(image, "qcow2"),), ("tester", "secret"))
 
 
 @pytest.mark.parametrize(

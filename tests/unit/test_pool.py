@@ -10,7 +10,7 @@ import pytest
 
 from pytest_nestedkvm.errors import BootError
 from pytest_nestedkvm.guest import Guest
-from pytest_nestedkvm.pool import GuestPool
+from pytest_nestedkvm.pool import GuestPool, LifecycleHooks
 
 
 class FakeGuest:
@@ -51,3 +51,19 @@ def test_the_next_user_gets_a_fresh_boot_and_the_record_is_the_callers_to_clear(
     assert (guest.starts, guest.closes, guest.alive) == (2, 1, True)
     assert said == ["L1 is down; starting a fresh one", "L1 ready in 1.0 s (kvm, -cpu host)"]
     assert pool.boot_failures == []
+
+
+def test_a_teardown_hook_that_raises_still_stops_every_guest_and_is_raised_after() -> None:
+    guests = {level: FakeGuest(failures=0) for level in (1, 2)}
+    for level, guest in guests.items():
+        guest.level, guest.alive = level, True
+
+    def teardown(guest: Guest) -> None:
+        raise RuntimeError(f"teardown of L{guest.level} failed")
+
+    pool = GuestPool(lambda level, parent: cast(Guest, guests[level]), [].append,
+                     hooks=LifecycleHooks(guest_teardown=teardown))
+    pool.guests.update({level: cast(Guest, guest) for level, guest in guests.items()})  # both running
+    with pytest.raises(RuntimeError, match="teardown of L2 failed"):  # the first, the deepest
+        pool.close()
+    assert [g.closes for g in guests.values()] == [1, 1] and pool.guests == {}

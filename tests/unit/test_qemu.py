@@ -12,6 +12,7 @@ import pytest
 from pytest_nestedkvm.layout import EXPORT_TAG, TMPFS_DIRS
 from pytest_nestedkvm.qemu import (
     BASE_APPEND,
+    Disk,
     GuestSpec,
     HostEnds,
     ParentEnds,
@@ -41,7 +42,7 @@ FULL = GuestSpec(
     initrd=Path("/root/.cache/pytest-nestedkvm/initramfs-6.1.0-18-amd64-0123456789abcdef.cpio"),
     append="quiet nokaslr",
     view=VIEW,
-    disks=(Path("/images/a.qcow2"), Path("/images/b b.raw")),
+    disks=(Disk(Path("/images/a.qcow2"), "qcow2"), Disk(Path("/images/b b.raw"))),
     firmware=Path("/usr/share/qemu/qboot.rom"),
     deepest=2,
     extra_args=("-s", "-device", "virtio-rng-pci"),
@@ -91,14 +92,14 @@ def test_golden_argv() -> None:
         "-device", "virtserialport,bus=vser.0,chardev=port4,name=nestedkvm.l2.console",
         "-chardev", "socket,path=/var/lib/nk/run/l2/qmp.sock,server=on,wait=off,id=port5",
         "-device", "virtserialport,bus=vser.0,chardev=port5,name=nestedkvm.l2.qmp",
-        "-fsdev", "local,id=fs0,path=/var/lib/nk/run/etc,security_model=none,readonly=on,multidevs=remap",
+        "-fsdev", "local,id=fs0,path=/var/lib/nk/run/etc,security_model=none,readonly=on,multidevs=forbid",
         "-device", "virtio-9p-pci,fsdev=fs0,mount_tag=nk0",
-        "-fsdev", "local,id=fs1,path=/usr,security_model=none,readonly=on,multidevs=remap",
+        "-fsdev", "local,id=fs1,path=/usr,security_model=none,readonly=on,multidevs=forbid",
         "-device", "virtio-9p-pci,fsdev=fs1,mount_tag=nk1",
-        "-fsdev", "local,id=fs2,path=/home/nk/project,security_model=none,readonly=on,multidevs=remap",
+        "-fsdev", "local,id=fs2,path=/home/nk/project,security_model=none,readonly=on,multidevs=forbid",
         "-device", "virtio-9p-pci,fsdev=fs2,mount_tag=nk2",
-        "-drive", "file=/images/a.qcow2,if=virtio,index=0,media=disk",
-        "-drive", "file=/images/b b.raw,if=virtio,index=1,media=disk",
+        "-drive", "file=/images/a.qcow2,format=qcow2,if=virtio,index=0,media=disk",
+        "-drive", "file=/images/b b.raw,format=raw,if=virtio,index=1,media=disk",
         "-device", "pvpanic-pci",
         "-nic", "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:0-:22",
         "-snapshot",
@@ -158,12 +159,12 @@ def test_snapshot_always_present(spec: GuestSpec) -> None:
 
 
 def test_every_disk_is_a_virtio_drive() -> None:
-    disks = tuple(Path(f"/img/d{i}.qcow2") for i in range(3))
+    disks = tuple(Disk(Path(f"/img/d{i}.qcow2"), "qcow2") for i in range(3))
     argv = build_argv(dataclasses.replace(MINIMAL, disks=disks), ENDS)
     drives = option_values(argv, "-drive")
     assert len(drives) == 3
     for index, (drive, disk) in enumerate(zip(drives, disks, strict=True)):
-        assert drive.startswith(f"file={disk},")
+        assert drive.startswith(f"file={disk.path},format=qcow2,")
         assert "if=virtio" in drive.split(",")
         assert f"index={index}" in drive.split(",")
     assert "-hda" not in argv and "-hdb" not in argv
@@ -266,7 +267,7 @@ def test_9p_exports_are_read_only_remap_devices_and_match_their_tags_and_mounts(
     argv = build_argv(FULL, ENDS)
     fsdevs = [fsdev_fields(f) for f in option_values(argv, "-fsdev")]
     assert [f["path"] for f in fsdevs] == [str(e.source) for e in VIEW.exports]
-    assert all(f["readonly"] == "on" and f["multidevs"] == "remap" and f["security_model"] == "none" for f in fsdevs)
+    assert all(f["readonly"] == "on" and f["multidevs"] == "forbid" and f["security_model"] == "none" for f in fsdevs)
     ninep = [d for d in option_values(argv, "-device") if d.startswith("virtio-9p-pci,")]
     assert len(ninep) == len(fsdevs) == len(VIEW.exports)
     ids = [f["id"] for f in fsdevs]
@@ -336,7 +337,7 @@ def test_share_root_is_one_export_as_the_root_without_links() -> None:
         assert spec.exports == (Export(Path("/srv/root"), Path("/")),)
         argv = build_argv(spec, ENDS)
         assert option_values(argv, "-fsdev") == [
-            "local,id=fs0,path=/srv/root,security_model=none,readonly=on,multidevs=remap"]
+            "local,id=fs0,path=/srv/root,security_model=none,readonly=on,multidevs=forbid"]
         assert [d for d in option_values(argv, "-device") if "9p" in d] == ["virtio-9p-pci,fsdev=fs0,mount_tag=nk0"]
         append = option_values(argv, "-append")[0].split()
         assert [a for a in append if a.startswith(("nestedkvm.mount=", "nestedkvm.link="))] == [
@@ -400,11 +401,12 @@ def test_shell_line_round_trips(argv: list[str] | None) -> None:
 
 def test_shell_line_quotes_spaces() -> None:
     line = shell_line(build_argv(FULL, ENDS))
-    assert "'file=/images/b b.raw,if=virtio,index=1,media=disk'" in line
+    assert "'file=/images/b b.raw,format=raw,if=virtio,index=1,media=disk'" in line
     assert line.startswith("/usr/bin/qemu-system-x86_64 -name nestedkvm-l1 ")
 
 
-IMAGE = dataclasses.replace(MINIMAL, disks=(Path("/images/debian.qcow2"), Path("/run/nk/l1-seed.iso")), channel="ssh")
+IMAGE = dataclasses.replace(
+    MINIMAL, disks=(Disk(Path("/images/debian.qcow2"), "qcow2"), Disk(Path("/run/nk/l1-seed.iso"))), channel="ssh")
 
 
 def test_image_guest_boots_its_own_bootloader_without_agent_ports() -> None:
@@ -415,8 +417,8 @@ def test_image_guest_boots_its_own_bootloader_without_agent_ports() -> None:
     assert argv[argv.index("-serial") - 1] == (
         "socket,path=/var/lib/nk/run/l1/console.sock,server=on,wait=on,id=console")
     drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
-    assert drives == ["file=/images/debian.qcow2,if=virtio,index=0,media=disk",
-                      "file=/run/nk/l1-seed.iso,if=virtio,index=1,media=disk"]
+    assert drives == ["file=/images/debian.qcow2,format=qcow2,if=virtio,index=0,media=disk",
+                      "file=/run/nk/l1-seed.iso,format=raw,if=virtio,index=1,media=disk"]
     assert "-snapshot" in argv
 
 

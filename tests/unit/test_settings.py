@@ -485,7 +485,7 @@ def test_share_must_be_a_directory(tmp_path: Path, make: Any, reason: str) -> No
 def test_share_refuses_what_the_kernel_command_line_cannot_carry(tmp_path: Path, name: str) -> None:
     path = tmp_path / name
     path.mkdir()
-    assert f"{path}: its path holds whitespace, ':' or ','" in share_error(str(path))
+    assert f"{path}: its path holds whitespace, '\"', ':' or ','" in share_error(str(path))
 
 
 @pytest.mark.parametrize("path", ["/etc", "/", tempfile.gettempdir()])
@@ -511,9 +511,9 @@ def test_share_refuses_a_home_holding_a_key_store(tmp_path: Path, monkeypatch: p
     home = tmp_path / "home" / "nk"
     (home / ".ssh").mkdir(parents=True)
     (home / "project").mkdir()
-    monkeypatch.setattr(view, "_homes", lambda: [home])
-    message = share_error(str(home))
-    assert f"{home}: it holds or lies in {home / '.ssh'}" in message
+    monkeypatch.setattr(view, "people_homes", lambda: [home])
+    assert f"{home}: it is a secret location of this host" in share_error(str(home))
+    assert f"{home / '.ssh'}: it is a secret location of this host" in share_error(str(home / ".ssh"))
     assert build({"share": str(home / "project")}).share == (home / "project",)
 
 
@@ -530,3 +530,26 @@ def test_console_limit_defaults_to_64_mib_and_takes_whole_mib() -> None:
                          [("0", "must be between 1 and 1048576"), ("1.5", "expected a whole number")])
 def test_console_limit_refuses_what_is_not_a_positive_whole_number(raw: str, reason: str) -> None:
     assert reason in config_error({"console_limit": raw})
+
+
+# -- loose ends: numbers in ASCII digits, a login's password never echoed, xdist's own variable ----
+
+
+@pytest.mark.parametrize(("name", "raw"), [("levels", "٣"), ("memory", "١٠٢٤"), ("smp", "²"), ("shard", "1/٣"),
+                                           ("boot_timeout", "٣٠"), ("command_timeout", "1_0"), ("levels", "1_0")])
+def test_numbers_are_ascii_digits(name: str, raw: str) -> None:
+    message = config_error({name: raw})
+    assert message.startswith(f"--nested-{name.replace('_', '-')}={raw!r} (from command line): expected"), message
+
+
+@pytest.mark.parametrize("raw", [" :secret-password", "secret-password"])
+def test_a_malformed_login_never_shows_the_password(raw: str) -> None:
+    message = config_error({}, env={"NESTEDKVM_LOGIN": raw})
+    assert "secret-password" not in message
+    assert message.startswith("--nested-login='<hidden: it may hold a password>' (from env NESTEDKVM_LOGIN): ")
+
+
+@pytest.mark.parametrize(("raw", "smp"), [("garbage", 2), ("", 2), ("٢", 2), ("2", 1)])
+def test_a_bad_xdist_worker_count_counts_as_one_worker(raw: str, smp: int) -> None:
+    settings = Settings.from_sources({}, {"PYTEST_XDIST_WORKER_COUNT": raw}, host_cpus=2)
+    assert settings.l1_smp_default == smp

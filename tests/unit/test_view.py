@@ -47,7 +47,7 @@ def etc_copy(tmp_path: Path) -> Path:
 @pytest.fixture
 def no_homes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The host's real homes play no part (their key stores are not inside tmp_path anyway)."""
-    monkeypatch.setattr(view, "_homes", lambda: [])
+    monkeypatch.setattr(view, "people_homes", lambda: [])
 
 
 pytestmark = pytest.mark.usefixtures("no_homes")
@@ -102,11 +102,13 @@ def test_build_view_refuses_a_shared_dir_holding_a_secret(
 ) -> None:
     home = tmp_path / "home" / "nk"
     (home / ".ssh").mkdir(parents=True)
-    monkeypatch.setattr(view, "_homes", lambda: [home])
-    for shared in (home, tmp_path / "home"):
-        secret = re.escape(str(home / ".ssh"))
-        with pytest.raises(HostError, match=f"but it holds or lies in {secret}, a secret location"):
-            build_view(etc_copy, [shared], root=fake_root)
+    monkeypatch.setattr(view, "people_homes", lambda: [home])
+    with pytest.raises(HostError, match="but it is a secret location"):
+        build_view(etc_copy, [home], root=fake_root)
+    with pytest.raises(HostError, match=f"but it holds or lies in {re.escape(str(home))}, a secret location"):
+        build_view(etc_copy, [tmp_path / "home"], root=fake_root)
+    with pytest.raises(HostError, match=f"but it holds or lies in {re.escape(str(home / '.ssh'))}, a secret"):
+        build_view(etc_copy, [], root=fake_root, project=home)  # the project may be a home, not hold its keys
     with pytest.raises(HostError, match="lies in"):  # inside the key store
         build_view(etc_copy, [home / ".ssh" / "keys"], root=fake_root)
     project = home / "project"  # below the home and beside .ssh: fine
@@ -196,6 +198,7 @@ def test_copy_etc_keeps_what_everyone_may_read_and_nothing_else(fake_etc: Path, 
         "ssl", "ssl/certs", "ssl/certs/ca.pem",
         "mtab", "localtime", "dangling", "alternatives-dir",
         "shadow",  # a blank one, written by copy_etc (see below)
+        "machine-id",  # the guests' own
     }
     assert (copy / "hostname").read_text() == "host\n"
     assert (copy / "passwd").read_text() == (fake_etc / "passwd").read_text()
@@ -209,6 +212,12 @@ def test_copy_etc_leaves_out_secrets_and_what_not_everyone_may_read(
 ) -> None:
     copy = copy_etc(tmp_path / "copy", source=fake_etc)
     assert not os.path.lexists(copy / name)
+
+
+def test_copy_etc_gives_the_guests_a_machine_id_of_their_own(fake_etc: Path, tmp_path: Path) -> None:
+    write(fake_etc / "machine-id", 0o444, "0123456789abcdef0123456789abcdef\n")
+    copied = (copy_etc(tmp_path / "copy", source=fake_etc) / "machine-id").read_text()
+    assert re.fullmatch(r"[0-9a-f]{32}\n", copied) and copied != (fake_etc / "machine-id").read_text()
 
 
 def test_copy_etc_writes_a_blank_shadow_for_every_user(fake_etc: Path, tmp_path: Path) -> None:
@@ -277,27 +286,70 @@ def test_the_hosts_own_state_is_secret(path: str) -> None:
     assert secret_inside(Path(path)) == Path(path)
 
 
-def test_a_home_holding_a_key_store_is_secret(tmp_path: Path) -> None:
+def test_a_home_is_secret_as_a_whole_and_so_is_its_key_store(tmp_path: Path) -> None:
     home = tmp_path / "home" / "nk"
     (home / ".ssh").mkdir(parents=True)
-    assert secret_inside(home, home=home) == home / ".ssh"
-    assert secret_inside(tmp_path / "home", home=home) == home / ".ssh"
-    assert secret_inside(home / ".ssh", home=home) == home / ".ssh"
+    assert secret_inside(home, homes=[home]) == home
+    assert secret_inside(tmp_path / "home", homes=[home]) == home  # it holds the home
+    assert secret_inside(home / ".ssh", homes=[home]) == home / ".ssh"
+    assert secret_inside(home / "project", homes=[home]) is None  # below the home, beside .ssh
 
 
-def test_a_home_with_only_a_netrc_is_secret(tmp_path: Path) -> None:
-    home = tmp_path / "nk"
+def test_the_project_may_be_a_home_but_not_hold_its_key_store(tmp_path: Path) -> None:
+    # pytester runs pytest with $HOME at its rootdir; a CI account runs it in its home.
+    home = tmp_path / "ci"
     home.mkdir()
-    assert secret_inside(home, home=home) is None
-    (home / ".netrc").write_text("machine example.org password x\n")
-    assert secret_inside(home, home=home) == home / ".netrc"
+    assert secret_inside(home, homes=[home], project=True) is None
+    (home / ".npmrc").write_text("//registry.npmjs.org/:_authToken=x\n")
+    assert secret_inside(home, homes=[home], project=True) == home / ".npmrc"
 
 
-def test_the_homes_under_home_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    home = tmp_path / "other"
-    (home / ".gnupg").mkdir(parents=True)
-    monkeypatch.setattr(view, "_homes", lambda: [home])
-    assert secret_inside(home) == home / ".gnupg"
+@pytest.mark.parametrize("store", [".netrc", ".pypirc", ".docker", ".cargo/credentials.toml", ".config/gh",
+                                   ".bash_history", ".kube"])
+def test_the_usual_credential_files_are_key_stores(tmp_path: Path, store: str) -> None:
+    home = tmp_path / "nk"
+    (home / store).parent.mkdir(parents=True, exist_ok=True)
+    (home / store).write_text("secret\n")
+    assert secret_inside(home, homes=[home], project=True) == home / store
+
+
+def test_a_home_anywhere_counts_when_home_points_at_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()  # the real lookup, not the fixture's empty list
+    home = tmp_path / "var" / "lib" / "ci"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    assert home in view.people_homes()
+    assert secret_inside(tmp_path / "var") == home
+    assert secret_inside(home, project=True) == home / ".ssh"
+
+
+def test_a_key_store_reached_through_a_symlink_is_found(tmp_path: Path) -> None:
+    home, elsewhere = tmp_path / "nk", tmp_path / "keys"
+    (elsewhere / "ssh").mkdir(parents=True)
+    home.mkdir()
+    (home / ".ssh").symlink_to(elsewhere / "ssh")
+    assert secret_inside(elsewhere, homes=[home], project=True) == elsewhere / "ssh"
+
+
+def test_every_run_directory_and_every_temp_dir_are_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    temp = tmp_path / "tmp"
+    (temp / "nestedkvm-123-abc").mkdir(parents=True)
+    monkeypatch.setattr(view, "TEMP_DIRS", (str(temp),))
+    assert secret_inside(temp) == temp
+    assert secret_inside(temp / "nestedkvm-123-abc" / "ssh") == temp / "nestedkvm-123-abc"
+    assert secret_inside(temp / "project") is None
+    assert secret_inside(Path("/tmp")) == Path("/tmp")  # whatever TMPDIR says
+
+
+def test_a_project_reached_through_a_symlink_that_holds_the_temp_dir_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    project = tmp_path / "project"
+    (project / "tmp").mkdir(parents=True)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "link-to-tmp"))
+    (tmp_path / "link-to-tmp").symlink_to(project / "tmp")
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    assert secret_inside(project, project=True) == project / "tmp"
 
 
 @pytest.mark.parametrize(("path", "secret"), [
@@ -311,14 +363,14 @@ def test_what_lies_in_the_hosts_own_state_is_secret(path: str, secret: str) -> N
 def test_what_lies_in_a_key_store_is_secret(tmp_path: Path) -> None:
     home = tmp_path / "home" / "nk"
     (home / ".ssh" / "keys").mkdir(parents=True)
-    assert secret_inside(home / ".ssh" / "keys", home=home) == home / ".ssh"
-    assert secret_inside(home / ".config" / "gcloud" / "x", home=home) == home / ".config" / "gcloud"
+    assert secret_inside(home / ".ssh" / "keys", homes=[home]) == home / ".ssh"
+    assert secret_inside(home / ".config" / "gcloud" / "x", homes=[home]) == home / ".config" / "gcloud"
 
 
 @pytest.mark.parametrize("path", [Path(tempfile.gettempdir()) / "project", Path("/root/.pyenv"),
                                   Path("/root/.pyenv/versions/3.12")])
 def test_what_lies_in_a_container_or_beside_a_key_store_is_harmless(path: Path) -> None:
-    # "/" and the temp dir are secret as a whole, not what lies in them; /root is a home, not a key store.
+    # "/", the temp dir and the homes are secret as a whole, not what lies in them.
     assert secret_inside(path) is None
 
 
@@ -328,8 +380,8 @@ def test_a_directory_that_cannot_be_looked_into_may_hold_a_secret(
     # Another user's home (mode 0700): whether it holds .ssh cannot be told, so it counts as holding one.
     home = tmp_path / "home" / "other"
     home.mkdir(parents=True)
-    monkeypatch.setattr(view, "_homes", lambda: [home])
-    assert secret_inside(tmp_path / "home") is None  # readable, and no key store there
+    monkeypatch.setattr(view, "people_homes", lambda: [home])
+    assert secret_inside(home, project=True) is None  # readable, and no key store there
     exists = Path.exists
 
     def closed(self: Path) -> bool:
@@ -338,7 +390,7 @@ def test_a_directory_that_cannot_be_looked_into_may_hold_a_secret(
         return exists(self)
 
     monkeypatch.setattr(Path, "exists", closed)
-    assert secret_inside(tmp_path / "home") == home / HOME_SECRETS[0]
+    assert secret_inside(home, project=True) in {home / name for name in HOME_SECRETS}
     assert secret_inside(tmp_path / "project") is None  # beside it: not looked into
 
 
@@ -352,7 +404,7 @@ def test_unshareable_says_why() -> None:
 @pytest.mark.parametrize("name", ["with space", "with\ttab", "with:colon", "with,comma", "new\nline"])
 def test_unshareable_refuses_what_the_kernel_command_line_cannot_carry(name: str) -> None:
     reason = unshareable(Path(tempfile.gettempdir()) / name)
-    assert reason is not None and reason.startswith("its path holds whitespace, ':' or ','")
+    assert reason is not None and reason.startswith("its path holds whitespace, '\"', ':' or ','")
 
 
 def test_a_project_dir_is_harmless(tmp_path: Path) -> None:
@@ -360,5 +412,40 @@ def test_a_project_dir_is_harmless(tmp_path: Path) -> None:
     (home / ".ssh").mkdir(parents=True)
     project = home / "src" / "project"
     (project / ".git").mkdir(parents=True)
-    assert secret_inside(project, home=home) is None
-    assert secret_inside(tmp_path) is None
+    assert secret_inside(project, homes=[home]) is None
+    assert secret_inside(project, homes=[home], project=True) is None
+
+
+# -- filtered_etc: the copy, reused while /etc is unchanged ------------------------------------
+
+
+def test_filtered_etc_is_the_filtered_copy_and_is_reused_while_nothing_changed(fake_etc: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = view.filtered_etc(cache, source=fake_etc)
+    assert tree(first) == tree(copy_etc(tmp_path / "copy", source=fake_etc))
+    marker = first / "hostname"
+    inode = marker.stat().st_ino
+    assert view.filtered_etc(cache, source=fake_etc) == first
+    assert marker.stat().st_ino == inode  # not copied again
+    assert [p.name for p in cache.iterdir()] == [first.name]  # no building directory left
+
+
+@pytest.mark.parametrize("change", ["edit", "mode", "add", "remove", "relink"])
+def test_filtered_etc_is_made_again_when_any_entry_changes(fake_etc: Path, tmp_path: Path, change: str) -> None:
+    cache = tmp_path / "cache"
+    first = view.filtered_etc(cache, source=fake_etc)
+    if change == "edit":
+        (fake_etc / "hostname").write_text("other\n")
+        os.utime(fake_etc / "hostname", ns=(1, 1))  # even with an old mtime: the size changed
+    elif change == "mode":
+        (fake_etc / "hostname").chmod(0o600)
+    elif change == "add":
+        write(fake_etc / "new.conf", 0o644)
+    elif change == "remove":
+        (fake_etc / "group").unlink()
+    else:
+        (fake_etc / "localtime").unlink()
+        (fake_etc / "localtime").symlink_to("/usr/share/zoneinfo/Europe/Berlin")
+    second = view.filtered_etc(cache, source=fake_etc)
+    assert second != first
+    assert tree(second) == tree(copy_etc(tmp_path / "copy", source=fake_etc))
