@@ -3,9 +3,11 @@
     python benchmarks/compare_revisions.py OLD_REV [--new WORKTREE] [--levels 2] [--rounds 3] [--commands 200]
 
 OLD_REV is checked out into a temporary git worktree. Each round runs each revision's own
-benchmarks/boot_and_latency.py once (one fresh chain, --runs 1), alternating which goes
-first, with that revision's package first on PYTHONPATH: both see the same machine load.
-The table gives the median over rounds of each figure and new/old.
+benchmarks/boot_and_latency.py once (one fresh chain, --runs 1), and a whole one-test pytest
+session (start to exit: settings, host check, /etc copy, initramfs, boot of L1, one
+command, teardown), alternating which goes first, with that revision's package first on
+PYTHONPATH: both see the same machine load. The table gives the median over rounds of each
+figure and new/old.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +34,19 @@ def one_run(tree: Path, levels: int, commands: int) -> dict[str, object]:
                     "--commands", str(commands)], cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
     result: dict[str, object] = json.loads((tree / "benchmarks" / "results" / "boot_and_latency.json").read_text())
     return result["runs"][0]  # type: ignore[index, no-any-return]
+
+
+ONE_TEST = "def test_one(l1):\n    l1.succeed('true')\n"
+
+
+def one_session(tree: Path, work: Path) -> float:
+    """Seconds for `pytest` of a one-test file (it uses L1) with the package in `tree`."""
+    (work / "test_one.py").write_text(ONE_TEST)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NESTEDKVM_")}
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_one.py"], cwd=work,
+                   env={**env, "PYTHONPATH": str(tree)}, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - start
 
 
 def figure(value: object) -> float:
@@ -57,7 +73,9 @@ def main() -> None:
                 order = [("old", old), ("new", args.new)]
                 for name, tree in order if round_ % 2 == 0 else reversed(order):
                     try:
-                        runs[name].append(one_run(tree, args.levels, args.commands))
+                        run = one_run(tree, args.levels, args.commands)
+                        run["one-test session"] = one_session(tree, Path(tmp))
+                        runs[name].append(run)
                     except subprocess.CalledProcessError:  # a guest that wedged: say so, keep measuring
                         failures[name] += 1
                         print(f"round {round_ + 1}: the {name} run failed (its output is above)", file=sys.stderr)

@@ -191,6 +191,7 @@ class Settings:
         settings._check_memory(host_memory_mib)
         settings._check_smp_nesting()
         settings._check_login()
+        settings._check_idle_options()
         settings._check_kernel_tree()
         return settings
 
@@ -267,7 +268,8 @@ class Settings:
         """`--nested-<name>=<value> (from <source>)`, for the start of an error message."""
         option = OPTION_BY_NAME[name]
         value = getattr(self, name)
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        shown = (",".join(map(str, value)) if isinstance(value, tuple) else
+                 value.path if isinstance(value, KnownFailures) else value)
         return f"{option.cli}={shown} (from {self.describe_source(name)})"
 
     def _check_smp_nesting(self) -> None:
@@ -283,6 +285,24 @@ class Settings:
                 f"--nested-login={self.login[0]}:*** (from {self.describe_source('login')}): a serial-console login "
                 "is only used for a --nested-l1-image, and none is set: pass --nested-l1-image PATH too, "
                 "or drop --nested-login", option="login")
+
+    def _check_idle_options(self) -> None:
+        """An option that would do nothing in the combination given is refused, not ignored."""
+        idle = (
+            ("l2_image", self.l1_image is not None and self.l2_image is not None,
+             "L2 runs inside L1, and a --nested-l1-image runs no deeper levels of the plugin's: drop one of them"),
+            ("kernel", self.kernel is not None and self.l1_image is not None,
+             "a --nested-l1-image boots its own kernel: drop --nested-kernel or the image"),
+            ("modules", self.modules is not None and self.kernel is None,
+             "the modules are for a --nested-kernel, and none is set (the default kernel brings its own): "
+             "pass --nested-kernel too, or drop --nested-modules"),
+            ("known_failures", self.known_failures is not None and self.kut is None and self.kselftests is None,
+             "known failures are of --nested-kut and --nested-kselftests, and neither is set: pass one of them, "
+             "or drop --nested-known-failures"),
+        )
+        for name, idle_here, why in idle:
+            if idle_here:
+                raise ConfigError(f"{self._given(name)}: {why}", option=name)
 
     def _check_kernel_tree(self) -> None:
         """A build directory's modules are prepared when a guest is first wanted: check now that

@@ -221,9 +221,9 @@ def test_default_memory_of_a_deeper_level_is_at_most_half_its_parents(
 def test_memory_floor_skips_levels_that_boot_a_disk_image(tmp_path: Path) -> None:
     kernel = fake_bzimage(tmp_path / "bzImage", 8)  # floor 96
     image = qcow2(tmp_path / "disk.qcow2")
-    for cli in ({"l1_image": str(image), "memory": "80"}, {"l2_image": str(image), "memory": "200,80", "levels": "2"}):
-        Settings.from_sources({**cli, "kernel": str(kernel)}, {}).check_host_plan(
-            accel="kvm", host_cpus=1, default_kernel=lambda: None)
+    for cli in ({"l1_image": str(image), "memory": "80"},
+                {"l2_image": str(image), "memory": "200,80", "levels": "2", "kernel": str(kernel)}):
+        Settings.from_sources(cli, {}).check_host_plan(accel="kvm", host_cpus=1, default_kernel=lambda: None)
     with pytest.raises(ConfigError, match="L1 gets 80 MiB"):  # L1 still boots the built-in guest
         Settings.from_sources({"l2_image": str(image), "memory": "80,70", "levels": "2", "kernel": str(kernel)},
                               {}).check_host_plan(accel="kvm", host_cpus=1, default_kernel=lambda: None)
@@ -534,3 +534,35 @@ def test_an_image_with_its_backing_file_beside_it_is_accepted(tmp_path: Path) ->
     qemu_img("create", "-f", "qcow2", str(base), "1M")
     qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay))
     assert Settings.from_sources({"l1_image": str(overlay)}).l1_image == overlay
+
+
+# --- options that would do nothing in the combination given ---------------------------------
+
+
+@pytest.mark.parametrize("case", ["l2 image with l1 image", "kernel with l1 image", "modules without kernel",
+                                  "known failures without a suite"])
+def test_options_that_would_do_nothing_together_are_refused(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, case: str
+) -> None:
+    image = qcow2(tmp_path / "disk.qcow2")
+    kernel = fake_bzimage(tmp_path / "vmlinuz-6.1", 8)
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    known = tmp_path / "known.txt"
+    known.write_text("kut:msr  no such MSR under TCG\n")
+    args, start = {
+        "l2 image with l1 image": (
+            (f"--nested-l1-image={image}", f"--nested-l2-image={image}", "--nested-levels=2"),
+            f"--nested-l2-image={image} (from command line): L2 runs inside L1, and a --nested-l1-image runs"),
+        "kernel with l1 image": (
+            (f"--nested-l1-image={image}", f"--nested-kernel={kernel}"),
+            f"--nested-kernel={kernel} (from command line): a --nested-l1-image boots its own kernel"),
+        "modules without kernel": (
+            (f"--nested-modules={modules}",),
+            f"--nested-modules={modules} (from command line): the modules are for a --nested-kernel, and none"),
+        "known failures without a suite": (
+            (f"--nested-known-failures={known}",),
+            f"--nested-known-failures={known} (from command line): known failures are of --nested-kut and"),
+    }[case]
+    line = refused(pytester, monkeypatch, tmp_path, *args)
+    assert line.startswith(f"ERROR: {start}"), line

@@ -225,9 +225,14 @@ def levels_args(name: str) -> list[str]:
 
 
 def companion_args(name: str, base: Path) -> list[str]:
-    """What an option needs beside it to be accepted: --nested-login only goes with an L1 disk image."""
-    if name == "kut_level":
+    """What an option needs beside it to be accepted: --nested-login only goes with an L1 disk image,
+    --nested-modules with a --nested-kernel, known failures with a suite."""
+    if name in ("kut_level", "known_failures"):
         return [f"--nested-kut={kut_tree(base / 'companion-kut')}"]
+    if name == "modules":
+        kernel = base / "companion-vmlinuz"
+        kernel.write_bytes(b"\0" * 0x202 + b"HdrS")
+        return [f"--nested-kernel={kernel}"]
     if name == "kselftests_level":
         return [f"--nested-kselftests={selftests_tree(base / 'companion-ksft')}"]
     if name != "login":
