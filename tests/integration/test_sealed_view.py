@@ -224,8 +224,9 @@ def test_a_procfs_mounted_below_the_project_stays_out_of_the_guests(pytester: py
     subprocess.run(["mount", "-t", "proc", "proc", str(procfs)], check=True)
     try:
         assert (procfs / "1" / "status").exists()  # mounted for real on L0
-        pytester.makepyfile(MOUNTED_BELOW.format(project=str(pytester.path)))
-        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-levels=2")
+        test_file = pytester.makepyfile(MOUNTED_BELOW.format(project=str(pytester.path)))
+        result = pytester.runpytest_subprocess(test_file.name, "--ignore=procfs", "-p", "no:cacheprovider",
+                                               "--nested-levels=2")
     finally:
         subprocess.run(["umount", str(procfs)], check=True)
     result.assert_outcomes(passed=2)
