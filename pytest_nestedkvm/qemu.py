@@ -207,10 +207,14 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
     for index, (level, role, name) in enumerate(ports):
         argv += ["-chardev", f"{ends.chardev(level, role)},id=port{index}",
                  "-device", f"virtserialport,bus=vser.0,chardev=port{index},name={name}"]
-    # multidevs=forbid: a filesystem mounted below an export (a procfs a chroot build left there)
-    # is not served; the guest gets an error for it.
+    # multidevs=forbid on L0: a filesystem mounted below a host directory (a procfs a chroot
+    # build left there) is not served; the guest gets an error for it. Inside a guest the
+    # mounts below an export are the plugin's own (the modules tmpfs under /usr), and what a
+    # guest shows the guest it runs is its own to show: remap, so they are served.
+    multidevs = "forbid" if spec.level == 1 else "remap"
     for index, export in enumerate(spec.exports):
-        argv += ["-fsdev", f"local,id=fs{index},path={export.source},security_model=none,readonly=on,multidevs=forbid",
+        argv += ["-fsdev", f"local,id=fs{index},path={export.source},security_model=none,readonly=on,"
+                 f"multidevs={multidevs}",
                  "-device", f"virtio-9p-pci,fsdev=fs{index},mount_tag={EXPORT_TAG}{index}"]
     for index, disk in enumerate(spec.disks):
         argv += ["-drive", f"file={disk.path},format={disk.format},if=virtio,index={index},media=disk"]

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import pwd
+import re
 import secrets
 import shutil
 import stat
@@ -46,7 +47,8 @@ HOME_SECRETS = (
     ".bash_history", ".zsh_history", ".python_history", ".psql_history", ".mysql_history", ".lesshst",
     ".viminfo",
 )
-RUN_DIR_GLOB = "nestedkvm-*"  # session.RUN_DIR_PREFIX: each session's private run directory
+# Each session's private run directory: session.RUN_DIR_PREFIX, its pid, a random part.
+RUN_DIR = re.compile(r"nestedkvm-[0-9]+-[A-Za-z0-9_]+")
 
 @dataclass(frozen=True)
 class Export:
@@ -158,7 +160,7 @@ def _run_dirs() -> list[Path]:
     found: list[Path] = []
     for temp in set(_temp_dirs()):
         with contextlib.suppress(OSError):
-            found += [_resolved(p) for p in temp.glob(RUN_DIR_GLOB)]
+            found += [_resolved(p) for p in temp.glob("nestedkvm-*") if RUN_DIR.fullmatch(p.name)]
     return found
 
 

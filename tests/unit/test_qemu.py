@@ -263,7 +263,13 @@ def fsdev_fields(fsdev: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in fields)
 
 
-def test_9p_exports_are_read_only_remap_devices_and_match_their_tags_and_mounts() -> None:
+def test_l0_serves_no_mount_below_an_export_and_a_guest_serves_its_own() -> None:
+    for level, multidevs in ((1, "forbid"), (2, "remap"), (3, "remap")):
+        argv = build_argv(dataclasses.replace(FULL, level=level, deepest=max(level, FULL.deepest)), ENDS)
+        assert {fsdev_fields(f)["multidevs"] for f in option_values(argv, "-fsdev")} == {multidevs}
+
+
+def test_9p_exports_are_read_only_and_match_their_tags_and_mounts() -> None:
     argv = build_argv(FULL, ENDS)
     fsdevs = [fsdev_fields(f) for f in option_values(argv, "-fsdev")]
     assert [f["path"] for f in fsdevs] == [str(e.source) for e in VIEW.exports]

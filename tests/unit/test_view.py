@@ -449,3 +449,12 @@ def test_filtered_etc_is_made_again_when_any_entry_changes(fake_etc: Path, tmp_p
     second = view.filtered_etc(cache, source=fake_etc)
     assert second != first
     assert tree(second) == tree(copy_etc(tmp_path / "copy", source=fake_etc))
+
+
+def test_only_what_is_named_like_a_run_directory_counts_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    temp = tmp_path / "tmp"
+    for name in ("nestedkvm-123-abc_9", "nestedkvm-unprivileged-x1", "nestedkvm-cache"):
+        (temp / name).mkdir(parents=True)
+    monkeypatch.setattr(view, "TEMP_DIRS", (str(temp),))
+    assert secret_inside(temp / "nestedkvm-123-abc_9") == temp / "nestedkvm-123-abc_9"
+    assert secret_inside(temp / "nestedkvm-unprivileged-x1") is None  # a project that only looks alike
