@@ -326,10 +326,13 @@ class ChannelSetup:
     check: Callable[[], None]  # raises GuestCrashed when the guest's QEMU is gone
     login: tuple[str, str] | None = None  # the serial channel's user and password
     open_ssh: Callable[[Deadline], paramiko.SSHClient] | None = None  # the SSH channel's client
-    # Seconds: while a command runs this long, the control shell must answer `true` within as many
-    # more, else the guest is silent (GuestSilent). None: no such check (a guest that freezes
-    # whole is then seen at the command's timeout).
+    # Seconds: while a command runs, the control shell must answer `true` within this long, else
+    # the guest is silent (GuestSilent). None: no such check (a guest that freezes whole is then
+    # seen at the command's timeout).
     heartbeat: float | None = None
+    # Seconds between those questions (default: `heartbeat`). Each is also an interrupt for the
+    # guest: under TCG one that lost its timer interrupt sleeps until some interrupt comes.
+    poke: float | None = None
     output_limit: int = DEFAULT_OUTPUT_LIMIT  # bytes of each of a command's stdout and stderr kept
 
 
@@ -350,6 +353,7 @@ class Channel:
         self.control: ShellChannel | None = None
         self.ssh_client: paramiko.SSHClient | None = None
         self._answered = 0.0  # when the guest last showed it runs: a command started or `true` came back
+        self.asked = 0  # how often the control shell answered `true` while a command ran
 
     def open(self, deadline: Deadline) -> None:
         raise NotImplementedError
@@ -411,14 +415,17 @@ class Channel:
         answers on the control shell while a long command runs (only the main shell waits here,
         so the control shell is idle)."""
         self.setup.check()
-        every = self.setup.heartbeat
-        if every is None or self.control is None or time.monotonic() - self._answered < every:
+        limit = self.setup.heartbeat
+        if limit is None or self.control is None:
+            return
+        if time.monotonic() - self._answered < min(self.setup.poke or limit, limit):
             return
         try:
-            self.control.run("true", every)
+            self.control.run("true", limit)
         except CommandTimeout:
-            raise GuestSilent(f"{self.setup.name}: a command ran for {every:g} s and then its control shell did not "
-                              f"answer `true` within {every:g} s: the whole guest stopped") from None
+            raise GuestSilent(f"{self.setup.name}: while a command ran, its control shell did not answer `true` "
+                              f"within {limit:g} s: the whole guest stopped") from None
+        self.asked += 1
         self._answered = time.monotonic()
 
     def _interrupt(self, shell_pid: int) -> None:

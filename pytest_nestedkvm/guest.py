@@ -34,9 +34,13 @@ from .qemu import SSH_GUEST_PORT, GuestSpec, build_argv, shell_line
 from .qmp import Qmp
 from .ssh import SessionKey
 
-# Seconds x level: on emulated virtualization, a command that runs this long makes the plugin ask
-# the control shell for `true`, which must come back within as long again (else GuestWedged).
+# Seconds x level: on emulated virtualization, while a command runs the control shell must answer
+# `true` within this long (else GuestWedged). It is asked every POKE seconds: each question is
+# also an interrupt, which wakes a guest whose timer interrupt TCG lost (it would sleep until
+# some interrupt came). benchmarks/stress.py, KVM selftests in L1, 20 runs each: asked every
+# 30 s, 12 runs stalled 30 s; every 5 s, none (median 9.0 s); every 2 s, none (median 7.3 s).
 HEARTBEAT = 30.0
+POKE = 2.0
 
 
 class Guest:
@@ -58,7 +62,8 @@ class Guest:
         self.emulated = emulated
         self.channel = channel_class(spec.channel)(
             ChannelSetup(self.name, link, self._check_alive, spec.login, self._open_ssh,
-                         heartbeat=HEARTBEAT * self.level if emulated else None, output_limit=output_limit))
+                         heartbeat=HEARTBEAT * self.level if emulated else None, poke=POKE,
+                         output_limit=output_limit))
         self.log = logging.getLogger(f"pytest_nestedkvm.guest.{self.name}")
         self.boot_seconds: float | None = None
         self.console_start = self.console_ready = 0  # console bytes before this boot / before it was ready
@@ -269,8 +274,12 @@ class Guest:
             # The outermost guest that does not answer is the one that froze (a frozen L1 silences L2).
             frozen = next((g for g in reversed(self.chain()[1:]) if g.channel.answers(HEARTBEAT * g.level) is False),
                           self)
-            wedged = frozen.mark_wedged(str(exc) if frozen is self else f"{frozen.name} does not answer either",
-                                        stall="no answer")
+            stall, _ = frozen.console.scan_stall(frozen._stall_scan)  # what it printed before it went silent
+            if stall is not None:
+                wedged = frozen.mark_wedged(stall)
+            else:
+                wedged = frozen.mark_wedged(str(exc) if frozen is self else f"{frozen.name} does not answer either",
+                                            stall="no answer")
             frozen.close(keep_files=True)
             raise wedged from None
 

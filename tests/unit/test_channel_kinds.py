@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,8 +115,8 @@ def test_agent_open_connects_cmd_then_ctl_with_the_guests_check(agent: AgentChan
     assert agent.broken is None
 
 
-def heartbeat_agent(link: ShellLink, every: float) -> AgentChannel:
-    channel = AgentChannel(ChannelSetup("l1", link, fine, heartbeat=every))  # type: ignore[arg-type]
+def heartbeat_agent(link: ShellLink, every: float, poke: float | None = None) -> AgentChannel:
+    channel = AgentChannel(ChannelSetup("l1", link, fine, heartbeat=every, poke=poke))  # type: ignore[arg-type]
     channel.open(Deadline.after(10))
     return channel
 
@@ -130,12 +131,22 @@ def test_a_guest_whose_control_shell_stops_answering_is_silent_long_before_the_t
     control_pid = link.shells[1][0].pid
     os.kill(control_pid, signal.SIGSTOP)  # as a guest frozen whole: neither shell gets to run
     try:
-        with pytest.raises(GuestSilent, match=r"l1: a command ran for 0.5 s and then its control shell did not "
-                                              r"answer `true` within 0.5 s: the whole guest stopped"):
+        with pytest.raises(GuestSilent, match=r"l1: while a command ran, its control shell did not answer `true` "
+                                              r"within 0.5 s: the whole guest stopped"):
             agent.run("sleep 30", 60)  # would succeed after 30 s: only the heartbeat raises
         assert not agent.answers(0.5)
     finally:
         os.kill(control_pid, signal.SIGCONT)
+
+
+def test_the_control_shell_is_asked_every_poke_and_may_take_the_heartbeat_to_answer(link: ShellLink) -> None:
+    agent = heartbeat_agent(link, 5.0, poke=0.2)
+    assert agent.run("sleep 1.5; echo done", 10).stdout == "done\n"
+    assert 4 <= agent.asked <= 8  # about every 0.2 s, not every 5 s
+    control_pid = link.shells[1][0].pid
+    os.kill(control_pid, signal.SIGSTOP)
+    threading.Timer(1.0, os.kill, (control_pid, signal.SIGCONT)).start()  # slow to answer, within 5 s
+    assert agent.run("sleep 2; echo still", 10).stdout == "still\n"
 
 
 def test_without_a_heartbeat_a_silent_control_shell_is_not_asked(link: ShellLink) -> None:
