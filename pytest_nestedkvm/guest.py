@@ -72,7 +72,6 @@ class Guest:
         self.wedged: GuestWedged | None = None
         self._stall_scan = 0  # console bytes already searched for stall lines
         self._asking = False  # the control shell is being asked whether the guest runs on
-        self.stalls_survived: list[str] = []  # stall lines after which the guest answered (this boot)
         self._qmp: Qmp | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -83,7 +82,7 @@ class Guest:
         self.console_start = self.console.size()  # a deeper guest's log continues across restarts
         self.boots += 1
         self.stopped_on_purpose = False
-        self.wedged, self._stall_scan, self.stalls_survived = None, self.console_start, []
+        self.wedged, self._stall_scan = None, self.console_start
         self.log.info("starting: %s", shell_line(self.qemu_argv))
         try:
             self.link.prepare()
@@ -148,7 +147,6 @@ class Guest:
         finally:
             self._asking = False
         if alive:
-            self.stalls_survived.append(line)
             self.log.warning("printed a stall and still answers, so it goes on: %s", line)
         return alive
 
