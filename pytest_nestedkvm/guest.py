@@ -62,7 +62,7 @@ class Guest:
         self.emulated = emulated
         self.channel = channel_class(spec.channel)(
             ChannelSetup(self.name, link, self._check_alive, spec.login, self._open_ssh,
-                         heartbeat=HEARTBEAT * self.level if emulated else None, poke=POKE,
+                         heartbeat=self.silence_limit if emulated else None, poke=POKE,
                          output_limit=output_limit))
         self.log = logging.getLogger(f"pytest_nestedkvm.guest.{self.name}")
         self.boot_seconds: float | None = None
@@ -114,6 +114,11 @@ class Guest:
         for guest in reversed(self.chain()):  # the outermost first: a wedged L1 stalls its L2 too
             guest.watch_stalls()
 
+    @property
+    def silence_limit(self) -> float:
+        """Seconds its control shell may take to answer `true` before an emulated guest counts as wedged."""
+        return HEARTBEAT * self.level
+
     def chain(self) -> list[Guest]:
         """This guest and the guests it runs in, innermost first."""
         return [self] if self.parent is None else [self, *self.parent.chain()]
@@ -143,7 +148,7 @@ class Guest:
             return None
         self._asking = True
         try:
-            alive = self.channel.answers(HEARTBEAT * self.level)
+            alive = self.channel.answers(self.silence_limit)
         finally:
             self._asking = False
         if alive:
@@ -270,7 +275,7 @@ class Guest:
             raise
         except GuestSilent as exc:
             # The outermost guest that does not answer is the one that froze (a frozen L1 silences L2).
-            frozen = next((g for g in reversed(self.chain()[1:]) if g.channel.answers(HEARTBEAT * g.level) is False),
+            frozen = next((g for g in reversed(self.chain()[1:]) if g.channel.answers(g.silence_limit) is False),
                           self)
             stall, _ = frozen.console.scan_stall(frozen._stall_scan)  # what it printed before it went silent
             if stall is not None:
