@@ -19,9 +19,9 @@ import statistics
 import time
 from pathlib import Path
 
-from pytest_nestedkvm.guest import Guest
-from pytest_nestedkvm.session import NestedSession
-from pytest_nestedkvm.settings import Settings
+from pytest_nestedkvm.config.settings import Settings
+from pytest_nestedkvm.lab import Lab
+from pytest_nestedkvm.machine.guest import Guest
 
 LATENCY_COMMANDS = ("true", "cat /proc/uptime")
 # One write per line into a pipe: what the guest's scheduler tuning is for (initramfs.stage2_script).
@@ -33,9 +33,9 @@ def latency(guest: Guest, command: str, count: int) -> dict[str, float]:
     return {"median_ms": statistics.median(samples), "p95_ms": samples[int(0.95 * (count - 1))]}
 
 
-def session_for(**options: str) -> NestedSession:
+def session_for(**options: str) -> Lab:
     """The plugin's own session with these options and the defaults: no NESTEDKVM_* from the environment."""
-    return NestedSession(Settings.from_sources(options, env={}))
+    return Lab(Settings.from_sources(options, env={}))
 
 
 def one_run(levels: int, commands: int) -> dict[str, object]:

@@ -31,12 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-from pytest_nestedkvm.errors import ConfigError
-from pytest_nestedkvm.host import probe
-from pytest_nestedkvm.initramfs import find_kernel
-from pytest_nestedkvm.layout import BOOT_MARKS
-from pytest_nestedkvm.session import NestedSession
-from pytest_nestedkvm.settings import Settings
+from pytest_nestedkvm.base.errors import ConfigError
+from pytest_nestedkvm.base.host import probe
+from pytest_nestedkvm.boot.initramfs import find_kernel
+from pytest_nestedkvm.boot.layout import BOOT_MARKS
+from pytest_nestedkvm.config.settings import Settings
+from pytest_nestedkvm.lab import Lab
 
 PHASES = ("qemu start", "firmware", "kernel", "drivers", "mounts", "ports", "kvm modules", "stage2", "channel",
           "ready")
@@ -66,7 +66,7 @@ def qemu_start_seconds(argv: list[str]) -> float:
 
 
 def one_boot(options: dict[str, str]) -> dict[str, float]:
-    session = NestedSession(Settings.from_sources(options, env={}))
+    session = Lab(Settings.from_sources(options, env={}))
     try:
         guest = session.guest(1)
         ready_at = time.monotonic()
@@ -142,7 +142,7 @@ def table(samples: dict[str, dict[str, list[float]]], title: str) -> str:
 def inside_l1(runs: int, variant: str | None) -> None:
     """Boot L1 on this host and run this script inside it, where KVM is kvm_amd on emulated SVM."""
     kernel = find_kernel()
-    session = NestedSession(Settings.from_sources({"levels": "1"}, env={}))
+    session = Lab(Settings.from_sources({"levels": "1"}, env={}))
     try:
         l1 = session.guest(1)
         copy = f"{INNER_WORK}/vmlinuz-{kernel.release}"

@@ -32,7 +32,7 @@ import boot_and_latency
 import crash_recovery
 from generated_suite import load, machine, run_suite, write_suite
 
-from pytest_nestedkvm.initramfs import find_kernel
+from pytest_nestedkvm.boot.initramfs import find_kernel
 
 PARTS = ("boot", "crash", "checks", "virtme")
 RESULT = Path(__file__).parent / "results" / "run_all.json"

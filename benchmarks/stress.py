@@ -49,17 +49,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import pytest
 from boot_and_latency import session_for
 from kvm_suites import KUT_TARBALL, build
 
-from pytest_nestedkvm import forensics, kselftests, kut
-from pytest_nestedkvm.channel import CommandResult
-from pytest_nestedkvm.errors import BootError, CommandTimeout, GuestCrashed, GuestWedged, NestedKvmError
-from pytest_nestedkvm.guest import Guest
-from pytest_nestedkvm.session import NestedSession
-from pytest_nestedkvm.settings import OPTION_BY_NAME
-from pytest_nestedkvm.suites import scaled_timeout
+from pytest_nestedkvm.base.errors import (
+    BootError,
+    CommandTimeout,
+    GuestCrashed,
+    GuestWedged,
+    LevelUnavailable,
+    NestedKvmError,
+)
+from pytest_nestedkvm.config.settings import OPTION_BY_NAME
+from pytest_nestedkvm.lab import Lab
+from pytest_nestedkvm.machine import forensics
+from pytest_nestedkvm.machine.channel import CommandResult
+from pytest_nestedkvm.machine.guest import Guest
+from pytest_nestedkvm.suite_items import scaled_timeout
+from pytest_nestedkvm.suites import kselftests, kut
 
 REPO = Path(__file__).resolve().parents[1]
 KVM_HELLO = REPO / "example_suites" / "kvm_api" / "kvm_hello.py"
@@ -115,7 +122,7 @@ class RunCapReached(Exception):
 
 
 class WorkloadSkipped(Exception):
-    """The plugin skipped the guest (pytest.skip in session.guest): every run would skip."""
+    """The Lab cannot provide the level (LevelUnavailable): every run would skip."""
 
 
 @dataclass
@@ -171,7 +178,7 @@ def answer(guest: Guest, command: str, timeout: float) -> CommandResult:
                        level=guest.level) from None
 
 
-def ready(session: NestedSession, budget: Budget, level: int) -> Guest:
+def ready(session: Lab, budget: Budget, level: int) -> Guest:
     """The guest at `level`, its parents booted one by one so that progress shows which level is slow."""
     for lv in range(1, level + 1):
         budget.doing = f"booting L{lv}"
@@ -183,7 +190,7 @@ def ready(session: NestedSession, budget: Budget, level: int) -> Guest:
 # -- the workloads ----------------------------------------------------------------------------
 
 
-def kselftests_l1(session: NestedSession, budget: Budget, ctx: Context) -> None:
+def kselftests_l1(session: Lab, budget: Budget, ctx: Context) -> None:
     assert ctx.kselftests_dir is not None
     l1 = ready(session, budget, 1)
     root = kselftests.discover(ctx.kselftests_dir).root
@@ -198,7 +205,7 @@ def kselftests_l1(session: NestedSession, budget: Budget, ctx: Context) -> None:
             raise GuestTestFailed(verdict.message, level=1)
 
 
-def kut_l2(session: NestedSession, budget: Budget, ctx: Context) -> None:
+def kut_l2(session: Lab, budget: Budget, ctx: Context) -> None:
     assert ctx.kut_tree is not None
     tree, level = ctx.kut_tree, 2
     config = kut.read_config_mak(tree)
@@ -224,7 +231,7 @@ def kut_l2(session: NestedSession, budget: Budget, ctx: Context) -> None:
             raise GuestTestFailed(verdict.message, level=level)
 
 
-def kvm_hello_l2(session: NestedSession, budget: Budget, ctx: Context) -> None:
+def kvm_hello_l2(session: Lab, budget: Budget, ctx: Context) -> None:
     l2 = ready(session, budget, 2)
     budget.doing = "kvm_hello.py"
     result = answer(l2, shlex.join(["python3", "-B", str(KVM_HELLO), "0x10"]), budget.timeout())
@@ -235,7 +242,7 @@ def kvm_hello_l2(session: NestedSession, budget: Budget, ctx: Context) -> None:
         raise GuestTestFailed(f"kvm_hello.py exit {result.exit_status}: {' '.join(said)}", level=2)
 
 
-def l3_loop(session: NestedSession, budget: Budget, ctx: Context) -> None:
+def l3_loop(session: Lab, budget: Budget, ctx: Context) -> None:
     l3 = ready(session, budget, 3)
     durations = []
     for number in range(1, ctx.commands + 1):
@@ -249,7 +256,7 @@ def l3_loop(session: NestedSession, budget: Budget, ctx: Context) -> None:
          f"max {max(durations) * 1000:.0f} ms")
 
 
-BODIES: dict[str, Callable[[NestedSession, Budget, Context], None]] = {
+BODIES: dict[str, Callable[[Lab, Budget, Context], None]] = {
     "kselftests-l1": kselftests_l1, "kut-l2": kut_l2, "kvm-hello-l2": kvm_hello_l2, "l3-loop": l3_loop,
 }
 
@@ -290,8 +297,8 @@ def one_run(name: str, options: dict[str, str], ctx: Context, facts: dict[str, s
         error: Exception | None = None
         try:
             BODIES[name](session, budget, ctx)
-        except pytest.skip.Exception as exc:
-            raise WorkloadSkipped(exc.msg) from None
+        except LevelUnavailable as exc:
+            raise WorkloadSkipped(str(exc)) from None
         except Exception as exc:  # every kind is classified below, none ends the measurement
             error = exc
         run = judge(session, error, budget)
@@ -309,7 +316,7 @@ def one_run(name: str, options: dict[str, str], ctx: Context, facts: dict[str, s
     return run
 
 
-def judge(session: NestedSession, error: Exception | None, budget: Budget) -> Run:
+def judge(session: Lab, error: Exception | None, budget: Budget) -> Run:
     guests = dict(sorted(session.guests.items()))
     for level, guest in guests.items():  # the consoles first, outermost first: a stall explains what follows
         with contextlib.suppress(Exception):
@@ -409,7 +416,7 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(error).__name__
 
 
-def keep_logs(session: NestedSession, prefix: Path) -> list[str]:
+def keep_logs(session: Lab, prefix: Path) -> list[str]:
     """Copy each guest's console and L1's QEMU log (the run directory goes with the session)."""
     sources = {f"L{lv}.console": g.console_log for lv, g in session.guests.items()}
     if "run_root" in session.__dict__:
@@ -424,7 +431,7 @@ def keep_logs(session: NestedSession, prefix: Path) -> list[str]:
     return kept
 
 
-def close(session: NestedSession, fast: bool) -> None:
+def close(session: Lab, fast: bool) -> None:
     """Stop the guests. After trouble L1's QEMU goes first: the deeper guests need no commands
     through a parent that may not answer (each would wait for its command timeout)."""
     l1 = session.guests.get(1)

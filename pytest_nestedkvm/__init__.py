@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .channel import CommandResult
-from .errors import (
+from . import _moved
+from .base.errors import (
     BootError,
     ChannelError,
     CommandFailed,
@@ -21,10 +21,14 @@ from .errors import (
     NestedKvmError,
     SshError,
 )
-from .forensics import Trouble, reruns_of, trouble_of
-from .guest import Guest
-from .host import HostReport
-from .qemu import GuestSpec
+from .base.host import HostReport
+from .boot.qemu import GuestSpec
+from .machine.channel import CommandResult
+from .machine.forensics import Trouble
+from .machine.guest import Guest
+from .trouble import reruns_of, trouble_of
+
+_moved.install()  # the 0.x flat module names, for one release
 
 try:
     __version__ = version("pytest-nestedkvm")

@@ -12,8 +12,8 @@ import platform
 import sys
 from collections.abc import Sequence
 
-from pytest_nestedkvm.errors import NestedKvmError
-from pytest_nestedkvm.host import HostReport, find_qemu, probe
+from pytest_nestedkvm.base.errors import NestedKvmError
+from pytest_nestedkvm.base.host import HostReport, find_qemu, probe
 
 PROG = "python -m pytest_nestedkvm"
 

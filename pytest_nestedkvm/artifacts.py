@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import NestedKvmError
-from .forensics import ConsoleMark
-from .qemu import shell_line
+from .base.errors import NestedKvmError
+from .boot.qemu import shell_line
+from .machine.forensics import ConsoleMark
 
 if TYPE_CHECKING:
-    from .guest import Guest
+    from .machine.guest import Guest
 
 
 SECTION = "nestedkvm artifacts"

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from .guest import Guest
-from .host import HostReport
+from .base.host import HostReport
+from .machine.guest import Guest
 from .session import SESSION_KEY, NestedSession, reported
 
 POOL_KEY = SESSION_KEY  # deprecated alias (0.1): use SESSION_KEY; the object also has .settings and .report

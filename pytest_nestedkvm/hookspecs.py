@@ -14,8 +14,8 @@ import pluggy
 if TYPE_CHECKING:
     import pytest
 
-    from .guest import Guest
-    from .qemu import GuestSpec
+    from .boot.qemu import GuestSpec
+    from .machine.guest import Guest
 
 hookspec = pluggy.HookspecMarker("pytest")
 
@@ -25,7 +25,7 @@ def pytest_nestedkvm_guest_spec(config: pytest.Config, level: int, spec: GuestSp
     """Supply or edit what to boot at `level`; the first non-None result wins.
 
     `spec` is the plugin's built-in guest for that level (host kernel, plugin
-    initramfs, the parent's root read-only). Return an edited copy, or None to
+    initramfs, and `view`: the sealed view's read-only exports). Return an edited copy, or None to
     leave it to the next implementation (the plugin's own returns `spec`)::
 
         import dataclasses

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from . import hookspecs, suites
-from .errors import ConfigError, HostError
+from . import hookspecs
+from . import suite_items as suites
+from .base.errors import ConfigError, HostError
+from .base.host import HostReport, probe
+from .boot.initramfs import find_kernel
+from .boot.qemu import GuestSpec
+from .boot.view import unshareable
+from .config.settings import OPTIONS, Settings
 from .fixtures import l0, l1, l2, nested_guest
-from .host import HostReport, probe
-from .initramfs import find_kernel
-from .qemu import GuestSpec
 from .session import SESSION_KEY, SESSION_PLUGIN, NestedSession
-from .settings import OPTIONS, Settings
-from .view import unshareable
 
 __all__ = ["l0", "l1", "l2", "nested_guest"]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.errors import HostError
-from pytest_nestedkvm.initramfs import find_kernel, module_name, read_module
+from pytest_nestedkvm.base.errors import HostError
+from pytest_nestedkvm.boot.initramfs import find_kernel, module_name, read_module
 
 RELEASE = "9.9.0-tree"
 # Real modules (depmod needs their symbol tables): virtio_console needs virtio, which needs virtio_ring.

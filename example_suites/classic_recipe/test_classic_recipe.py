@@ -10,8 +10,8 @@ and each guest is a fixture. Run it with:
 
 from __future__ import annotations
 
-from pytest_nestedkvm.guest import Guest
-from pytest_nestedkvm.host import HostReport
+from pytest_nestedkvm.base.host import HostReport
+from pytest_nestedkvm.machine.guest import Guest
 
 
 def test_step1_host_can_nest(l0: HostReport) -> None:

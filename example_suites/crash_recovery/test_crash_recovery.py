@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pytest_nestedkvm import Guest
-from pytest_nestedkvm.process import HostProcess
+from pytest_nestedkvm.machine.process import HostProcess
 
 MARK = "/tmp/written-before-the-crash"  # the guest's /tmp: a tmpfs in its memory
 

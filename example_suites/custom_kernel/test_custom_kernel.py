@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.guest import Guest
-from pytest_nestedkvm.initramfs import Kernel
+from pytest_nestedkvm.boot.initramfs import Kernel
+from pytest_nestedkvm.machine.guest import Guest
 from pytest_nestedkvm.session import SESSION_KEY
 
 KVM_HELLO = Path(__file__).resolve().parent.parent / "kvm_api" / "kvm_hello.py"
@@ -29,7 +29,7 @@ KVM_HELLO = Path(__file__).resolve().parent.parent / "kvm_api" / "kvm_hello.py"
 def kernel(pytestconfig: pytest.Config) -> Kernel:
     """The kernel the plugin boots: --nested-kernel (a build tree or an image, with
     --nested-modules), else the host's; `modules_dir` is what the guests load from."""
-    return pytestconfig.stash[SESSION_KEY].kernel
+    return pytestconfig.stash[SESSION_KEY].lab.kernel
 
 
 def build_string(image: Path) -> str | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.guest import Guest
+from pytest_nestedkvm.machine.guest import Guest
 
 PROGRAM = Path(__file__).resolve().with_name("kvm_hello.py")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.initramfs import cache_dir
+from pytest_nestedkvm.boot.initramfs import cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "scripts" / "build_suites.sh"

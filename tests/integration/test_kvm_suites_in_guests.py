@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import build  # type: ignore[import-not-found]
 
-from pytest_nestedkvm.initramfs import cache_dir
+from pytest_nestedkvm.boot.initramfs import cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 KUT_TARBALL = REPO.parent / "shared" / "kvm-unit-tests-1da1819e.tar.xz"

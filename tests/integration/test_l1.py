@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_nestedkvm.errors import CommandFailed, CommandTimeout
-from pytest_nestedkvm.guest import Guest
-from pytest_nestedkvm.host import HostReport
-from pytest_nestedkvm.initramfs import WAKEUP_GRANULARITY_NS
-from pytest_nestedkvm.layout import BOOT_MARKS
+from pytest_nestedkvm.base.errors import CommandFailed, CommandTimeout
+from pytest_nestedkvm.base.host import HostReport
+from pytest_nestedkvm.boot.initramfs import WAKEUP_GRANULARITY_NS
+from pytest_nestedkvm.boot.layout import BOOT_MARKS
+from pytest_nestedkvm.machine.guest import Guest
 
 pytestmark = pytest.mark.nested(level=1)
 

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from pytest_nestedkvm.errors import BootError, CommandTimeout
-from pytest_nestedkvm.guest import Guest, new_guest
+from pytest_nestedkvm.base.errors import BootError, CommandTimeout
+from pytest_nestedkvm.machine.guest import Guest, new_guest
 from pytest_nestedkvm.session import SESSION_KEY
 
 
@@ -64,9 +64,9 @@ def test_l3_runs_on_l2s_kvm(nested_guest) -> None:  # type: ignore[no-untyped-de
 
 def test_l2_that_never_boots_reports_its_console_and_l1_survives(l1: Guest, l2: Guest, pytestconfig) -> None:  # type: ignore[no-untyped-def]
     session = pytestconfig.stash[SESSION_KEY]
-    session.pool.stop_from(2)  # free L2's streams for the broken guest; the next L2 user gets a fresh one
-    spec = dataclasses.replace(session.spec_for(2), append="rdinit=/no/such/init")
-    broken = new_guest(spec, session.run_root, parent=l1, boot_timeout=120, command_timeout=10)
+    session.lab.stop_from(2)  # free L2's streams for the broken guest; the next L2 user gets a fresh one
+    spec = dataclasses.replace(session.lab.spec_for(2), append="rdinit=/no/such/init")
+    broken = new_guest(spec, session.lab.run_root, parent=l1, boot_timeout=120, command_timeout=10)
     try:
         with pytest.raises(BootError) as caught:
             broken.start()

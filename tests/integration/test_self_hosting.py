@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from pytest_nestedkvm import CommandResult, Guest, HostReport
-from pytest_nestedkvm.initramfs import find_kernel
+from pytest_nestedkvm.boot.initramfs import find_kernel
 
 WORK = "/tmp/inner"  # on L1's tmpfs: the inner sessions' files, cache and run directories
 PYTHON = shlex.quote(sys.executable)

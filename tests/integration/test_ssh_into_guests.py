@@ -12,7 +12,7 @@ import paramiko
 import pytest
 
 from pytest_nestedkvm import Guest
-from pytest_nestedkvm.process import HostProcess
+from pytest_nestedkvm.machine.process import HostProcess
 
 MIB = 1 << 20
 

@@ -17,9 +17,9 @@ import pytest
 from fakes import fake_qemu
 from kernel_trees import RELEASE, build_tree
 
-from pytest_nestedkvm.errors import ConfigError, HostError
-from pytest_nestedkvm.initramfs import find_kernel
-from pytest_nestedkvm.settings import OPTION_BY_NAME, Settings
+from pytest_nestedkvm.base.errors import ConfigError, HostError
+from pytest_nestedkvm.boot.initramfs import find_kernel
+from pytest_nestedkvm.config.settings import OPTION_BY_NAME, Settings
 
 HOST_CORES = len(os.sched_getaffinity(0))
 
@@ -444,14 +444,14 @@ DUMP_KERNEL = """
 import json, os
 from pathlib import Path
 
-from pytest_nestedkvm.initramfs import cache_dir
+from pytest_nestedkvm.boot.initramfs import cache_dir
 from pytest_nestedkvm.session import SESSION_KEY
 
 
 def test_dump(pytestconfig):
     session = pytestconfig.stash[SESSION_KEY]
     written_before = cache_dir().exists()
-    kernel = session.kernel  # the first use prepares the tree's modules
+    kernel = session.lab.kernel  # the first use prepares the tree's modules
     with open("kernel.json", "w") as f:
         json.dump({"setting": str(session.settings.kernel), "path": str(kernel.path), "release": kernel.release,
                    "modules": str(kernel.modules_dir), "written_before": written_before}, f)

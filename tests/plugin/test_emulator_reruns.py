@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm import forensics
-from pytest_nestedkvm.console import Console
-from pytest_nestedkvm.errors import BootError
+from pytest_nestedkvm.machine import forensics
+from pytest_nestedkvm.machine.console import Console
+from pytest_nestedkvm.base.errors import BootError
 from pytest_nestedkvm.session import SESSION_KEY
+from pytest_nestedkvm import reruns_of
 
 BOOTS = Path("boots.txt")  # one word per boot to come: "ok" or "reset"
 
@@ -82,16 +83,15 @@ class Pool:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
-    session = config.stash[SESSION_KEY]
-    session.__dict__["pool"] = Pool()
-    session.__dict__["properties"] = []
-    session.skip_reason = lambda level: None
-    session.guest = lambda level: session.pool.get(level)
+    lab = config.stash[SESSION_KEY].lab
+    lab.__dict__["pool"] = Pool()
+    lab.__dict__["properties"] = []
+    lab.unavailable_reason = lambda level: None
 
 
 def pytest_runtest_logreport(report):
     with open("reports.jsonl", "a") as f:
-        f.write(json.dumps([report.when, report.outcome, [t.kind for t in forensics.reruns_of(report)]]) + "\\n")
+        f.write(json.dumps([report.when, report.outcome, [t.kind for t in reruns_of(report)]]) + "\\n")
 '''
 
 def outcomes(result: pytest.RunResult) -> dict[str, int]:

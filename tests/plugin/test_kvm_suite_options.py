@@ -172,7 +172,7 @@ def pytest_collection_finish(session):
                                            f"--nested-known-failures={known}", "--collect-only", "-q", "-s")
     assert "XFAIL kut::msr None" in result.outlines
     assert ("XFAIL kut::vmx {'reason': 'known failure (known.txt:2): no VMX under TCG', 'strict': False, "
-            "'raises': <class 'pytest_nestedkvm.suites.SuiteFailure'>}" in result.outlines)
+            "'raises': <class 'pytest_nestedkvm.suite_items.SuiteFailure'>}" in result.outlines)
 
 
 def test_a_known_failure_whose_guest_never_boots_is_an_error_not_an_xfail(

@@ -20,9 +20,9 @@ import pytest
 from fakes import fake_qemu
 from test_kvm_suite_options import kut_tree, selftests_tree
 
-from pytest_nestedkvm import knownfail
-from pytest_nestedkvm.host import probe
-from pytest_nestedkvm.settings import OPTION_BY_NAME, OPTIONS, Option
+from pytest_nestedkvm.base.host import probe
+from pytest_nestedkvm.config.settings import OPTION_BY_NAME, OPTIONS, Option
+from pytest_nestedkvm.suites import knownfail
 
 BUILT = list(OPTIONS)
 
@@ -629,7 +629,7 @@ def test_l0_works_under_levels_0(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         f"""
         from pytest_nestedkvm.fixtures import POOL_KEY
-        from pytest_nestedkvm.host import HostReport
+        from pytest_nestedkvm.base.host import HostReport
 
         def test_l0(l0, pytestconfig):
             assert isinstance(l0, HostReport)
@@ -654,7 +654,7 @@ def test_l0_accel_is_tcg_on_a_kvm_pvm_host(pytester: pytest.Pytester) -> None:
 
 def test_settings_fields_match_options() -> None:
     """The dump above reads every Settings field named after an option."""
-    from pytest_nestedkvm.settings import Settings
+    from pytest_nestedkvm.config.settings import Settings
 
     derived = {"sources", "l1_smp_default"}  # where values came from; a default computed from the host
     assert {f.name for f in fields(Settings)} - derived == {o.name for o in OPTIONS}

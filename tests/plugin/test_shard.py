@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from pytest_nestedkvm.settings import OPTION_BY_NAME
+from pytest_nestedkvm.config.settings import OPTION_BY_NAME
 
 SHARD = OPTION_BY_NAME["shard"]
 FILES = {"test_alpha": range(0, 15), "test_beta": range(15, 30), "test_gamma": range(30, 40)}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.channel import DEFAULT_OUTPUT_LIMIT, MARK, ByteStream, CommandResult, ShellChannel
-from pytest_nestedkvm.errors import ChannelError, CommandTimeout, GuestCrashed
+from pytest_nestedkvm.base.errors import ChannelError, CommandTimeout, GuestCrashed
+from pytest_nestedkvm.machine.channel import DEFAULT_OUTPUT_LIMIT, MARK, ByteStream, CommandResult, ShellChannel
 
 SHELLS = [pytest.param(["/bin/sh"], id="sh")]
 if Path("/bin/busybox").exists():

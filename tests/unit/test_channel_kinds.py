@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.channel import (
+from pytest_nestedkvm.base.deadline import Deadline
+from pytest_nestedkvm.base.errors import ChannelError, CommandTimeout, GuestSilent
+from pytest_nestedkvm.machine.channel import (
     PANIC,
     AgentChannel,
     Channel,
@@ -24,8 +26,6 @@ from pytest_nestedkvm.channel import (
     SshChannel,
     channel_class,
 )
-from pytest_nestedkvm.deadline import Deadline
-from pytest_nestedkvm.errors import ChannelError, CommandTimeout, GuestSilent
 
 
 def fine() -> None:

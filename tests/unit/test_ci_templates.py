@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pytest_nestedkvm.settings import OPTIONS, Settings
+from pytest_nestedkvm.config.settings import OPTIONS, Settings
 
 TEMPLATES = Path(__file__).parents[2] / "example_suites" / "ci_templates"
 GITHUB = TEMPLATES / "github-actions.yml"

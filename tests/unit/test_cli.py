@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.host import HostReport
+from pytest_nestedkvm.base.host import HostReport
 
 REPO = Path(__file__).resolve().parents[2]
 

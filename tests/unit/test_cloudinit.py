@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.cloudinit import meta_data, user_data, write_nocloud_seed
+from pytest_nestedkvm.boot.cloudinit import meta_data, user_data, write_nocloud_seed
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH5+J/NxwWP9zvdqhxRhJGAd/MQuk39PNCk0f3iyLblk me@host"
 needs_isoinfo = pytest.mark.skipif(shutil.which("isoinfo") is None, reason="isoinfo (genisoimage) is not installed")

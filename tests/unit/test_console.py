@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.console import RAW_SHELL, Console, ConsoleRecorder, serial_login, stall_kind
+from pytest_nestedkvm.machine.console import RAW_SHELL, Console, ConsoleRecorder, serial_login, stall_kind
 
 BOOT = (
     "[    0.000000] Linux version 6.1.0-18-amd64 (debian-kernel@lists.debian.org)\r\n"

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pytest_nestedkvm.deadline import Deadline, retry
+from pytest_nestedkvm.base.deadline import Deadline, retry
 
 
 def test_after_sets_budget_and_remaining() -> None:

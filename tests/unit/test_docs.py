@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest_nestedkvm
-from pytest_nestedkvm.settings import OPTIONS
+from pytest_nestedkvm.config.settings import OPTIONS
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
 ROW = re.compile(r"^\| `(--nested-[a-z0-9-]+)(?: [^`]*)?` \|.*$", re.M)

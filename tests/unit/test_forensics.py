@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from pytest_nestedkvm.console import Console
-from pytest_nestedkvm.errors import BootError, GuestWedged
-from pytest_nestedkvm.forensics import (
+from pytest_nestedkvm.base.errors import BootError, GuestWedged
+from pytest_nestedkvm.machine.console import Console
+from pytest_nestedkvm.machine.forensics import (
     REPORT_ATTRIBUTE,
     RERUNS_ATTRIBUTE,
     TROUBLE_KEY,

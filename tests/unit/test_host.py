@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from pytest_nestedkvm.errors import ConfigError, HostError
-from pytest_nestedkvm.host import HostReport, QemuInfo, enable_nested, find_qemu, probe
+from pytest_nestedkvm.base.errors import ConfigError, HostError
+from pytest_nestedkvm.base.host import HostReport, QemuInfo, enable_nested, find_qemu, probe
 
 QEMU = QemuInfo(binary="/usr/bin/qemu-system-x86_64", version="7.2.22")
 BASE_FLAGS = "fpu vme de pse tsc msr pae mce cx8 apic sep lm nx sse sse2"

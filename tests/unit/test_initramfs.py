@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from pytest_nestedkvm.errors import HostError
-from pytest_nestedkvm.initramfs import (
+from pytest_nestedkvm.base.errors import HostError
+from pytest_nestedkvm.boot.initramfs import (
     KVM_MODULES,
     NINEP_OPTIONS,
     OPTIONAL_MODULES,
@@ -35,9 +35,9 @@ from pytest_nestedkvm.initramfs import (
     module_name,
     read_module,
 )
-from pytest_nestedkvm.layout import TMPFS_DIRS
-from pytest_nestedkvm.qemu import GuestSpec, HostEnds, build_argv
-from pytest_nestedkvm.view import Export, View
+from pytest_nestedkvm.boot.layout import TMPFS_DIRS
+from pytest_nestedkvm.boot.qemu import GuestSpec, HostEnds, build_argv
+from pytest_nestedkvm.boot.view import Export, View
 
 RELEASE = "6.1.0-99-amd64"
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from kernel_trees import RELEASE, TREE_MODULES, build_tree
 
-from pytest_nestedkvm import kernel_tree
-from pytest_nestedkvm.errors import ConfigError, HostError
-from pytest_nestedkvm.initramfs import Kernel, module_closure, module_name
-from pytest_nestedkvm.kernel_tree import (
+from pytest_nestedkvm.base.errors import ConfigError, HostError
+from pytest_nestedkvm.boot import kernel_tree
+from pytest_nestedkvm.boot.initramfs import Kernel, module_closure, module_name
+from pytest_nestedkvm.boot.kernel_tree import (
     BuildTree,
     boot_kernel,
     check_modules,
@@ -24,9 +24,9 @@ from pytest_nestedkvm.kernel_tree import (
     read_tree,
     with_modules,
 )
-from pytest_nestedkvm.qemu import GuestSpec
-from pytest_nestedkvm.settings import Settings
-from pytest_nestedkvm.view import Export, View
+from pytest_nestedkvm.boot.qemu import GuestSpec
+from pytest_nestedkvm.boot.view import Export, View
+from pytest_nestedkvm.config.settings import Settings
 
 pytestmark = pytest.mark.skipif(find_depmod() is None, reason="depmod not installed: apt-get install kmod")
 
@@ -152,7 +152,7 @@ def test_an_interrupted_copy_leaves_nothing_behind(
 PREPARE = """
 import sys
 from pathlib import Path
-from pytest_nestedkvm.kernel_tree import prepare_modules, read_tree
+from pytest_nestedkvm.boot.kernel_tree import prepare_modules, read_tree
 print(prepare_modules(read_tree(Path(sys.argv[1])), Path(sys.argv[2])))
 """
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm import knownfail, kselftests, ktap, kut
-from pytest_nestedkvm.suites import scaled_timeout, timeout_note
+from pytest_nestedkvm.suite_items import scaled_timeout, timeout_note
+from pytest_nestedkvm.suites import knownfail, kselftests, ktap, kut
 
 CFG = '''\
 ##############################################################################

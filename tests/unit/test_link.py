@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.deadline import Deadline
-from pytest_nestedkvm.errors import GuestCrashed
-from pytest_nestedkvm.link import CARRIED_ROLES, HostLink, ParentLink
-from pytest_nestedkvm.qemu import ParentEnds
+from pytest_nestedkvm.base.deadline import Deadline
+from pytest_nestedkvm.base.errors import GuestCrashed
+from pytest_nestedkvm.boot.qemu import ParentEnds
+from pytest_nestedkvm.machine.link import CARRIED_ROLES, HostLink, ParentLink
 
 Serve = Callable[[Path], socket.socket]
 STAGING = ".new"

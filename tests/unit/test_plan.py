@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm import plan
-from pytest_nestedkvm.errors import ConfigError
-from pytest_nestedkvm.host import HostReport, QemuInfo
-from pytest_nestedkvm.plan import BootFiles, builtin_spec, seed_levels, skip_reason, spec_for, timeouts
-from pytest_nestedkvm.qemu import Disk, GuestSpec
-from pytest_nestedkvm.settings import Settings
-from pytest_nestedkvm.view import Export, View
+from pytest_nestedkvm.base.errors import ConfigError
+from pytest_nestedkvm.base.host import HostReport, QemuInfo
+from pytest_nestedkvm.boot.qemu import Disk, GuestSpec
+from pytest_nestedkvm.boot.view import Export, View
+from pytest_nestedkvm.config import plan
+from pytest_nestedkvm.config.plan import BootFiles, builtin_spec, seed_levels, skip_reason, spec_for, timeouts
+from pytest_nestedkvm.config.settings import Settings
 
 QEMU = QemuInfo(binary="/usr/bin/qemu-system-x86_64", version="8.2.2")
 FIX = "load kvm_amd with nested=1"

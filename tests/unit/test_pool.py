@@ -8,9 +8,9 @@ from typing import cast
 
 import pytest
 
-from pytest_nestedkvm.errors import BootError
-from pytest_nestedkvm.guest import Guest
-from pytest_nestedkvm.pool import GuestPool, LifecycleHooks
+from pytest_nestedkvm.base.errors import BootError
+from pytest_nestedkvm.machine.guest import Guest
+from pytest_nestedkvm.machine.pool import GuestPool, LifecycleHooks
 
 
 class FakeGuest:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm import process as process_module
-from pytest_nestedkvm.process import HostProcess
+from pytest_nestedkvm.machine import process as process_module
+from pytest_nestedkvm.machine.process import HostProcess
 
 needs_setpriv = pytest.mark.skipif(shutil.which("setpriv") is None, reason="util-linux setpriv not installed")
 PACKAGE_ROOT = Path(process_module.__file__).resolve().parents[1]  # where `import pytest_nestedkvm` finds it
@@ -105,7 +105,7 @@ def test_death_signal_is_set(host_process: HostProcess) -> None:
 CHILD_OF_DOOMED_PYTHON = textwrap.dedent("""
     import sys, threading
     from pathlib import Path
-    from pytest_nestedkvm.process import HostProcess
+    from pytest_nestedkvm.machine.process import HostProcess
     proc = HostProcess(Path(sys.argv[1]))
     starter = threading.Thread(target=proc.start, args=(["sleep", "1000"],))
     starter.start()

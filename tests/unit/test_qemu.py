@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.layout import EXPORT_TAG, TMPFS_DIRS
-from pytest_nestedkvm.qemu import (
+from pytest_nestedkvm.boot.layout import EXPORT_TAG, TMPFS_DIRS
+from pytest_nestedkvm.boot.qemu import (
     BASE_APPEND,
     Disk,
     GuestSpec,
@@ -21,7 +21,7 @@ from pytest_nestedkvm.qemu import (
     build_argv,
     shell_line,
 )
-from pytest_nestedkvm.view import Export, View
+from pytest_nestedkvm.boot.view import Export, View
 
 RUN_ROOT = Path("/var/lib/nk/run")
 VIEW = View(

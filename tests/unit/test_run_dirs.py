@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm import session
+from pytest_nestedkvm import lab
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def test_a_dead_sessions_run_directory_is_removed_and_a_live_ones_kept(temp: Pat
     dead, live = temp / f"nestedkvm-{gone_pid()}-abc", temp / f"nestedkvm-{os.getpid()}-def"
     for path in (dead, live):
         (path / "ssh").mkdir(parents=True)
-    session._remove_stale_run_dirs()
+    lab._remove_stale_run_dirs()
     assert not dead.exists() and live.exists()
 
 
@@ -37,5 +37,5 @@ def test_a_run_directory_of_an_unknown_uid_is_left_alone_without_an_error(temp: 
     foreign = temp / f"nestedkvm-{gone_pid()}-xyz"
     foreign.mkdir()
     os.chown(foreign, 54321, 54321)  # no passwd entry: Path.owner() would raise KeyError
-    session._remove_stale_run_dirs()
+    lab._remove_stale_run_dirs()
     assert foreign.exists()

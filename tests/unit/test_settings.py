@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from pytest_nestedkvm import view
-from pytest_nestedkvm.errors import ConfigError
-from pytest_nestedkvm.settings import MAX_LEVELS, OPTION_BY_NAME, OPTIONS, Option, Settings
+from pytest_nestedkvm.base.errors import ConfigError
+from pytest_nestedkvm.boot import view
+from pytest_nestedkvm.config.settings import MAX_LEVELS, OPTION_BY_NAME, OPTIONS, Option, Settings
 
 # An empty environment: nothing from the real process environment leaks into a test.
 NO_ENV: dict[str, str] = {}

@@ -9,8 +9,8 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from pytest_nestedkvm import ssh
-from pytest_nestedkvm.errors import HostError
+from pytest_nestedkvm.base.errors import HostError
+from pytest_nestedkvm.machine import ssh
 
 
 def test_session_key_is_private_and_loadable(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm import view
-from pytest_nestedkvm.errors import HostError
-from pytest_nestedkvm.view import (
+from pytest_nestedkvm.base.errors import HostError
+from pytest_nestedkvm.boot import view
+from pytest_nestedkvm.boot.view import (
     HOME_SECRETS,
     Export,
     View,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .errors import HostError
+from ..base.errors import HostError
 from .initramfs import Kernel, cache_dir, find_kernel, kernel_release
 from .view import View, unshareable
 

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from .channel import ChannelKind, channel_class
-from .host import Accel
-from .layout import COMMAND_PORT, CONTROL_PORT, EXPORT_TAG, PORT_DIR, TMPFS_DIRS
+from ..base.host import Accel
+from .layout import CHANNEL_NEEDS, COMMAND_PORT, CONTROL_PORT, EXPORT_TAG, PORT_DIR, TMPFS_DIRS, ChannelKind
 from .view import Export, View
 
 # Kernel arguments of the built-in guest. panic=-1 + -no-reboot: a panic ends QEMU.
@@ -187,7 +186,7 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
             "-m", str(spec.memory_mib), "-smp", str(spec.smp)]
     if spec.firmware is not None:
         argv += ["-bios", str(spec.firmware)]
-    kind = channel_class(spec.channel)
+    kind = CHANNEL_NEEDS[spec.channel]
     ports = []
     if kind.agent_ports:
         ports = [(spec.level, role, name) for role, name in OWN_PORTS.items()]

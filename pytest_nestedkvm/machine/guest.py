@@ -10,15 +10,13 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import paramiko
 
-from . import forensics, ssh
-from .channel import DEFAULT_OUTPUT_LIMIT, ChannelSetup, CommandResult, channel_class
-from .console import Console
-from .deadline import Deadline, retry
-from .errors import (
+from ..base.deadline import Deadline, retry
+from ..base.errors import (
     ChannelError,
     CommandTimeout,
     GuestCrashed,
@@ -27,10 +25,13 @@ from .errors import (
     NestedKvmError,
     SshError,
 )
-from .layout import PORT_DIR
+from ..boot.layout import CHANNEL_NEEDS, PORT_DIR
+from ..boot.qemu import SSH_GUEST_PORT, GuestSpec, build_argv, shell_line
+from . import forensics, ssh
+from .channel import DEFAULT_OUTPUT_LIMIT, ChannelSetup, CommandResult, channel_class
+from .console import Console
 from .link import DEFAULT_CONSOLE_LIMIT, HostLink, Link, ParentLink
 from .process import QEMU_ENV, HostProcess, ProcessInGuest
-from .qemu import SSH_GUEST_PORT, GuestSpec, build_argv, shell_line
 from .qmp import Qmp
 from .ssh import SessionKey
 
@@ -209,6 +210,13 @@ class Guest:
         self.close()
         return self.start()
 
+    def __enter__(self) -> Guest:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()  # `with new_guest(...).start() as guest:` stops it however the block ends
+
     def crash(self) -> None:
         """Make the guest kernel panic for real (sysrq-c) and wait until QEMU is gone."""
         try:
@@ -330,7 +338,7 @@ def new_guest(
     process: HostProcess | ProcessInGuest
     if parent is None:
         link = HostLink(run_root, spec.deepest, console_limit=console_limit,
-                        l1_console=channel_class(spec.channel).console_role == "console")
+                        l1_console=CHANNEL_NEEDS[spec.channel].console_role == "console")
         process = HostProcess(run_root / "l1" / "qemu.log")
     else:
         link = ParentLink(parent.link, spec.level)

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from . import kselftests, kut
-from .errors import CommandTimeout
-from .guest import Guest
-from .knownfail import Suite
+from .base.errors import CommandTimeout
+from .config.settings import Settings
+from .machine.guest import Guest
 from .session import SESSION_KEY, NestedSession, reported
-from .settings import Settings
+from .suites import kselftests, kut
+from .suites.knownfail import Suite
 
 SUITES_PLUGIN = "nestedkvm-suites"
 # Suite timeouts are set for KVM on real hardware. Under TCG every instruction of every level is
@@ -151,7 +151,7 @@ class KselftestItem(SuiteItem):
         try:
             result = guest.run(kselftests.guest_command(self.root, self.name), timeout=timeout)
             status, output = result.exit_status, result.stdout + result.stderr
-        except CommandTimeout as exc:  # killed, the guest's channel stays usable
+        except CommandTimeout as exc:  # killed where it could be; else the channel broke and the guest is replaced
             status, output = None, _text(exc.stdout) + _text(exc.stderr)
         self.keep_log(output)
         verdict = kselftests.outcome(self.name, status, output, timeout)

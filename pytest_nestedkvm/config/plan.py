@@ -12,12 +12,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .channel import channel_class
-from .errors import ConfigError
-from .host import HostReport
-from .qemu import Disk, DiskFormat, GuestSpec
+from ..base.errors import ConfigError
+from ..base.host import HostReport
+from ..boot.layout import CHANNEL_NEEDS
+from ..boot.qemu import Disk, DiskFormat, GuestSpec
+from ..boot.view import View
 from .settings import Settings
-from .view import View
 
 # Seconds to first command. L0's accelerator sets the pace of the whole chain (under
 # TCG every level is emulated), and each level multiplies the cost.
@@ -118,6 +118,6 @@ def _disk(image: Path, files: BootFiles) -> Disk:
 
 def timeouts(spec: GuestSpec, settings: Settings, report: HostReport) -> tuple[float, float]:
     """(boot, command) seconds for a guest: the user's, or scaled with accelerator, depth and kind."""
-    boot = BOOT_TIMEOUT[report.pace] * spec.level * channel_class(spec.channel).boot_factor
+    boot = BOOT_TIMEOUT[report.pace] * spec.level * CHANNEL_NEEDS[spec.channel].boot_factor
     command = COMMAND_TIMEOUT[report.pace] * spec.level
     return settings.boot_timeout or boot, settings.command_timeout or command

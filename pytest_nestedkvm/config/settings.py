@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import knownfail, kut
-from . import kselftests as kselftests_suite
-from .errors import ConfigError
-from .host import ACCELS, AccelChoice
-from .kernel_tree import check_image, check_modules, is_tree, tree_image
-from .knownfail import KnownFailures
-from .view import unshareable
+from ..base.errors import ConfigError
+from ..base.host import ACCELS, AccelChoice
+from ..boot.kernel_tree import check_image, check_modules, is_tree, tree_image
+from ..boot.view import unshareable
+from ..suites import knownfail, kut
+from ..suites import kselftests as kselftests_suite
+from ..suites.knownfail import KnownFailures
 
 MAX_LEVELS = 4
 MAX_SECONDS = 86400  # a timeout longer than a day is a typo, not a plan
@@ -45,6 +45,7 @@ class Option:
     help: str
     metavar: str = "VALUE"
     flag: bool = False  # a CLI switch without a value
+    parse: Callable[[str], Any] = field(kw_only=True)  # raw text -> value; raises ValueError or OSError
 
     @property
     def cli(self) -> str:
@@ -63,61 +64,7 @@ class Option:
         return "nested_" + self.name
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("levels", "deepest guest level to provide: 0 = host check only, 1 = L1, 2 = L2 inside L1, "
-           f"up to {MAX_LEVELS} (default 1)", "N"),
-    Option("accel", "accelerator for L1: auto (KVM when it can run an ordinary guest, else TCG), kvm, tcg "
-           "(default auto)", "auto|kvm|tcg"),
-    Option("cpu", "-cpu model for L1 (default: host with KVM, max with TCG)", "MODEL"),
-    Option("l2_cpu", "-cpu model for L2 and deeper, e.g. qemu64,+svm (default host: all the parent has)", "MODEL"),
-    Option("qemu_args", "extra arguments for L1's QEMU, split like a shell would (e.g. '-device virtio-rng-pci')",
-           "ARGS"),
-    Option("l2_qemu_args", "extra arguments for the QEMU of L2 and deeper", "ARGS"),
-    Option("kernel", "kernel for the built-in guest: an image, or a kernel build directory whose "
-           "arch/x86/boot/bzImage and built modules are used (default: a /boot/vmlinuz-* whose modules exist)",
-           "PATH"),
-    Option("modules", "modules directory matching --nested-kernel (default: /lib/modules/<its version>, or a "
-           "build directory's own modules)", "DIR"),
-    Option("append", "extra kernel command line for the built-in guest", "ARGS"),
-    Option("memory", "guest memory in MiB; a comma list sets L1,L2,... (default 2048 for L1, shrinking with "
-           "depth)", "MIB[,MIB...]"),
-    Option("smp", "guest vCPUs; a comma list sets L1,L2,... (default 2 for L1, 1 deeper; 1 for L1 where KVM "
-           "itself runs on an emulated CPU)", "N[,N...]"),
-    Option("l1_image", "disk image (qcow2/raw) to boot as L1 instead of the built-in guest, always with -snapshot; "
-           "reached over SSH with a key given through a generated cloud-init seed", "PATH"),
-    Option("login", "USER:PASSWORD for a serial-console login into a --nested-l1-image that lacks cloud-init "
-           "(the command channel then runs on the serial console)", "USER:PASSWORD"),
-    Option("l2_image", "disk image (qcow2/raw) to boot as L2 instead of the built-in guest: L1 gets it as its "
-           "virtio disk /dev/vda (and its cloud-init seed as /dev/vdb) and boots it with -snapshot", "PATH"),
-    Option("boot_timeout", "seconds a guest may take to answer its first command (default scales with "
-           "accelerator and depth)", "S"),
-    Option("command_timeout", "default seconds a guest command may run (default 60 x level with KVM, 120 x level "
-           "under TCG)", "S"),
-    Option("artifacts", "keep, per failed test, each guest's console, QEMU command line and new dmesg lines "
-           "in DIR/<test id>/", "DIR"),
-    Option("share", "more host directories the built-in guests see, read-only and at the same paths, beside the "
-           "system directories, the project and its Python environment (comma-separated)", "PATH[,PATH...]"),
-    Option("console_limit", "MiB of console log kept per guest on the host; past it one line says that the rest "
-           "was dropped (default 64)", "MIB"),
-    Option("output_limit", "MiB of a command's stdout, and as much of its stderr, kept in pytest's memory; past it "
-           "the rest is read and dropped, and one line at the end says how much (default 64)", "MIB"),
-    Option("shard", "run only share I of N of the collected tests (1 <= I <= N), the same share on every "
-           "machine: for a CI matrix where each job boots its own guests", "I/N"),
-    Option("enable", "try to reload kvm_intel/kvm_amd with nested=1 when it is off (needs root)", flag=True),
-    Option("kut", "a configured and built kvm-unit-tests tree: each test of DIR/x86/unittests.cfg becomes a test "
-           "item that runs inside a guest, its groups markers", "DIR"),
-    Option("kut_level", "the guest level the kvm-unit-tests run in (default 1)", "N"),
-    Option("kselftests", "the built tools/testing/selftests/kvm directory of a kernel tree, or an installed "
-           "kselftest tree with kvm/: each KVM selftest becomes a test item that runs inside a guest", "DIR"),
-    Option("kselftests_level", "the guest level the KVM selftests run in (default 1)", "N"),
-    Option("known_failures", "known failures of --nested-kut and --nested-kselftests, one '<suite>:<test> <reason>' "
-           "line each (suite kut or kselftests): a listed test that fails is an xfail with that reason", "FILE"),
-    Option("emulator_reruns", "times a test runs again on fresh guests when emulated virtualization wedged or reset "
-           "a guest (default 1 where the host's virtualization is emulated, 0 on hardware KVM, where no rerun "
-           "happens)", "N"),
-)
 
-OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -179,7 +126,7 @@ class Settings:
             if raw is None:
                 continue
             try:
-                values[option.name] = _PARSERS[option.name](raw)
+                values[option.name] = option.parse(raw)
             except (ValueError, OSError) as exc:  # OSError: a file the parser reads (kernel, image) cannot be read
                 shown = "'<hidden: it may hold a password>'" if option.name == "login" else repr(raw)
                 raise ConfigError(f"{option.cli}={shown} (from {source}): {exc}", option=option.name) from None
@@ -657,34 +604,67 @@ def _flag(raw: str) -> bool:
     raise ValueError("expected true or false")
 
 
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "levels": _levels,
-    "accel": _choice(ACCELS),
-    "cpu": str.strip,
-    "l2_cpu": str.strip,
-    "qemu_args": _argv,
-    "l2_qemu_args": _argv,
-    "kernel": lambda raw: _kernel_dir(raw) or _kernel_image(_existing_file(raw)),
-    "modules": _existing_dir,
-    "append": str.strip,
-    "memory": _int_list(64),
-    "smp": _int_list(1),
-    "l1_image": lambda raw: _disk_image(_existing_file(raw)),
-    "login": _login,
-    "l2_image": lambda raw: _disk_image(_existing_file(raw)),
-    "boot_timeout": _seconds,
-    "command_timeout": _seconds,
-    "artifacts": _artifacts_dir,
-    "share": _shares,
-    "console_limit": _int_in(1, 1 << 20),
-    "output_limit": _int_in(1, 1 << 20),
-    "shard": _shard,
-    "enable": _flag,
-    "kut": _kut_tree,
-    "kut_level": _int_in(1, MAX_LEVELS),
-    "kselftests": _kselftests_dir,
-    "kselftests_level": _int_in(1, MAX_LEVELS),
-    "known_failures": _known_failures,
-    "emulator_reruns": _int_in(0, 10),
-}
-assert set(_PARSERS) == set(OPTION_BY_NAME), "every option needs a parser"
+# Every option once; its parser is the last field of its row (the functions above).
+OPTIONS: tuple[Option, ...] = (
+    Option("levels", "deepest guest level to provide: 0 = host check only, 1 = L1, 2 = L2 inside L1, "
+           f"up to {MAX_LEVELS} (default 1)", "N", parse=_levels),
+    Option("accel", "accelerator for L1: auto (KVM when it can run an ordinary guest, else TCG), kvm, tcg "
+           "(default auto)", "auto|kvm|tcg", parse=_choice(ACCELS)),
+    Option("cpu", "-cpu model for L1 (default: host with KVM, max with TCG)", "MODEL", parse=str.strip),
+    Option("l2_cpu", "-cpu model for L2 and deeper, e.g. qemu64,+svm (default host: all the parent has)", "MODEL",
+           parse=str.strip),
+    Option("qemu_args", "extra arguments for L1's QEMU, split like a shell would (e.g. '-device virtio-rng-pci')",
+           "ARGS", parse=_argv),
+    Option("l2_qemu_args", "extra arguments for the QEMU of L2 and deeper", "ARGS", parse=_argv),
+    Option("kernel", "kernel for the built-in guest: an image, or a kernel build directory whose "
+           "arch/x86/boot/bzImage and built modules are used (default: a /boot/vmlinuz-* whose modules exist)",
+           "PATH", parse=lambda raw: _kernel_dir(raw) or _kernel_image(_existing_file(raw))),
+    Option("modules", "modules directory matching --nested-kernel (default: /lib/modules/<its version>, or a "
+           "build directory's own modules)", "DIR", parse=_existing_dir),
+    Option("append", "extra kernel command line for the built-in guest", "ARGS", parse=str.strip),
+    Option("memory", "guest memory in MiB; a comma list sets L1,L2,... (default 2048 for L1, shrinking with "
+           "depth)", "MIB[,MIB...]", parse=_int_list(64)),
+    Option("smp", "guest vCPUs; a comma list sets L1,L2,... (default 2 for L1, 1 deeper; 1 for L1 where KVM "
+           "itself runs on an emulated CPU)", "N[,N...]", parse=_int_list(1)),
+    Option("l1_image", "disk image (qcow2/raw) to boot as L1 instead of the built-in guest, always with -snapshot; "
+           "reached over SSH with a key given through a generated cloud-init seed", "PATH",
+           parse=lambda raw: _disk_image(_existing_file(raw))),
+    Option("login", "USER:PASSWORD for a serial-console login into a --nested-l1-image that lacks cloud-init "
+           "(the command channel then runs on the serial console)", "USER:PASSWORD", parse=_login),
+    Option("l2_image", "disk image (qcow2/raw) to boot as L2 instead of the built-in guest: L1 gets it as its "
+           "virtio disk /dev/vda (and its cloud-init seed as /dev/vdb) and boots it with -snapshot", "PATH",
+           parse=lambda raw: _disk_image(_existing_file(raw))),
+    Option("boot_timeout", "seconds a guest may take to answer its first command (default scales with "
+           "accelerator and depth)", "S", parse=_seconds),
+    Option("command_timeout", "default seconds a guest command may run (default 60 x level with KVM, 120 x level "
+           "under TCG)", "S", parse=_seconds),
+    Option("artifacts", "keep, per failed test, each guest's console, QEMU command line and new dmesg lines "
+           "in DIR/<test id>/", "DIR", parse=_artifacts_dir),
+    Option("share", "more host directories the built-in guests see, read-only and at the same paths, beside the "
+           "system directories, the project and its Python environment (comma-separated)", "PATH[,PATH...]",
+           parse=_shares),
+    Option("console_limit", "MiB of console log kept per guest on the host; past it one line says that the rest "
+           "was dropped (default 64)", "MIB", parse=_int_in(1, 1 << 20)),
+    Option("output_limit", "MiB of a command's stdout, and as much of its stderr, kept in pytest's memory; past it "
+           "the rest is read and dropped, and one line at the end says how much (default 64)", "MIB",
+           parse=_int_in(1, 1 << 20)),
+    Option("shard", "run only share I of N of the collected tests (1 <= I <= N), the same share on every "
+           "machine: for a CI matrix where each job boots its own guests", "I/N", parse=_shard),
+    Option("enable", "try to reload kvm_intel/kvm_amd with nested=1 when it is off (needs root)", flag=True,
+           parse=_flag),
+    Option("kut", "a configured and built kvm-unit-tests tree: each test of DIR/x86/unittests.cfg becomes a test "
+           "item that runs inside a guest, its groups markers", "DIR", parse=_kut_tree),
+    Option("kut_level", "the guest level the kvm-unit-tests run in (default 1)", "N", parse=_int_in(1, MAX_LEVELS)),
+    Option("kselftests", "the built tools/testing/selftests/kvm directory of a kernel tree, or an installed "
+           "kselftest tree with kvm/: each KVM selftest becomes a test item that runs inside a guest", "DIR",
+           parse=_kselftests_dir),
+    Option("kselftests_level", "the guest level the KVM selftests run in (default 1)", "N",
+           parse=_int_in(1, MAX_LEVELS)),
+    Option("known_failures", "known failures of --nested-kut and --nested-kselftests, one '<suite>:<test> <reason>' "
+           "line each (suite kut or kselftests): a listed test that fails is an xfail with that reason", "FILE",
+           parse=_known_failures),
+    Option("emulator_reruns", "times a test runs again on fresh guests when emulated virtualization wedged or reset "
+           "a guest (default 1 where the host's virtualization is emulated, 0 on hardware KVM, where no rerun "
+           "happens)", "N", parse=_int_in(0, 10)),
+)
+OPTION_BY_NAME = {o.name: o for o in OPTIONS}

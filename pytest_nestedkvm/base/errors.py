@@ -37,6 +37,15 @@ class ConfigError(NestedKvmError):
         self.option = option  # the setting at fault ("accel", "cpu", ...), when one is
 
 
+class LevelUnavailable(NestedKvmError):
+    """This session cannot provide a guest at that level (too deep for --nested-levels, no QEMU, no
+    nested virtualization): the pytest plugin skips a test that asks for it, with this message."""
+
+    def __init__(self, message: str, *, level: int) -> None:
+        super().__init__(message)
+        self.level = level
+
+
 class HostError(NestedKvmError):
     """The host lacks something the requested setup needs (binary, kernel, module)."""
 
@@ -56,9 +65,10 @@ class GuestCrashed(NestedKvmError):
 
 
 class GuestWedged(NestedKvmError):
-    """A guest whose virtualization is emulated reported a stall on its console (RCU stall, soft or
-    hard lockup, hung task): it is taken as wedged at once, not after the command's timeout, and
-    replaced before the next test."""
+    """A guest whose virtualization is emulated stopped: it printed a stall (RCU stall, soft or hard
+    lockup, hung task) and then did not answer `true` on its control shell, or its control shell
+    stopped answering while a command ran. Raised at once, not after the command's timeout; the
+    guest is replaced before the next test."""
 
     def __init__(self, message: str, *, level: int, stall: str, line: str) -> None:
         super().__init__(message)
@@ -107,7 +117,9 @@ class LoginFailed(ChannelError):
 
 
 class CommandTimeout(NestedKvmError):
-    """A command ran past its timeout; it was killed and the channel stays usable."""
+    """A command ran past its timeout. Where the guest's control shell killed it and the rest of
+    its reply came within channel.KILL_GRACE, the channel stays usable; otherwise the channel is
+    broken (the message says so) and the guest is replaced before its next user."""
 
     def __init__(self, message: str, *, command: str, timeout: float, stdout: bytes, stderr: bytes) -> None:
         super().__init__(message)

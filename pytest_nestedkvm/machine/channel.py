@@ -12,7 +12,8 @@ Bytes before the start marker (late output of an earlier command's background
 job, messages of the shell itself) are dropped. A command runs in a subshell (its
 `exit`, `cd` and `set` stay there) with stdin from /dev/null, no positional
 parameters and no variable holding the nonce, so it cannot forge a marker. stdout
-goes straight to the stream; stderr is spooled to one of 64 files used in turn
+goes to the shell's own stdout (the stream; in the built-in guest a pipe that
+`cat` copies to the port); stderr is spooled to one of 64 files used in turn
 (truncated on reuse, as cheap as one file: a job left behind writes into its own
 command's file, which comes round again only 64 commands later) and sent after
 the first marker. `true` costs one fork, no exec. (Spooling stdout as well would also keep a job's stdout out of a
@@ -29,14 +30,22 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import paramiko
 
+from ..base.deadline import Deadline
+from ..base.errors import (
+    ChannelError,
+    CommandFailed,
+    CommandTimeout,
+    GuestSilent,
+    LoginFailed,
+    printable,
+)
+from ..boot.layout import ChannelKind
 from . import ssh
 from .console import serial_login
-from .deadline import Deadline
-from .errors import ChannelError, CommandFailed, CommandTimeout, GuestSilent, LoginFailed, printable
 from .ssh import sshd_script
 
 if TYPE_CHECKING:
@@ -306,7 +315,6 @@ class ShellChannel:
 
 # -- channel kinds: how a guest's shells are reached -----------------------------------------
 
-ChannelKind = Literal["agent", "ssh", "serial"]
 # A disk image's own kernel: make a panic end QEMU (-no-reboot), as panic=-1 does for the
 # built-in guest, and let panic() use sysrq (both need root; quietly skipped otherwise).
 IMAGE_SETUP = "{ echo -1 > /proc/sys/kernel/panic; echo 1 > /proc/sys/kernel/sysrq; } 2>/dev/null"
@@ -339,13 +347,6 @@ class ChannelSetup:
 class Channel:
     """Commands to one guest: a main shell, and for the kinds that have one, a control shell
     that interrupts a command that timed out and triggers panics while the main one is busy."""
-
-    # What the guest's QEMU must provide for this kind (read by qemu.build_argv).
-    agent_ports: ClassVar[bool] = False  # the built-in init's shells on virtio-serial ports
-    console_role: ClassVar[str] = "console"  # "serial": a console socket to log in on
-    # A disk image boots firmware, a bootloader and a whole init system (systemd, cloud-init):
-    # ~20-45 s under TCG where the built-in guest takes ~3 s.
-    boot_factor: ClassVar[int] = 4
 
     def __init__(self, setup: ChannelSetup) -> None:
         self.setup = setup
@@ -436,9 +437,6 @@ class Channel:
 class AgentChannel(Channel):
     """The built-in guest: its init runs a root shell on each of two virtio-serial ports."""
 
-    agent_ports = True
-    boot_factor = 1
-
     def open(self, deadline: Deadline) -> None:
         link, check = self.setup.link, self.setup.check
         self._open_pair((link.stream("cmd", deadline, check), link.stream("ctl", deadline, check)), deadline)
@@ -469,8 +467,6 @@ class SerialChannel(Channel):
 
     One console, one shell: nothing can interrupt a command that hangs.
     """
-
-    console_role = "serial"
 
     def open(self, deadline: Deadline) -> None:
         assert self.setup.login is not None

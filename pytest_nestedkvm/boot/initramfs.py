@@ -1,6 +1,7 @@
 """The built-in guest's boot initramfs: busybox, a module closure and an init.
 
-The init mounts the host root read-only over virtio-9p, puts tmpfs where a guest
+The init mounts the sealed view (view.py: each allowed host directory its own read-only
+virtio-9p export, at its own path), puts tmpfs where a guest
 must write, builds a complete /dev, loads kvm with nested=1 and starts a root
 shell on each virtio-serial command port. The archive is content-addressed and
 built once per content, under a file lock, in the user cache directory (not
@@ -24,8 +25,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .errors import HostError
-from .host import HARDWARE_BACKENDS, KVM_MODULE_BY_FLAG
+from ..base.errors import HostError
+from ..base.host import HARDWARE_BACKENDS, KVM_MODULE_BY_FLAG
 from .layout import BOOT_MARKS, COMMAND_PORT, CONTROL_PORT, PORT_DIR
 
 FORMAT_VERSION = "1"
@@ -35,12 +36,12 @@ OPTIONAL_MODULES = ("virtio_net", "pvpanic_pci", "virtio_blk")  # virtio_blk: an
 # Loaded in parallel with the drivers above (kvm.ko alone takes ~0.4 s to load under TCG).
 KVM_MODULES = HARDWARE_BACKENDS
 MODULE_PARAMS = {name: "nested=1" for name in KVM_MODULES}
-# cache=loose: the shared root is read-only and static for the session, and caching it
+# cache=loose: the exports are read-only and static for the session, and caching it
 # makes each exec several times cheaper under TCG.
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose"
 # The guest's shell: static busybox ash from tmpfs. Under TCG a dynamically linked
 # exec costs 40-130 ms (measured), while busybox runs its applets (cat, grep, ...)
-# without exec; programs busybox lacks still come from the host root's PATH.
+# without exec; programs busybox lacks still come from the exported system directories on PATH.
 BUSYBOX = f"{PORT_DIR}/busybox"
 AGENT_SHELL = f"{BUSYBOX} sh"
 # The guest scheduler's wakeup granularity (see stage2_script).
@@ -167,7 +168,7 @@ def _write_atomically(target: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(tmp, 0o644)  # deeper levels read it through the shared root
+    os.chmod(tmp, 0o644)  # deeper levels read it through the cache's export
     os.replace(tmp, target)
 
 
@@ -245,7 +246,7 @@ def find_busybox() -> Path:
 
 
 def init_script(drivers: list[str], kvm: list[str]) -> str:
-    """The guest's /init (busybox sh): mount, load drivers, switch to the host root.
+    """The guest's /init (busybox sh): mount, load drivers, switch to the root the exports make up.
 
     `drivers` load in order; `kvm` loads in order too, concurrently with them.
     """
@@ -339,7 +340,7 @@ exec switch_root /newroot {AGENT_SHELL} /run/nestedkvm/stage2
 
 
 def stage2_script() -> str:
-    """PID 1 on the host root: a shell on each command port, respawned on EOF."""
+    """PID 1 on the guest's root (the sealed view): a shell on each command port, respawned on EOF."""
     return f"""#!{AGENT_SHELL}
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp TERM=dumb LANG=C.UTF-8
 echo 1 > /proc/sys/kernel/sysrq

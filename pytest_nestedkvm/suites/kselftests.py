@@ -14,8 +14,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..base.host import read_text_or_none
 from . import ktap
-from .host import read_text_or_none
 from .kut import Verdict
 
 KSFT_SKIP = 4

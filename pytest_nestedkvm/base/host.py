@@ -4,7 +4,8 @@ Every fact is read from files under a ``root`` directory (``/`` on a real host) 
 tests can hand in a fake procfs/sysfs tree. Host quirks are small named predicates;
 :func:`probe` only combines them and writes down, in words, why each decision was made.
 
-Measured on our own machines (DESIGN.md section 2): ``/dev/kvm`` can open fine and still be
+Measured on our own machines (the project's DESIGN.md, section 2, "Facts measured on our
+machines"): ``/dev/kvm`` can open fine and still be
 useless, because it is provided by ``kvm_pvm``, which cannot run an unmodified guest. So
 "usable" means: device openable *and* backed by kvm_intel or kvm_amd.
 """
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pytest_nestedkvm.errors import ConfigError, HostError
+from .errors import ConfigError, HostError
 
 Accel = Literal["kvm", "tcg"]  # what L1 runs on
 AccelChoice = Literal["auto", "kvm", "tcg"]  # what a user may ask for

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import BootError, HostError
+from ..base.errors import BootError, HostError
+from ..base.host import KVM_MODULE_BY_FLAG, parse_nested
 from .guest import Guest
-from .host import KVM_MODULE_BY_FLAG, parse_nested
 
 log = logging.getLogger("pytest_nestedkvm.pool")
 

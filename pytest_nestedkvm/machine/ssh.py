@@ -23,9 +23,9 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from .deadline import Deadline, retry
-from .errors import HostError, SshError
-from .layout import PORT_DIR
+from ..base.deadline import Deadline, retry
+from ..base.errors import HostError, SshError
+from ..boot.layout import PORT_DIR
 
 # While a guest boots, QEMU accepts on the forwarded port and the guest resets the connection:
 # each retry would log a traceback at ERROR. connect() reports what matters as an exception.
@@ -68,7 +68,7 @@ def sshd_script(public_line: str) -> str:
     """Shell commands that bring up the built-in guest's network and sshd; they print its host key.
 
     The guest sees QEMU's user network (10.0.2.15, gateway 10.0.2.2). sshd is the host's
-    own binary through the shared root, with a config, a host key and the session key in
+    own binary through the exported /usr, with a config, a host key and the session key in
     tmpfs. sftp is served in-process (internal-sftp); TCP forwarding stays on so the
     next level can be reached through this one.
     """

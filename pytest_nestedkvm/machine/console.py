@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pexpect.fdpexpect
 
-from .deadline import Deadline, retry
-from .errors import printable
+from ..base.deadline import Deadline, retry
+from ..base.errors import printable
 
 # Lines that mean the kernel under test is in trouble (panic, oops, BUG, KVM WARN).
 PROBLEM = re.compile(

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .guest import Guest
 
-from .deadline import Deadline, retry
+from ..base.deadline import Deadline, retry
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Marks record where each running guest stood when a test started; after the test,
 `trouble_since` names the first (outermost) guest that crashed or printed a kernel
-problem meanwhile. The Trouble of a test is public: `trouble_of(report or item)`.
+problem meanwhile. A test's Trouble reaches users through trouble.py.
 """
 
 from __future__ import annotations
@@ -12,11 +12,18 @@ import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import pytest
-
+from ..base.deadline import Deadline, retry
+from ..base.errors import (
+    BootEnd,
+    BootError,
+    ChannelError,
+    GuestCrashed,
+    GuestWedged,
+    LoginFailed,
+    NestedKvmError,
+    SshError,
+)
 from .console import stall_kind
-from .deadline import Deadline, retry
-from .errors import BootEnd, BootError, ChannelError, GuestCrashed, GuestWedged, LoginFailed, NestedKvmError, SshError
 
 if TYPE_CHECKING:
     from .guest import Guest
@@ -35,10 +42,6 @@ PROBLEM_KINDS: tuple[tuple[str, TroubleKind], ...] = (
     ("Kernel panic", "kernel panic"), ("Oops", "kernel oops"), ("BUG:", "kernel BUG"),
     ("general protection", "kernel oops"), ("WARNING:", "kernel WARN"),
 )
-TROUBLE_KEY = pytest.StashKey["Trouble"]()
-RERUNS_KEY = pytest.StashKey[list["Trouble"]]()
-RERUNS_ATTRIBUTE = "nestedkvm_reruns"  # the troubles that made the plugin run a test again
-REPORT_ATTRIBUTE = "nestedkvm_trouble"  # a plain dict on the report: it travels from xdist workers
 CLOSE_GRACE = 5.0  # at most this much of the boot budget waits for a QEMU whose channel closed to exit
 
 
@@ -60,23 +63,6 @@ class Trouble:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def trouble_of(node: pytest.TestReport | pytest.Item) -> Trouble | None:
-    """The trouble the plugin blamed on a test, from its report (any phase) or its item; else None."""
-    if isinstance(node, pytest.Item):
-        return node.stash.get(TROUBLE_KEY, None)
-    data = getattr(node, REPORT_ATTRIBUTE, None)
-    return None if data is None else Trouble(**data)
-
-
-def reruns_of(node: pytest.TestReport | pytest.Item) -> list[Trouble]:
-    """The emulator faults that made the plugin run this test again, oldest first (see
-    --nested-emulator-reruns); from its item or any report of its last run."""
-    if isinstance(node, pytest.Item):
-        faults: list[Trouble] = node.stash[RERUNS_KEY] if RERUNS_KEY in node.stash else []
-        return list(faults)
-    return [Trouble(**data) for data in getattr(node, RERUNS_ATTRIBUTE, [])]
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
+from ..base.deadline import Deadline, retry
+from ..boot.qemu import Ends, HostEnds, ParentEnds, RunPaths
 from .console import ConsoleRecorder
-from .deadline import Deadline, retry
-from .qemu import Ends, HostEnds, ParentEnds, RunPaths
 from .qmp import Qmp
 
 # Streams of a deeper guest that L1's QEMU carries to L0 (its console goes to a file).

@@ -1,0 +1,42 @@
+"""Names and places inside the built-in guest that the init, the QEMU argv and the host side
+must agree on (one definition each)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# The 9p tags of the host's exports are EXPORT_TAG + their number.
+EXPORT_TAG = "nk"
+# virtio-serial port names the init starts a shell on (see channel.py).
+COMMAND_PORT = "nestedkvm.cmd"
+CONTROL_PORT = "nestedkvm.ctl"
+# Where the guest links each named virtio port as port.<name> (udev would use /dev/virtio-ports).
+PORT_DIR = "/run/nestedkvm"
+# Guest uptime at each phase of the built-in guest's boot, "name=seconds" (benchmarks read it).
+BOOT_MARKS = f"{PORT_DIR}/boot-marks"
+# Writable tmpfs mounts over the guest's read-only root (the sealed view).
+TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/var/log", "/mnt")
+
+
+# How a guest's shells are reached: the built-in init's agent shells, SSH into a disk image
+# with cloud-init, or a login on a disk image's serial console.
+ChannelKind = Literal["agent", "ssh", "serial"]
+
+
+@dataclass(frozen=True)
+class ChannelNeeds:
+    """What a channel kind needs of its guest's QEMU and boot (read by the argv and the plan)."""
+
+    agent_ports: bool  # the built-in init's shells on virtio-serial ports
+    console_role: str  # "serial": a console socket to log in on
+    # A disk image boots firmware, a bootloader and a whole init system (systemd, cloud-init):
+    # ~20-45 s under TCG where the built-in guest takes ~3 s.
+    boot_factor: int
+
+
+CHANNEL_NEEDS: dict[ChannelKind, ChannelNeeds] = {
+    "agent": ChannelNeeds(agent_ports=True, console_role="console", boot_factor=1),
+    "ssh": ChannelNeeds(agent_ports=False, console_role="console", boot_factor=4),
+    "serial": ChannelNeeds(agent_ports=False, console_role="serial", boot_factor=4),
+}
