@@ -60,12 +60,12 @@ from pytest_nestedkvm.base.errors import (
     LevelUnavailable,
     NestedKvmError,
 )
+from pytest_nestedkvm.config.plan import scaled_timeout
 from pytest_nestedkvm.config.settings import OPTION_BY_NAME
 from pytest_nestedkvm.lab import Lab
 from pytest_nestedkvm.machine import forensics
 from pytest_nestedkvm.machine.channel import CommandResult
 from pytest_nestedkvm.machine.guest import Guest
-from pytest_nestedkvm.suite_items import scaled_timeout
 from pytest_nestedkvm.suites import kselftests, kut
 
 REPO = Path(__file__).resolve().parents[1]

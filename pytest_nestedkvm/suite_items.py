@@ -17,28 +17,16 @@ from typing import Any
 import pytest
 
 from .base.errors import CommandTimeout
+from .base.host import Accel
+from .config.plan import scaled_timeout, timeout_note
 from .config.settings import Settings
 from .machine.guest import Guest
 from .session import SESSION_KEY, NestedSession, reported
 from .suites import kselftests, kut
-from .suites.knownfail import Suite
+from .suites.knownfail import SuiteName
 
 SUITES_PLUGIN = "nestedkvm-suites"
-# Suite timeouts are set for KVM on real hardware. Under TCG every instruction of every level is
-# emulated; each level of nesting below L1 multiplies the cost again.
-TIMEOUT_FACTOR = {"kvm": 1, "tcg": 5}
 SECTION_LIMIT = 100_000  # characters of a test's log kept in its report section
-
-
-def scaled_timeout(seconds: float, accel: str, level: int) -> float:
-    return seconds * TIMEOUT_FACTOR[accel] * level
-
-
-def timeout_note(seconds: float, accel: str, level: int) -> str:
-    """How the timeout was reached, for the report: `90 s x 5 (TCG) x 1 (L1) = 450 s`."""
-    factor = TIMEOUT_FACTOR[accel]
-    return (f"{seconds:g} s x {factor} ({accel.upper()}) x {level} (L{level}) = "
-            f"{scaled_timeout(seconds, accel, level):g} s")
 
 
 class SuiteFailure(Exception):
@@ -48,7 +36,7 @@ class SuiteFailure(Exception):
 class SuiteItem(pytest.Item):
     """One test of a suite, run inside the guest at `level`."""
 
-    suite: Suite = "kut"
+    suite: SuiteName = "kut"
 
     def __init__(self, *, level: int, location: tuple[Path, int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -82,7 +70,7 @@ class SuiteItem(pytest.Item):
         return timeout_note(seconds, self.pace, self.level)
 
     @property
-    def pace(self) -> str:
+    def pace(self) -> Accel:
         return self.nested.report.pace  # KVM on an emulated CPU is TCG's pace
 
     def conclude(self, verdict: kut.Verdict, message: str, note: str = "") -> None:
@@ -102,7 +90,7 @@ class SuiteItem(pytest.Item):
 
 
 class KutItem(SuiteItem):
-    suite: Suite = "kut"
+    suite: SuiteName = "kut"
 
     def __init__(self, *, test: kut.UnitTest, tree: Path, config_mak: dict[str, str], **kwargs: Any) -> None:
         self.test, self.tree, self.config_mak = test, tree, config_mak
@@ -138,7 +126,7 @@ class KutItem(SuiteItem):
 
 
 class KselftestItem(SuiteItem):
-    suite: Suite = "kselftests"
+    suite: SuiteName = "kselftests"
 
     def __init__(self, *, root: Path, **kwargs: Any) -> None:
         self.root = root

@@ -27,7 +27,7 @@ from filelock import FileLock
 
 from ..base.errors import HostError
 from ..base.host import HARDWARE_BACKENDS, KVM_MODULE_BY_FLAG
-from .layout import BOOT_MARKS, COMMAND_PORT, CONTROL_PORT, PORT_DIR
+from .layout import BOOT_MARKS, PORT_DIR, SHELL_PORTS
 
 FORMAT_VERSION = "1"
 # Drivers the guest cannot boot without, and ones it uses when the kernel has them.
@@ -353,7 +353,7 @@ mount -t debugfs debugfs /sys/kernel/debug  # KVM's own statistics live there to
 g=/sys/kernel/debug/sched/wakeup_granularity_ns
 [ -w $g ] && echo {WAKEUP_GRANULARITY_NS} > $g
 cd /
-for port in {COMMAND_PORT} {CONTROL_PORT}; do
+for port in {' '.join(SHELL_PORTS.values())}; do
   dev={PORT_DIR}/port.$port
   [ -e $dev ] || {{ echo "nestedkvm: no virtio port $port" > /dev/console; continue; }}
   # The shell reads the port; what it and its commands print goes through a pipe that `cat`

@@ -8,9 +8,20 @@ from typing import Literal
 
 # The 9p tags of the host's exports are EXPORT_TAG + their number.
 EXPORT_TAG = "nk"
-# virtio-serial port names the init starts a shell on (see channel.py).
-COMMAND_PORT = "nestedkvm.cmd"
-CONTROL_PORT = "nestedkvm.ctl"
+# A guest's byte streams, by role: its two shells (main and control), its serial console and
+# its QMP monitor. The built-in init starts a root shell on each of SHELL_PORTS. Below L1
+# every role travels through each parent as a virtio port of its own (qemu.passthrough_port):
+# the console is logged as it comes, the others are sockets the link hands to the channel
+# and to QMP (SOCKET_ROLES). "serial": a disk image's console to log in on (--nested-login).
+Role = Literal["cmd", "ctl", "console", "qmp", "serial"]
+CMD: Role = "cmd"
+CTL: Role = "ctl"
+CONSOLE: Role = "console"
+QMP: Role = "qmp"
+SERIAL: Role = "serial"
+ROLES: tuple[Role, ...] = (CMD, CTL, CONSOLE, QMP)
+SOCKET_ROLES: tuple[Role, ...] = (CMD, CTL, QMP)
+SHELL_PORTS: dict[Role, str] = {CMD: "nestedkvm.cmd", CTL: "nestedkvm.ctl"}
 # Where the guest links each named virtio port as port.<name> (udev would use /dev/virtio-ports).
 PORT_DIR = "/run/nestedkvm"
 # Guest uptime at each phase of the built-in guest's boot, "name=seconds" (benchmarks read it).
@@ -29,14 +40,14 @@ class ChannelNeeds:
     """What a channel kind needs of its guest's QEMU and boot (read by the argv and the plan)."""
 
     agent_ports: bool  # the built-in init's shells on virtio-serial ports
-    console_role: str  # "serial": a console socket to log in on
+    console_role: Role  # SERIAL: a console socket to log in on
     # A disk image boots firmware, a bootloader and a whole init system (systemd, cloud-init):
     # ~20-45 s under TCG where the built-in guest takes ~3 s.
     boot_factor: int
 
 
 CHANNEL_NEEDS: dict[ChannelKind, ChannelNeeds] = {
-    "agent": ChannelNeeds(agent_ports=True, console_role="console", boot_factor=1),
-    "ssh": ChannelNeeds(agent_ports=False, console_role="console", boot_factor=4),
-    "serial": ChannelNeeds(agent_ports=False, console_role="serial", boot_factor=4),
+    "agent": ChannelNeeds(agent_ports=True, console_role=CONSOLE, boot_factor=1),
+    "ssh": ChannelNeeds(agent_ports=False, console_role=CONSOLE, boot_factor=4),
+    "serial": ChannelNeeds(agent_ports=False, console_role=SERIAL, boot_factor=4),
 }

@@ -12,7 +12,19 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from ..base.host import Accel
-from .layout import CHANNEL_NEEDS, COMMAND_PORT, CONTROL_PORT, EXPORT_TAG, PORT_DIR, TMPFS_DIRS, ChannelKind
+from .layout import (
+    CHANNEL_NEEDS,
+    CONSOLE,
+    EXPORT_TAG,
+    PORT_DIR,
+    QMP,
+    ROLES,
+    SERIAL,
+    SHELL_PORTS,
+    TMPFS_DIRS,
+    ChannelKind,
+    Role,
+)
 from .view import Export, View
 
 # Kernel arguments of the built-in guest. panic=-1 + -no-reboot: a panic ends QEMU.
@@ -100,16 +112,16 @@ class RunPaths:
 
     run_dir: Path
 
-    def end(self, role: str) -> Path:
+    def end(self, role: Role) -> Path:
         return self.run_dir / f"{role}.sock"
 
     @property
     def serial(self) -> Path:
-        return self.end("serial")
+        return self.end(SERIAL)
 
     @property
     def qmp(self) -> Path:
-        return self.end("qmp")
+        return self.end(QMP)
 
     @property
     def console(self) -> Path:
@@ -117,18 +129,13 @@ class RunPaths:
         return self.run_dir / "console.log"
 
 
-# The byte streams of a guest: its two shells, its serial console and its QMP monitor.
-ROLES = ("cmd", "ctl", "console", "qmp")
-OWN_PORTS = {"cmd": COMMAND_PORT, "ctl": CONTROL_PORT}
-
-
-def passthrough_port(level: int, role: str) -> str:
+def passthrough_port(level: int, role: Role) -> str:
     """Name of the virtio port that carries `role` of a deeper guest at `level` through its parents."""
     return f"nestedkvm.l{level}.{role}"
 
 
 class Ends(Protocol):
-    def chardev(self, level: int, role: str) -> str:
+    def chardev(self, level: int, role: Role) -> str:
         """The -chardev backend (without id) where `role` of the guest at `level` ends."""
 
 
@@ -141,11 +148,11 @@ class HostEnds:
     def paths(self, level: int) -> RunPaths:
         return RunPaths(self.run_root / f"l{level}")
 
-    def chardev(self, level: int, role: str) -> str:
+    def chardev(self, level: int, role: Role) -> str:
         paths = self.paths(level)
-        if role == "console":  # L1's QEMU waits for the plugin's console reader: no boot line is lost
+        if role == CONSOLE:  # L1's QEMU waits for the plugin's console reader: no boot line is lost
             return f"socket,path={paths.end(role)},server=on,wait={'on' if level == 1 else 'off'}"
-        if role == "serial":  # a console to log in on: a socket, and everything it prints still logged
+        if role == SERIAL:  # a console to log in on: a socket, and everything it prints still logged
             return f"socket,path={paths.serial},server=on,wait=off,logfile={paths.console}"
         return f"socket,path={paths.end(role)},server=on,wait=off"
 
@@ -157,7 +164,7 @@ class ParentEnds:
     A `pipe` chardev opens the port device read-write: no relay process in the parent.
     """
 
-    def chardev(self, level: int, role: str) -> str:
+    def chardev(self, level: int, role: Role) -> str:
         return f"pipe,path={PORT_DIR}/port.{passthrough_port(level, role)}"
 
 
@@ -189,7 +196,7 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
     kind = CHANNEL_NEEDS[spec.channel]
     ports = []
     if kind.agent_ports:
-        ports = [(spec.level, role, name) for role, name in OWN_PORTS.items()]
+        ports = [(spec.level, role, name) for role, name in SHELL_PORTS.items()]
         ports += [(level, role, passthrough_port(level, role))
                   for level in range(spec.level + 1, spec.deepest + 1) for role in ROLES]
     if spec.kernel is not None:

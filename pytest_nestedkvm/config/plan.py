@@ -11,18 +11,37 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..base.errors import ConfigError
-from ..base.host import HostReport
+from ..base.host import Accel, HostReport
 from ..boot.layout import CHANNEL_NEEDS
 from ..boot.qemu import Disk, DiskFormat, GuestSpec
 from ..boot.view import View
 from .settings import Settings
 
-# Seconds to first command. L0's accelerator sets the pace of the whole chain (under
-# TCG every level is emulated), and each level multiplies the cost.
-BOOT_TIMEOUT = {"kvm": 30.0, "tcg": 90.0}
-COMMAND_TIMEOUT = {"kvm": 60.0, "tcg": 120.0}
+# Every timeout scales the same way: seconds on hardware KVM at L1, times how much slower
+# emulation makes that kind of work (L0's accelerator sets the pace of the whole chain: under
+# TCG every level is emulated), times the level (each level multiplies the cost again).
+BOOT_SECONDS = 30.0  # to a guest's first answer
+COMMAND_SECONDS = 60.0  # a guest command's default
+# Under TCG: a boot and the plugin's commands are mostly the guest's own code; a suite's test
+# (its timeout is set for hardware) makes many more exits, each emulated.
+TCG_FACTOR = {"boot": 3, "command": 2, "suite test": 5}
+Work = Literal["boot", "command", "suite test"]
+
+
+def scaled_timeout(seconds: float, pace: Accel, level: int, work: Work = "suite test") -> float:
+    """`seconds` on hardware KVM at L1, scaled for the pace and the level."""
+    return seconds * (TCG_FACTOR[work] if pace == "tcg" else 1) * level
+
+
+def timeout_note(seconds: float, pace: Accel, level: int, work: Work = "suite test") -> str:
+    """How a timeout was reached, for a report: `90 s x 5 (TCG) x 1 (L1) = 450 s`."""
+    factor = TCG_FACTOR[work] if pace == "tcg" else 1
+    return (f"{seconds:g} s x {factor} ({pace.upper()}) x {level} (L{level}) = "
+            f"{scaled_timeout(seconds, pace, level, work):g} s")
+
 # Where L1 holds an L2 disk image and its seed (its first two virtio disks).
 # L1 has decoded the image (format=qcow2 there), so L2's QEMU reads both as raw.
 L2_IMAGE_DISKS = (Disk(Path("/dev/vda")), Disk(Path("/dev/vdb")))
@@ -118,6 +137,6 @@ def _disk(image: Path, files: BootFiles) -> Disk:
 
 def timeouts(spec: GuestSpec, settings: Settings, report: HostReport) -> tuple[float, float]:
     """(boot, command) seconds for a guest: the user's, or scaled with accelerator, depth and kind."""
-    boot = BOOT_TIMEOUT[report.pace] * spec.level * CHANNEL_NEEDS[spec.channel].boot_factor
-    command = COMMAND_TIMEOUT[report.pace] * spec.level
+    boot = scaled_timeout(BOOT_SECONDS, report.pace, spec.level, "boot") * CHANNEL_NEEDS[spec.channel].boot_factor
+    command = scaled_timeout(COMMAND_SECONDS, report.pace, spec.level, "command")
     return settings.boot_timeout or boot, settings.command_timeout or command

@@ -43,7 +43,7 @@ from ..base.errors import (
     LoginFailed,
     printable,
 )
-from ..boot.layout import ChannelKind
+from ..boot.layout import CMD, CTL, SERIAL, ChannelKind
 from . import ssh
 from .console import serial_login
 from .ssh import sshd_script
@@ -397,8 +397,8 @@ class Channel:
         return channel
 
     def _open_pair(self, streams: tuple[ByteStream, ByteStream], deadline: Deadline) -> None:
-        self.shell = self._connect("cmd", streams[0], deadline, interruptible=True, watchdog=self._watch)
-        self.control = self._connect("ctl", streams[1], deadline, interruptible=False)
+        self.shell = self._connect(CMD, streams[0], deadline, interruptible=True, watchdog=self._watch)
+        self.control = self._connect(CTL, streams[1], deadline, interruptible=False)
 
     def answers(self, timeout: float) -> bool | None:
         """Whether the guest answers `true` on its control shell (or main shell) within `timeout`;
@@ -439,7 +439,7 @@ class AgentChannel(Channel):
 
     def open(self, deadline: Deadline) -> None:
         link, check = self.setup.link, self.setup.check
-        self._open_pair((link.stream("cmd", deadline, check), link.stream("ctl", deadline, check)), deadline)
+        self._open_pair((link.stream(CMD, deadline, check), link.stream(CTL, deadline, check)), deadline)
 
     def host_key(self, public_line: str, timeout: float) -> str | None:
         return self.run_ok(sshd_script(public_line), timeout).strip().splitlines()[-1]
@@ -471,12 +471,12 @@ class SerialChannel(Channel):
     def open(self, deadline: Deadline) -> None:
         assert self.setup.login is not None
         user, password = self.setup.login
-        sock = self.setup.link.stream("serial", deadline, self.setup.check)
+        sock = self.setup.link.stream(SERIAL, deadline, self.setup.check)
         try:
             serial_login(sock, user, password, deadline.remaining(), self.setup.check)
         except (TimeoutError, PermissionError, ConnectionError) as exc:
             raise LoginFailed(f"{self.setup.name}: serial console login as {user!r} failed: {exc}") from None
-        self.shell = self._connect("cmd", sock, deadline, interruptible=False)
+        self.shell = self._connect(CMD, sock, deadline, interruptible=False)
         self.shell.run(IMAGE_SETUP, deadline.remaining())
         self.shell.run(QUIET_CONSOLE, deadline.remaining())
 

@@ -11,16 +11,21 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pexpect.fdpexpect
 
 from ..base.deadline import Deadline, retry
 from ..base.errors import printable
 
-# Lines that mean the kernel under test is in trouble (panic, oops, BUG, KVM WARN).
-PROBLEM = re.compile(
-    rb"^.*(Kernel panic - not syncing|BUG: |Oops: |general protection fault|WARNING: CPU: ).*$", re.MULTILINE
+# Lines that mean the kernel under test is in trouble, each with the kind it names (the first
+# fragment a line holds decides): the one place console lines are classified.
+ProblemKind = Literal["kernel panic", "kernel oops", "kernel BUG", "kernel WARN", "kernel problem"]
+PROBLEMS: tuple[tuple[str, ProblemKind], ...] = (
+    ("Kernel panic - not syncing", "kernel panic"), ("Oops: ", "kernel oops"), ("BUG: ", "kernel BUG"),
+    ("general protection fault", "kernel oops"), ("WARNING: CPU: ", "kernel WARN"),
 )
+PROBLEM = re.compile(rb"^.*(" + b"|".join(re.escape(f.encode()) for f, _ in PROBLEMS) + rb").*$", re.MULTILINE)
 
 PANIC = re.compile(rb"^.*Kernel panic - not syncing.*$", re.MULTILINE)
 
@@ -34,6 +39,11 @@ STALL_KINDS: tuple[tuple[str, str], ...] = (
     ("rcu", "RCU stall"), ("soft lockup", "soft lockup"), ("hard LOCKUP", "hard lockup"),
     ("blocked for more than", "hung task"), ("workqueue lockup", "workqueue lockup"),
 )
+
+
+def problem_kind(line: str) -> ProblemKind:
+    """What a PROBLEM line reports: "kernel panic", "kernel oops", ...; "kernel problem" otherwise."""
+    return next((kind for fragment, kind in PROBLEMS if fragment in line), "kernel problem")
 
 
 def stall_kind(line: str) -> str:

@@ -23,13 +23,12 @@ from ..base.errors import (
     NestedKvmError,
     SshError,
 )
-from .console import stall_kind
+from .console import ProblemKind, problem_kind, stall_kind
 
 if TYPE_CHECKING:
     from .guest import Guest
 
-TroubleKind = Literal[
-    "kernel panic", "kernel oops", "kernel BUG", "kernel WARN", "kernel problem",  # seen on the console
+TroubleKind = ProblemKind | Literal[  # ProblemKind: seen on the console
     "kernel stall",  # an RCU stall, lockup or hung task on hardware KVM: possibly the hypervisor under test
     "wedged",  # the same on emulated virtualization, or a boot that never answered there: the emulator's
     "reset", "shut down", "qemu exited", "unresponsive",  # seen from outside
@@ -37,11 +36,6 @@ TroubleKind = Literal[
 # Kinds that emulated virtualization produces on its own here (TCG's SVM): with `emulated` set,
 # such a test runs again on fresh guests (--nested-emulator-reruns).
 EMULATOR_KINDS: frozenset[TroubleKind] = frozenset({"wedged", "reset"})
-# First matching fragment of a console problem line -> its kind.
-PROBLEM_KINDS: tuple[tuple[str, TroubleKind], ...] = (
-    ("Kernel panic", "kernel panic"), ("Oops", "kernel oops"), ("BUG:", "kernel BUG"),
-    ("general protection", "kernel oops"), ("WARNING:", "kernel WARN"),
-)
 CLOSE_GRACE = 5.0  # at most this much of the boot budget waits for a QEMU whose channel closed to exit
 
 
@@ -71,10 +65,6 @@ class ConsoleMark:
 
     console: int  # bytes in its console log
     kernel_log_tag: str | None  # a line written into its kernel log (only when artifacts are kept)
-
-
-def problem_kind(line: str) -> TroubleKind:
-    return next((kind for fragment, kind in PROBLEM_KINDS if fragment in line), "kernel problem")
 
 
 def wedge_error(guest: Guest, line: str, stall: str | None = None) -> GuestWedged:
@@ -150,8 +140,8 @@ def boot_trouble(guest: Guest, error: BootError) -> Trouble:
 
 def _what_happened(guest: Guest, problem: str | None, status: int | None) -> tuple[TroubleKind, str]:
     if problem is not None:
-        kind = problem_kind(problem)
-        return kind, f"{kind} during this test: {problem}"
+        named = problem_kind(problem)
+        return named, f"{named} during this test: {problem}"
     event = _exit_event(guest) if status is not None else None  # waits up to 0.5 s
     if event is not None:
         kind, source = event

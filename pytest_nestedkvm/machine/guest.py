@@ -25,7 +25,7 @@ from ..base.errors import (
     NestedKvmError,
     SshError,
 )
-from ..boot.layout import CHANNEL_NEEDS, PORT_DIR
+from ..boot.layout import CHANNEL_NEEDS, CONSOLE, PORT_DIR
 from ..boot.qemu import SSH_GUEST_PORT, GuestSpec, build_argv, shell_line
 from . import forensics, ssh
 from .channel import DEFAULT_OUTPUT_LIMIT, ChannelSetup, CommandResult, channel_class
@@ -338,7 +338,7 @@ def new_guest(
     process: HostProcess | ProcessInGuest
     if parent is None:
         link = HostLink(run_root, spec.deepest, console_limit=console_limit,
-                        l1_console=CHANNEL_NEEDS[spec.channel].console_role == "console")
+                        l1_console=CHANNEL_NEEDS[spec.channel].console_role == CONSOLE)
         process = HostProcess(run_root / "l1" / "qemu.log")
     else:
         link = ParentLink(parent.link, spec.level)

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Protocol
 
 from ..base.deadline import Deadline, retry
+from ..boot.layout import CONSOLE, QMP, SOCKET_ROLES, Role
 from ..boot.qemu import Ends, HostEnds, ParentEnds, RunPaths
 from .console import ConsoleRecorder
 from .qmp import Qmp
 
 # Streams of a deeper guest that L1's QEMU carries to L0 (its console goes to a file).
-CARRIED_ROLES = ("cmd", "ctl", "qmp")
 Check = Callable[[], None]  # raises when the guest's QEMU died
 DEFAULT_CONSOLE_LIMIT = 64 << 20  # bytes of console log kept per guest
 # Once QEMU greeted, negotiating takes milliseconds; a QEMU inside a guest that dies right after
@@ -56,10 +56,10 @@ class Link(Protocol):
     def after_start(self, deadline: Deadline, check: Check) -> None:
         """Once QEMU runs: connect what it serves."""
 
-    def stream(self, role: str, deadline: Deadline, check: Check) -> socket.socket:
+    def stream(self, role: Role, deadline: Deadline, check: Check) -> socket.socket:
         """This guest's own stream `role` ("cmd", "ctl", "serial"), connected."""
 
-    def carried(self, level: int, role: str) -> socket.socket:
+    def carried(self, level: int, role: Role) -> socket.socket:
         """A deeper level's stream that this link's chain carries."""
 
     def qmp(self, deadline: Deadline, check: Check) -> Qmp:
@@ -106,11 +106,11 @@ class HostLink:
         """Connect the consoles (L1's QEMU waits for its own) and the streams of deeper levels:
         L1's QEMU serves them from its start."""
         for level in range(1 if self.l1_console else 2, self.deepest + 1):
-            sock = self._connect(self.paths(level).end("console"), deadline, check)
-            self._sockets[(level, "console")] = sock
+            sock = self._connect(self.paths(level).end(CONSOLE), deadline, check)
+            self._sockets[(level, CONSOLE)] = sock
             self._recorders[level] = ConsoleRecorder(sock, self.paths(level).console, self.console_limit)
         for level in range(2, self.deepest + 1):
-            for role in CARRIED_ROLES:
+            for role in SOCKET_ROLES:
                 self._sockets[(level, role)] = self._connect(self.paths(level).end(role), deadline, check)
 
     def settle_console(self, level: int) -> None:
@@ -118,13 +118,13 @@ class HostLink:
         if recorder is not None:
             recorder.settle()
 
-    def stream(self, role: str, deadline: Deadline, check: Check) -> socket.socket:
+    def stream(self, role: Role, deadline: Deadline, check: Check) -> socket.socket:
         key = (1, role)
         if key not in self._sockets:
             self._sockets[key] = self._connect(self.paths(1).end(role), deadline, check)
         return self._sockets[key]
 
-    def carried(self, level: int, role: str) -> socket.socket:
+    def carried(self, level: int, role: Role) -> socket.socket:
         return self._sockets[(level, role)]
 
     def qmp(self, deadline: Deadline, check: Check) -> Qmp:
@@ -186,21 +186,21 @@ class ParentLink:
         self.parent.settle_console(level)
 
     def prepare(self) -> None:
-        for role in CARRIED_ROLES:
+        for role in SOCKET_ROLES:
             _drain(self.carried(self.level, role))  # bytes left by a previous instance
 
     def after_start(self, deadline: Deadline, check: Check) -> None:
         return None  # the sockets were connected when L1 started
 
-    def stream(self, role: str, deadline: Deadline, check: Check) -> socket.socket:
+    def stream(self, role: Role, deadline: Deadline, check: Check) -> socket.socket:
         return self.carried(self.level, role)
 
-    def carried(self, level: int, role: str) -> socket.socket:
+    def carried(self, level: int, role: Role) -> socket.socket:
         return self.parent.carried(level, role)
 
     def qmp(self, deadline: Deadline, check: Check) -> Qmp:
         # QEMU inside the parent is up once its greeting arrives; connecting before that would block.
-        sock = self.carried(self.level, "qmp")
+        sock = self.carried(self.level, QMP)
         retry(f"L{self.level} QMP greeting", partial(_checked, check, partial(_readable, sock)), deadline)
         return Qmp(sock.dup(), deadline.share(QMP_NEGOTIATION).remaining())
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Suite = Literal["kut", "kselftests"]
-SUITES: tuple[Suite, ...] = ("kut", "kselftests")
+SuiteName = Literal["kut", "kselftests"]
+SUITES: tuple[SuiteName, ...] = ("kut", "kselftests")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class KnownFailures:
     path: Path
     entries: Mapping[tuple[str, str], Entry] = field(default_factory=dict)  # (suite, name) -> entry
 
-    def lookup(self, suite: Suite, name: str) -> Entry | None:
+    def lookup(self, suite: SuiteName, name: str) -> Entry | None:
         return self.entries.get((suite, name))
 
     def __str__(self) -> str:  # how settings show the value in an error message

@@ -25,14 +25,14 @@ _ELF_PROGRAMS = (2, 3)  # e_type ET_EXEC, ET_DYN: a linked program, not an objec
 
 
 @dataclass(frozen=True)
-class Suite:
+class SelftestTree:
     """Where the tests are (`root`), and each test as its path relative to it."""
 
     root: Path
     tests: tuple[str, ...]
 
 
-def discover(path: Path) -> Suite:
+def discover(path: Path) -> SelftestTree:
     """The tests of a built tools/testing/selftests/kvm directory, or of an installed kselftest tree
     (its kselftest-list.txt, collection kvm); ValueError when there are none."""
     if (path / LIST_FILE).is_file() and (path / "kvm").is_dir():
@@ -46,7 +46,7 @@ def discover(path: Path) -> Suite:
     if not tests:
         raise ValueError(f"{path} holds no KVM selftest binaries: run make in tools/testing/selftests/kvm "
                          "(or pass an installed kselftest tree that has kvm/)")
-    return Suite(root, tests)
+    return SelftestTree(root, tests)
 
 
 def _programs(path: Path) -> list[Path]:
@@ -96,21 +96,23 @@ def guest_command(root: Path, test: str) -> str:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class SelftestResult:
+    """One selftest's verdict and why, with its parsed KTAP output."""
+
     verdict: Verdict
     message: str
     report: ktap.Report
 
 
-def outcome(test: str, status: int | None, output: str, timeout: float) -> Outcome:
+def outcome(test: str, status: int | None, output: str, timeout: float) -> SelftestResult:
     """The runner's verdict from the exit status (None: killed at `timeout`), explained from the KTAP
     output: the skip's reason, the failed subtests, the assertion the test printed."""
     report = ktap.parse(output)
     if status == 0:
-        return Outcome("passed", f"ok {test}", report)
+        return SelftestResult("passed", f"ok {test}", report)
     if status == KSFT_SKIP:
         reason = report.skip_reason or _last_line(output) or "exit status 4 (KSFT_SKIP)"
-        return Outcome("skipped", f"{test}: SKIP {reason}", report)
+        return SelftestResult("skipped", f"{test}: SKIP {reason}", report)
     head = f"{test}: TIMEOUT {timeout:g} seconds, killed" if status is None else f"{test}: exit={status}"
     details = [f"failed subtests: {'; '.join(r.line for r in report.failed)}"] if report.failed else []
     if report.bail_out:
@@ -118,7 +120,7 @@ def outcome(test: str, status: int | None, output: str, timeout: float) -> Outco
     assertion = _assertion(output)
     if assertion:
         details.append(assertion)
-    return Outcome("failed", "; ".join([head, *details]), report)
+    return SelftestResult("failed", "; ".join([head, *details]), report)
 
 
 def _assertion(output: str) -> str:

@@ -9,22 +9,17 @@ from typing import Any
 import pytest
 
 from pytest_nestedkvm.base.errors import BootError, GuestWedged
-from pytest_nestedkvm.machine.console import Console
+from pytest_nestedkvm.machine.console import Console, problem_kind
 from pytest_nestedkvm.machine.forensics import (
-    REPORT_ATTRIBUTE,
-    RERUNS_ATTRIBUTE,
-    TROUBLE_KEY,
     ConsoleMark,
     Trouble,
     boot_trouble,
     exit_error,
     mark,
-    problem_kind,
-    reruns_of,
-    trouble_of,
     trouble_since,
     wedge_error,
 )
+from pytest_nestedkvm.trouble import REPORT_ATTRIBUTE, RERUNS_ATTRIBUTE, TROUBLE_KEY, reruns_of, trouble_of
 
 PANIC = "[    5.1] Kernel panic - not syncing: sysrq triggered crash"
 WARN = "[    3.0] WARNING: CPU: 0 PID: 1 at arch/x86/kvm/vmx/nested.c:42 nested_vmx_run+0x1/0x2"

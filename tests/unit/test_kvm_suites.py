@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.suite_items import scaled_timeout, timeout_note
+from pytest_nestedkvm.config.plan import scaled_timeout, timeout_note
 from pytest_nestedkvm.suites import knownfail, kselftests, ktap, kut
 
 CFG = '''\

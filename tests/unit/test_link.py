@@ -17,8 +17,9 @@ import pytest
 
 from pytest_nestedkvm.base.deadline import Deadline
 from pytest_nestedkvm.base.errors import GuestCrashed
+from pytest_nestedkvm.boot.layout import SOCKET_ROLES as CARRIED_ROLES
 from pytest_nestedkvm.boot.qemu import ParentEnds
-from pytest_nestedkvm.machine.link import CARRIED_ROLES, HostLink, ParentLink
+from pytest_nestedkvm.machine.link import HostLink, ParentLink
 
 Serve = Callable[[Path], socket.socket]
 STAGING = ".new"
