@@ -12,6 +12,7 @@ useless, because it is provided by ``kvm_pvm``, which cannot run an unmodified g
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -46,10 +47,17 @@ QEMU_VERSION_TIMEOUT_S = 10.0
 Runner = Callable[..., "subprocess.CompletedProcess[Any]"]
 
 
+# QEMU's seccomp filter for L1's QEMU on the host: no obsolete system calls, no setuid and
+# friends, no fork/exec, no changes of scheduling or limits. None of them is needed once the
+# guest runs (user networking, virtio-9p and chardev sockets do without).
+QEMU_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
 @dataclass(frozen=True)
 class QemuInfo:
     binary: str  # absolute path
     version: str  # e.g. "7.2.22"
+    sandbox: bool = False  # built with seccomp: takes -sandbox QEMU_SANDBOX
 
 
 @dataclass(frozen=True)
@@ -431,11 +439,19 @@ def _accel_reasons(
 _VERSION_RE = re.compile(r"version\s+(\d+(?:\.\d+)+)")
 
 
-def qemu_version(binary: str) -> str:
-    """Version from ``<binary> --version``; HostError when the binary does not answer."""
+def qemu_facts(binary: str) -> QemuInfo:
+    """Its version, and whether it takes -sandbox: one process where it does (QEMU checks the
+    option before it prints the version; a build without seccomp has no such option)."""
+    with contextlib.suppress(HostError):
+        return QemuInfo(binary, qemu_version(binary, "-sandbox", QEMU_SANDBOX), sandbox=True)
+    return QemuInfo(binary, qemu_version(binary))
+
+
+def qemu_version(binary: str, *options: str) -> str:
+    """Version from ``<binary> [options] --version``; HostError when the binary does not answer."""
     try:
         proc = subprocess.run(
-            [binary, "--version"],
+            [binary, *options, "--version"],
             capture_output=True,
             text=True,
             timeout=QEMU_VERSION_TIMEOUT_S,
@@ -466,7 +482,7 @@ def find_qemu(arch: str, override: str | None = None) -> QemuInfo | None:
             raise ConfigError(f"QEMU binary {override!r} not found or not executable")
         return None
     binary = os.path.abspath(found)
-    return QemuInfo(binary=binary, version=qemu_version(binary))
+    return qemu_facts(binary)
 
 
 # --- enabling nesting ---------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from ..base.host import Accel
+from ..base.host import QEMU_SANDBOX, Accel
 from .layout import (
     CHANNEL_NEEDS,
     CONSOLE,
@@ -76,6 +76,9 @@ class GuestSpec:
     # "ssh" (a disk image's sshd, key from a cloud-init seed), "serial" (a login on the console).
     channel: ChannelKind = "agent"
     login: tuple[str, str] | None = None  # user, password for the "serial" channel
+    # -sandbox QEMU_SANDBOX (seccomp): set for L1, whose QEMU runs on the host. Deeper QEMUs run
+    # inside their parent guest, whose kernel (maybe the user's) may lack seccomp.
+    sandbox: bool = False
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -191,6 +194,8 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
             "-display", "none", "-no-reboot", "-action", "panic=exit-failure",
             "-machine", "q35", *accel_args(spec.accel, spec.smp), "-cpu", spec.cpu,
             "-m", str(spec.memory_mib), "-smp", str(spec.smp)]
+    if spec.sandbox:
+        argv += ["-sandbox", QEMU_SANDBOX]
     if spec.firmware is not None:
         argv += ["-bios", str(spec.firmware)]
     kind = CHANNEL_NEEDS[spec.channel]

@@ -105,7 +105,7 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
         level=level, qemu=report.qemu.binary, accel=report.accel if level == 1 else "kvm",
         cpu=settings.cpu_for(level, report.cpu), memory_mib=settings.memory_for(level),
         smp=settings.smp_for(level, emulated=report.pace == "tcg"),
-        extra_args=settings.qemu_args_for(level),
+        extra_args=settings.qemu_args_for(level), sandbox=level == 1 and report.qemu.sandbox,
     )
     image = settings.l1_image if level == 1 else settings.l2_image if level == 2 else None
     if image is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from pytest_nestedkvm.base.errors import CommandFailed, CommandTimeout
@@ -28,6 +31,14 @@ def test_l1_runs_the_planned_accelerator(l1: Guest, l0: HostReport) -> None:
     assert l1.spec.accel == l0.accel
     assert ["-cpu", l0.cpu] == l1.qemu_argv[l1.qemu_argv.index("-cpu"):][:2]
     assert "-snapshot" in l1.qemu_argv
+
+
+def test_l1s_qemu_runs_under_its_seccomp_filter(l1: Guest, l0: HostReport) -> None:
+    # Debian's QEMU is built with seccomp: -sandbox is on, and the kernel enforces a filter.
+    assert l0.qemu is not None and l0.qemu.sandbox
+    assert "-sandbox" in l1.qemu_argv
+    status = Path(f"/proc/{l1.process.pid}/status").read_text()  # type: ignore[union-attr]
+    assert re.search(r"^Seccomp:\s+2$", status, re.MULTILINE), status
 
 
 def test_exit_status_and_streams_are_separate_and_exact(l1: Guest) -> None:

@@ -364,8 +364,17 @@ def test_find_qemu_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     )
     monkeypatch.setenv("PATH", str(tmp_path))
     assert find_qemu("x86_64") == QemuInfo(
-        str(tmp_path / "qemu-system-x86_64"), "7.2.22"
+        str(tmp_path / "qemu-system-x86_64"), "7.2.22", sandbox=True
     )
+
+
+def test_a_qemu_built_without_seccomp_runs_without_the_sandbox(tmp_path: Path) -> None:
+    binary = tmp_path / "qemu-system-x86_64"
+    refuse = "echo \"$0: -sandbox: There is no option group 'sandbox'\" >&2; exit 1"
+    binary.write_text(f"#!/bin/sh\n[ \"$1\" = -sandbox ] && {{ {refuse}; }}\necho 'QEMU emulator version 8.2.2'\n",
+                      encoding="utf-8")
+    binary.chmod(0o755)
+    assert find_qemu("x86_64", override=str(binary)) == QemuInfo(str(binary), "8.2.2", sandbox=False)
 
 
 def test_find_qemu_absent_is_none(
@@ -377,7 +386,7 @@ def test_find_qemu_absent_is_none(
 
 def test_find_qemu_override(tmp_path: Path) -> None:
     binary = _fake_qemu(tmp_path, "my-qemu", "QEMU emulator version 9.1.0")
-    assert find_qemu("x86_64", override=str(binary)) == QemuInfo(str(binary), "9.1.0")
+    assert find_qemu("x86_64", override=str(binary)) == QemuInfo(str(binary), "9.1.0", sandbox=True)
 
 
 def test_find_qemu_missing_override_is_config_error(tmp_path: Path) -> None:

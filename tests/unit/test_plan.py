@@ -239,3 +239,10 @@ def test_emulated_virtualization_gives_l1_one_vcpu_unless_the_user_says_otherwis
 def test_users_timeouts_win() -> None:
     spec = builtin_spec(2, settings(levels="2"), host(accel="tcg"), FILES)
     assert timeouts(spec, settings(boot_timeout="7", command_timeout="9.5"), host(accel="tcg")) == (7.0, 9.5)
+
+
+@pytest.mark.parametrize("seccomp", [True, False])
+def test_only_l1s_qemu_runs_in_the_sandbox_and_only_where_qemu_has_seccomp(seccomp: bool) -> None:
+    report = host(accel="tcg", cpu="max", qemu=QemuInfo(QEMU.binary, QEMU.version, sandbox=seccomp))
+    assert builtin_spec(1, per_level_settings(), report, FILES).sandbox is seccomp
+    assert builtin_spec(2, per_level_settings(), report, FILES).sandbox is False  # inside L1: its kernel's business

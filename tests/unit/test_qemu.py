@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_nestedkvm.base.host import QEMU_SANDBOX
 from pytest_nestedkvm.boot.layout import EXPORT_TAG, TMPFS_DIRS
 from pytest_nestedkvm.boot.qemu import (
     BASE_APPEND,
@@ -434,3 +435,10 @@ def test_serial_login_guest_gets_a_console_socket_that_is_still_logged() -> None
         "socket,path=/var/lib/nk/run/l1/serial.sock,server=on,wait=off,logfile=/var/lib/nk/run/l1/console.log,"
         "id=console")
     assert "pw" not in " ".join(argv)  # the password never reaches a command line
+
+
+def test_the_sandbox_is_one_option_right_after_the_machine() -> None:
+    argv = build_argv(dataclasses.replace(MINIMAL, sandbox=True), ENDS)
+    assert option_values(argv, "-sandbox") == [QEMU_SANDBOX]
+    assert "obsolete=deny" in QEMU_SANDBOX and "spawn=deny" in QEMU_SANDBOX and "elevateprivileges=deny" in QEMU_SANDBOX
+    assert "-sandbox" not in build_argv(MINIMAL, ENDS)
