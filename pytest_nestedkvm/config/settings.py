@@ -140,6 +140,7 @@ class Settings:
         settings._check_login()
         settings._check_idle_options()
         settings._check_kernel_tree()
+        settings._check_images()
         return settings
 
     def check_host_plan(self, *, accel: str, host_cpus: int, default_kernel: Callable[[], Path | None]) -> None:
@@ -250,6 +251,16 @@ class Settings:
         for name, idle_here, why in idle:
             if idle_here:
                 raise ConfigError(f"{self._given(name)}: {why}", option=name)
+
+    def _check_images(self) -> None:
+        """The files a qcow2 image reads besides itself lie where the guests may see them."""
+        for name in ("l1_image", "l2_image"):
+            image = getattr(self, name)
+            try:
+                if image is not None:
+                    _check_references(image, self.share)
+            except (ValueError, OSError) as exc:
+                raise ConfigError(f"{self._given(name)}: {exc}", option=name) from None
 
     def _check_kernel_tree(self) -> None:
         """A build directory's modules are prepared when a guest is first wanted: check now that
@@ -471,12 +482,11 @@ def _existing_dir(raw: str) -> Path:
 
 
 def _disk_image(path: Path) -> Path:
-    """A file QEMU can boot through the firmware (qcow2, or a raw disk with a boot sector) that
-    reads no file outside its own directory."""
+    """A file QEMU can boot through the firmware: qcow2, or a raw disk with a boot sector (the files
+    a qcow2 image reads besides itself are checked with the shares: Settings._check_images)."""
     with path.open("rb") as f:
         head = f.read(512)
     if head[:4] == QCOW2_MAGIC:
-        _check_references(path, head)
         return path
     if head[510:512] == b"\x55\xaa":
         return path
@@ -490,9 +500,14 @@ def image_format(path: Path) -> Literal["qcow2", "raw"]:
         return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
 
 
-def _check_references(path: Path, head: bytes) -> None:
+def _check_references(path: Path, shares: tuple[Path, ...]) -> None:
     """A qcow2 image may name a backing file or an external data file, which QEMU would open and
-    show the guest (-snapshot does not stop reads): each must lie in the image's own directory."""
+    show the guest (-snapshot does not stop reads): each must lie in the image's own directory or
+    in a --nested-share path (which the guests see anyway)."""
+    with path.open("rb") as f:
+        head = f.read(512)
+    if head[:4] != QCOW2_MAGIC:
+        return
     version, backing_offset = int.from_bytes(head[4:8], "big"), int.from_bytes(head[8:16], "big")
     external = version >= 3 and int.from_bytes(head[72:80], "big") & QCOW2_EXTERNAL_DATA
     if not backing_offset and not external:
@@ -506,17 +521,19 @@ def _check_references(path: Path, head: bytes) -> None:
     if info.returncode != 0:
         why = (info.stderr.strip().splitlines() or ["no message"])[-1]
         raise ValueError(f"{path}: qemu-img cannot read its backing chain ({why}): pass an image QEMU can open")
-    allowed = path.resolve().parent
+    own = path.resolve().parent
+    allowed = (own, *(share.resolve() for share in shares))
     for layer in json.loads(info.stdout):
         data_file = layer.get("format-specific", {}).get("data", {}).get("data-file")
         for what, name in (("backing file", layer.get("full-backing-filename")), ("data file", data_file)):
             if name is None:
                 continue
             where = Path(name)
-            if ":" in name.split("/", 1)[0] or not where.is_absolute() or not where.resolve().is_relative_to(allowed):
+            if (":" in name.split("/", 1)[0] or not where.is_absolute()
+                    or not any(where.resolve().is_relative_to(place) for place in allowed)):
                 raise ValueError(f"{path} reads {name} (its {what}), which is not in the image's own directory "
-                                 f"{allowed}: the guest would see it; put it there, or make a standalone image "
-                                 "(qemu-img convert -O qcow2)")
+                                 f"{own} nor in a --nested-share path: the guest would see it; put it there, share "
+                                 "its directory, or make a standalone image (qemu-img convert -O qcow2)")
 
 
 def _login(raw: str) -> tuple[str, str]:

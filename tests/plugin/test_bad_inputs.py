@@ -515,8 +515,8 @@ def test_an_image_whose_backing_file_is_a_host_file_is_refused(
     qemu_img("create", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw", str(image))
     line = refused(pytester, monkeypatch, tmp_path, f"{option}={image}", "--nested-levels=2")
     assert line.endswith(f"{image} reads /etc/hostname (its backing file), which is not in the image's own "
-                         f"directory {image.parent}: the guest would see it; put it there, or make a standalone "
-                         "image (qemu-img convert -O qcow2)")
+                         f"directory {image.parent} nor in a --nested-share path: the guest would see it; put it "
+                         "there, share its directory, or make a standalone image (qemu-img convert -O qcow2)")
 
 
 def test_an_image_whose_data_file_lies_elsewhere_is_refused(
@@ -534,6 +534,19 @@ def test_an_image_with_its_backing_file_beside_it_is_accepted(tmp_path: Path) ->
     qemu_img("create", "-f", "qcow2", str(base), "1M")
     qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay))
     assert Settings.from_sources({"l1_image": str(overlay)}).l1_image == overlay
+
+
+def test_an_image_whose_backing_file_lies_in_a_share_is_accepted_and_elsewhere_not(tmp_path: Path) -> None:
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "project").mkdir()
+    base, overlay = tmp_path / "bases" / "base.qcow2", tmp_path / "project" / "overlay.qcow2"
+    qemu_img("create", "-f", "qcow2", str(base), "1M")
+    qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay))
+    shared = Settings.from_sources({"l1_image": str(overlay), "share": str(tmp_path / "bases")}, env={})
+    assert shared.l1_image == overlay
+    with pytest.raises(ConfigError, match=r"reads .*base\.qcow2 \(its backing file\)") as caught:
+        Settings.from_sources({"l1_image": str(overlay)}, env={})
+    assert caught.value.option == "l1_image"
 
 
 # --- options that would do nothing in the combination given ---------------------------------
