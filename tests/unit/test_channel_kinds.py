@@ -16,7 +16,9 @@ import pytest
 
 from pytest_nestedkvm.base.deadline import Deadline
 from pytest_nestedkvm.base.errors import ChannelError, CommandTimeout, GuestSilent
+from pytest_nestedkvm.boot.layout import CHANNEL_NEEDS, ChannelKind
 from pytest_nestedkvm.machine.channel import (
+    CHANNELS,
     PANIC,
     AgentChannel,
     Channel,
@@ -88,11 +90,14 @@ def test_unknown_kind_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cls", "agent_ports", "console_role", "boot_factor"),
-    [(AgentChannel, True, "console", 1), (SshChannel, False, "console", 4), (SerialChannel, False, "serial", 4)],
+    ("kind", "agent_ports", "console_role", "boot_factor"),
+    [("agent", True, "console", 1), ("ssh", False, "console", 4), ("serial", False, "serial", 4)],
 )
-def test_class_traits(cls: type[Channel], agent_ports: bool, console_role: str, boot_factor: int) -> None:
-    assert (cls.agent_ports, cls.console_role, cls.boot_factor) == (agent_ports, console_role, boot_factor)
+def test_what_each_kind_needs_of_qemu(kind: ChannelKind, agent_ports: bool, console_role: str,
+                                      boot_factor: int) -> None:
+    needs = CHANNEL_NEEDS[kind]
+    assert (needs.agent_ports, needs.console_role, needs.boot_factor) == (agent_ports, console_role, boot_factor)
+    assert set(CHANNEL_NEEDS) == set(CHANNELS)  # every kind has its needs and its class
 
 
 def test_broken_is_not_open_before_open_and_run_refuses(link: ShellLink) -> None:

@@ -324,7 +324,7 @@ def test_as_dict_is_json_and_complete(amd_nested_off: Path) -> None:
     report = probe(amd_nested_off, qemu=QEMU, arch="x86_64")
     data = json.loads(json.dumps(report.as_dict()))
     assert set(data) == set(HostReport.__dataclass_fields__)
-    assert data["qemu"] == {"binary": QEMU.binary, "version": "7.2.22"}
+    assert data["qemu"] == {"binary": QEMU.binary, "version": "7.2.22", "sandbox": False}
     assert data["virt_flags"] == ["svm"]
     assert data["nested"] is False
     assert data["reasons"] == report.reasons

@@ -40,7 +40,7 @@ def config_error(
 
 
 def test_option_names_for_a_simple_option() -> None:
-    option = Option("levels", "help")
+    option = Option("levels", "help", parse=str.strip)
     assert option.cli == "--nested-levels"
     assert option.ini == "nested_levels"
     assert option.env == "NESTEDKVM_LEVELS"
