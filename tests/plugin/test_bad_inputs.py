@@ -118,7 +118,7 @@ class FakePool:
 
 def test_fails(pytestconfig):
     session = pytestconfig.stash[SESSION_KEY]
-    session.__dict__["pool"] = FakePool()
+    session.lab.__dict__["pool"] = FakePool()
     Path(ARTIFACTS).write_text("in the way")  # the directory cannot be made any more
     assert 1 == 2, "the test's own failure"
 """

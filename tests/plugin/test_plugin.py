@@ -20,7 +20,7 @@ import pytest
 from fakes import fake_qemu
 from test_kvm_suite_options import kut_tree, selftests_tree
 
-from pytest_nestedkvm.base.host import probe
+from pytest_nestedkvm.base.host import QEMU_SANDBOX, probe
 from pytest_nestedkvm.config.settings import OPTION_BY_NAME, OPTIONS, Option
 from pytest_nestedkvm.suites import knownfail
 
@@ -431,7 +431,7 @@ def test_a_session_that_uses_the_host_report_runs_qemu_version_once(
     pytester.makepyfile("def test_a(l0): assert l0.qemu.version == '7.2.0'\ndef test_b(l0): pass")
     result = pytester.runpytest_subprocess("--nested-levels=0")
     result.assert_outcomes(passed=2)
-    assert called.read_text() == "--version\n"
+    assert called.read_text() == f"-sandbox {QEMU_SANDBOX} --version\n"  # once: the version and seccomp with it
 
 
 # --- bad input ----------------------------------------------------------------------
