@@ -31,7 +31,7 @@ from . import forensics, ssh
 from .channel import DEFAULT_OUTPUT_LIMIT, ChannelSetup, CommandResult, channel_class
 from .console import Console
 from .link import DEFAULT_CONSOLE_LIMIT, HostLink, Link, ParentLink
-from .process import QEMU_ENV, HostProcess, ProcessInGuest
+from .process import QEMU_ENV, HostProcess, Process, ProcessInGuest
 from .qmp import Qmp
 from .ssh import SessionKey
 
@@ -48,7 +48,7 @@ class Guest:
     """A guest at some level with the API tests use: run/succeed/fail/... (see README)."""
 
     def __init__(
-        self, spec: GuestSpec, link: Link, process: HostProcess | ProcessInGuest, argv: list[str], *,
+        self, spec: GuestSpec, link: Link, process: Process, argv: list[str], *,
         boot_timeout: float, command_timeout: float, parent: Guest | None = None, ssh_key: SessionKey | None = None,
         emulated: bool = False, output_limit: int = DEFAULT_OUTPUT_LIMIT,
     ) -> None:
@@ -335,7 +335,7 @@ def new_guest(
     """The guest for `spec`: on the host (L1) or inside `parent`, with its QEMU argv as the user's
     pytest_nestedkvm_qemu_argv hooks leave it."""
     link: Link
-    process: HostProcess | ProcessInGuest
+    process: Process
     if parent is None:
         link = HostLink(run_root, spec.deepest, console_limit=console_limit,
                         l1_console=CHANNEL_NEEDS[spec.channel].console_role == CONSOLE)
