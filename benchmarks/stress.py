@@ -63,9 +63,8 @@ from pytest_nestedkvm.base.errors import (
 from pytest_nestedkvm.config.plan import scaled_timeout
 from pytest_nestedkvm.config.settings import OPTION_BY_NAME
 from pytest_nestedkvm.lab import Lab
-from pytest_nestedkvm.machine import forensics
 from pytest_nestedkvm.machine.channel import CommandResult
-from pytest_nestedkvm.machine.guest import Guest
+from pytest_nestedkvm.machine.guest import Guest, exit_error
 from pytest_nestedkvm.suites import kselftests, kut
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,7 +362,7 @@ def outermost_down(guests: dict[int, Guest]) -> Run | None:
             # A closed channel usually means QEMU is exiting: give it a moment to be reaped.
             status = exit_status(guest, wait=5.0 if trouble else 0.0)
             if status is not None:
-                return crashed(guest, forensics.exit_error(guest))
+                return crashed(guest, exit_error(guest))
         except NestedKvmError as exc:  # its parent did not answer for the details
             return Run("fail", level=guest.level, note=f"L{guest.level} is down; {first_line(exc)}")
         if trouble is not None:

@@ -21,7 +21,7 @@ from .config.settings import Settings
 from .lab import Lab, LabHooks
 from .machine import forensics
 from .machine.forensics import ConsoleMark, Trouble
-from .machine.guest import Guest
+from .machine.guest import Guest, evidence_of, mark, trouble_since
 from .machine.pool import LifecycleHooks
 from .trouble import REPORT_ATTRIBUTE, RERUNS_ATTRIBUTE, RERUNS_KEY, TROUBLE_KEY, trouble_of
 
@@ -177,7 +177,7 @@ class NestedSession:
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
         if self.guests:
             self.marks_made += 1
-            item.stash[MARKS] = forensics.mark(self.guests, self.marks_made, self.settings.artifacts is not None)
+            item.stash[MARKS] = mark(self.guests, self.marks_made, self.settings.artifacts is not None)
         return (yield)
 
     @pytest.hookimpl(wrapper=True)
@@ -186,7 +186,7 @@ class NestedSession:
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
         marks = item.stash.get(MARKS, {}) if call.when == "call" else {}
-        trouble = forensics.trouble_since(self.guests, marks) if marks else None
+        trouble = trouble_since(self.guests, marks) if marks else None
         if trouble is not None:
             # Blame this test: the crash happened while it ran. The next test gets a fresh guest.
             item.stash[TROUBLE_KEY] = trouble
@@ -196,7 +196,7 @@ class NestedSession:
             report.sections.append((f"L{trouble.level} console during this test", trouble.console[-20000:]))
         elif report.failed and call.when in ("setup", "call") and self.lab.boot_failures:
             guest, error = self.lab.boot_failures[0]  # a guest this test needed did not boot
-            trouble = forensics.boot_trouble(guest, error)
+            trouble = forensics.boot_trouble(evidence_of(guest), error)
             item.stash[TROUBLE_KEY] = trouble
             setattr(report, REPORT_ATTRIBUTE, trouble.as_dict())
         reruns = item.stash.get(RERUNS_KEY, None)

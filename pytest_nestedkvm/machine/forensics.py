@@ -1,32 +1,30 @@
 """What went wrong with a guest, and which test it happened to.
 
-Marks record where each running guest stood when a test started; after the test,
-`trouble_since` names the first (outermost) guest that crashed or printed a kernel
-problem meanwhile. A test's Trouble reaches users through trouble.py.
+Forensics judges an `Evidence` record, what a guest showed, and acts on nothing: guest.py
+gathers the record and does what acts on a guest (settling its console, asking whether a
+stalled guest still answers, marking it wedged) before it gathers or after forensics decided.
+Marks record where each running guest stood when a test started; after the test, the first
+(outermost) guest that crashed or printed a kernel problem meanwhile is the test's Trouble
+(guest.trouble_since), which reaches users through trouble.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from ..base.deadline import Deadline, retry
 from ..base.errors import (
     BootEnd,
     BootError,
-    ChannelError,
     GuestCrashed,
     GuestWedged,
     LoginFailed,
     NestedKvmError,
     SshError,
 )
-from .console import ProblemKind, problem_kind, stall_kind
-
-if TYPE_CHECKING:
-    from .guest import Guest
+from .console import Console, ProblemKind, problem_kind, stall_kind
 
 TroubleKind = ProblemKind | Literal[  # ProblemKind: seen on the console
     "kernel stall",  # an RCU stall, lockup or hung task on hardware KVM: possibly the hypervisor under test
@@ -36,7 +34,7 @@ TroubleKind = ProblemKind | Literal[  # ProblemKind: seen on the console
 # Kinds that emulated virtualization produces on its own here (TCG's SVM): with `emulated` set,
 # such a test runs again on fresh guests (--nested-emulator-reruns).
 EMULATOR_KINDS: frozenset[TroubleKind] = frozenset({"wedged", "reset"})
-CLOSE_GRACE = 5.0  # at most this much of the boot budget waits for a QEMU whose channel closed to exit
+QEMU_LINES = 8  # lines of QEMU's own output gathered for an error (the last 5 that say something are shown)
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,32 @@ class ConsoleMark:
     kernel_log_tag: str | None  # a line written into its kernel log (only when artifacts are kept)
 
 
-def wedge_error(guest: Guest, line: str, stall: str | None = None) -> GuestWedged:
+@dataclass(frozen=True)
+class Evidence:
+    """What a guest showed, for a judgement here; gathered by guest.py (evidence_of and the
+    gatherers beside it). The fields from `alive` on are gathered only for the judgements that
+    read them, as their comments say; elsewhere they keep their defaults."""
+
+    level: int
+    name: str
+    console: Console  # its serial console log: read here, never written
+    console_start: int = 0  # console bytes before this boot
+    console_ready: int = 0  # console bytes before it was ready
+    emulated: bool = False  # its virtualization is emulated (TCG, or KVM on TCG's SVM)
+    wedged: GuestWedged | None = None  # taken as wedged (a stall line, or no answer)
+    channel_trouble: str | None = None  # why its command channel stopped working, if it did
+    boots: int = 1  # how many times it was started
+    boot_timeout: float = 0.0
+    alive: bool = False  # trouble_in: it ran and answered when the judgement began
+    exit_status: int | None = None  # trouble_in (a guest down), exit_error: None while its QEMU runs
+    qmp_events: tuple[dict[str, Any], ...] = ()  # trouble_in: QEMU's events, once it exited
+    parent_lost: bool = False  # exit_error: its QEMU went down with the guest it ran in
+    parent: Evidence | None = None  # exit_error, where parent_lost: that guest's evidence
+    qemu_output: str = ""  # exit_error, boot_error: the last QEMU_LINES lines of QEMU's output
+    console_tail: str = ""  # boot_error: its last console lines as the boot ended
+
+
+def wedge_error(guest: Evidence, line: str, stall: str | None = None) -> GuestWedged:
     """The error for a guest on emulated virtualization whose console printed the stall `line`
     (or that showed `stall` otherwise): "L1 wedged: RCU stall while its KVM guest ran (...): <line>"."""
     stall = stall or stall_kind(line)
@@ -76,7 +99,7 @@ def wedge_error(guest: Guest, line: str, stall: str | None = None) -> GuestWedge
                        level=guest.level, stall=stall, line=line)
 
 
-def _stall_context(guest: Guest, line: str) -> str:
+def _stall_context(guest: Evidence, line: str) -> str:
     """" while its KVM guest ran" when the kernel's report of the stall shows KVM at work, else ""."""
     text = guest.console.read(max(guest.console_start, guest.console.size() - (64 << 10)))
     at = text.find(line)
@@ -84,53 +107,42 @@ def _stall_context(guest: Guest, line: str) -> str:
     return " while its KVM guest ran" if re.search(r"\bkvm|svm_vcpu_run|vmx_vcpu_run", report) else ""
 
 
-def mark(guests: dict[int, Guest], number: int, tag_kernel_log: bool) -> dict[int, ConsoleMark]:
-    """Where each running guest stands now: a test's trouble is what comes after."""
-    return {
-        level: ConsoleMark(guest.console.size(), _tag_kernel_log(guest, number) if tag_kernel_log else None)
-        for level, guest in guests.items() if guest.alive
-    }
+def trouble_in(
+    guest: Evidence, at: ConsoleMark, deeper: Sequence[int],
+) -> tuple[Trouble | None, GuestWedged | None]:
+    """Whether `guest` crashed or printed a kernel problem since `at`; `deeper`: the levels below it
+    that were marked too (they go down with it). Second, a wedge found here (a stall line on a guest
+    that is down where its virtualization is emulated): the caller marks the guest with it."""
+    level = guest.level
+    since = max(at.console, guest.console_ready)  # a reboot inside the test starts a new boot log
+    if guest.wedged is not None:  # seen while a command waited: a stall line, or no answer at all
+        return Trouble(level, "wedged", str(guest.wedged), guest.console.read(at.console), emulated=True), None
+    # A live emulated guest's stall lines are its stall watch's, which ran before this was gathered.
+    stall = None if guest.emulated and guest.alive else guest.console.first_stall(since)
+    if stall is not None:
+        return _stall_trouble(guest, stall, guest.console.read(at.console))
+    problem = guest.console.first_problem(since)
+    if problem is None and guest.alive:
+        return None, None
+    status = guest.exit_status
+    kind, headline = _what_happened(guest, problem, status)
+    if deeper and status is not None:
+        headline += f"; {', '.join(f'L{d}' for d in deeper)} went down with it"
+    return Trouble(level, kind, f"L{level} {headline}", guest.console.read(at.console), guest.emulated), None
 
 
-def trouble_since(guests: dict[int, Guest], marks: dict[int, ConsoleMark]) -> Trouble | None:
-    """The first guest (outermost) that crashed or printed a kernel problem since `marks`."""
-    for level, at in sorted(marks.items()):
-        guest = guests[level]
-        if guest.stopped_on_purpose:
-            continue  # the test (or the plugin, for nested_fresh) stopped it
-        if not guest.alive:
-            guest.link.settle_console(level)  # its last words are on their way to the file
-        since = max(at.console, guest.console_ready)  # a reboot inside the test starts a new boot log
-        if guest.emulated and guest.alive:  # a stall line it runs on from is no trouble (Guest.watch_stalls)
-            with contextlib.suppress(GuestWedged):
-                guest.watch_stalls()
-        if guest.wedged is not None:  # seen while a command waited: a stall line, or no answer at all
-            return Trouble(level, "wedged", str(guest.wedged), guest.console.read(at.console), emulated=True)
-        stall = None if guest.emulated and guest.alive else guest.console.first_stall(since)
-        if stall is not None:
-            return _stall_trouble(guest, stall, guest.console.read(at.console))
-        problem = guest.console.first_problem(since)
-        if problem is None and guest.alive:
-            continue
-        status = guest.process.exit_status()
-        kind, headline = _what_happened(guest, problem, status)
-        deeper = [f"L{d}" for d in sorted(marks) if d > level]
-        if deeper and status is not None:
-            headline += f"; {', '.join(deeper)} went down with it"
-        return Trouble(level, kind, f"L{level} {headline}", guest.console.read(at.console), guest.emulated)
-    return None
-
-
-def _stall_trouble(guest: Guest, line: str, console: str) -> Trouble:
+def _stall_trouble(guest: Evidence, line: str, console: str) -> tuple[Trouble, GuestWedged | None]:
     """A stall line during a test: the emulator wedging the guest where its virtualization is
-    emulated (the guest is replaced), else a kernel stall for the user to look into."""
+    emulated (the guest is replaced: the wedge comes back for the caller to mark), else a kernel
+    stall for the user to look into."""
     if guest.emulated:
-        return Trouble(guest.level, "wedged", str(guest.mark_wedged(line)), console, emulated=True)
+        wedged = wedge_error(guest, line)
+        return Trouble(guest.level, "wedged", str(wedged), console, emulated=True), wedged
     return Trouble(guest.level, "kernel stall", f"L{guest.level} {stall_kind(line)} during this test on hardware "
-                   f"KVM (possibly the hypervisor under test): {line}", console)
+                   f"KVM (possibly the hypervisor under test): {line}", console), None
 
 
-def boot_trouble(guest: Guest, error: BootError) -> Trouble:
+def boot_trouble(guest: Evidence, error: BootError) -> Trouble:
     """The trouble of a test whose guest did not boot."""
     kind: TroubleKind = ("wedged" if error.why in ("wedged", "timeout") else "reset" if error.why == "reset"
                          else "kernel panic" if error.panicked else "qemu exited")
@@ -138,11 +150,11 @@ def boot_trouble(guest: Guest, error: BootError) -> Trouble:
                    guest.console.read(guest.console_start), guest.emulated)
 
 
-def _what_happened(guest: Guest, problem: str | None, status: int | None) -> tuple[TroubleKind, str]:
+def _what_happened(guest: Evidence, problem: str | None, status: int | None) -> tuple[TroubleKind, str]:
     if problem is not None:
         named = problem_kind(problem)
         return named, f"{named} during this test: {problem}"
-    event = _exit_event(guest) if status is not None else None  # waits up to 0.5 s
+    event = _exit_event(guest) if status is not None else None
     if event is not None:
         kind, source = event
         return kind, f"{kind} during this test ({source}; QEMU exit status {status})"
@@ -154,9 +166,9 @@ def _what_happened(guest: Guest, problem: str | None, status: int | None) -> tup
     return "unresponsive", f"stopped answering during this test: {broken}"
 
 
-def _exit_event(guest: Guest) -> tuple[TroubleKind, str] | None:
+def _exit_event(guest: Evidence) -> tuple[TroubleKind, str] | None:
     """What QEMU's own events say ended the guest: a pvpanic report, or a guest shutdown/reset."""
-    events = guest.qmp_events(wait=0.5)
+    events = guest.qmp_events
     for event in events:
         if event.get("event") == "GUEST_PANICKED":
             return "kernel panic", "QMP GUEST_PANICKED"
@@ -168,16 +180,15 @@ def _exit_event(guest: Guest) -> tuple[TroubleKind, str] | None:
     return None
 
 
-def exit_error(guest: Guest) -> GuestCrashed:
+def exit_error(guest: Evidence) -> GuestCrashed:
     """The error for a guest whose QEMU is gone: status, console problem, QEMU's last words."""
-    if guest.process.parent_lost:
+    if guest.parent_lost:
         parent = guest.parent
         assert parent is not None
-        why = (str(exit_error(parent)) if parent.process.exit_status() is not None or parent.process.parent_lost
+        why = (str(exit_error(parent)) if parent.exit_status is not None or parent.parent_lost
                else parent.channel_trouble or f"{parent.name} was restarted (boot {parent.boots})")
         return GuestCrashed(f"{guest.name} went down with its parent: {why}", level=guest.level, parent_down=True)
-    status = guest.process.exit_status()
-    guest.link.settle_console(guest.level)
+    status = guest.exit_status
     problem = guest.console.first_problem(guest.console_start)
     what = f"kernel problem: {problem}" if problem else "no kernel panic on the console"
     qemu_said = _qemu_said(guest)
@@ -190,15 +201,10 @@ def exit_error(guest: Guest) -> GuestCrashed:
     )
 
 
-def boot_error(guest: Guest, exc: NestedKvmError | TimeoutError, deadline: Deadline) -> BootError:
-    """Why a boot ended without a ready guest, as a BootError whose `why` callers decide on."""
-    tail = f"\nlast console lines:\n{guest.console.tail()}"
-    if isinstance(exc, ChannelError) and not isinstance(exc, SshError | LoginFailed):
-        # A closed channel usually means QEMU is exiting: give it a moment to be reaped.
-        with contextlib.suppress(TimeoutError):
-            retry("QEMU exit", guest.exited, deadline.share(CLOSE_GRACE), interval=0.1)
-    if not isinstance(exc, GuestCrashed) and guest.exited():
-        exc = exit_error(guest)  # whatever the wait saw, a QEMU that is gone says why
+def boot_error(guest: Evidence, exc: NestedKvmError | TimeoutError) -> BootError:
+    """Why a boot ended without a ready guest, as a BootError whose `why` callers decide on (`exc`:
+    what ended it, the guest's exit_error where its QEMU is gone)."""
+    tail = f"\nlast console lines:\n{guest.console_tail}"
     if isinstance(exc, GuestWedged):
         return BootError(f"{guest.name} wedged while booting: {exc}{tail}", level=guest.level, why="wedged")
     if isinstance(exc, GuestCrashed):
@@ -222,21 +228,7 @@ def boot_error(guest: Guest, exc: NestedKvmError | TimeoutError, deadline: Deadl
     )
 
 
-def _qemu_said(guest: Guest) -> str:
+def _qemu_said(guest: Evidence) -> str:
     """QEMU's last words, without its note that it waited for the console reader (wait=on)."""
-    lines = guest.process.output(8).splitlines()
+    lines = guest.qemu_output.splitlines()
     return "\n".join([line for line in lines if "QEMU waiting for connection" not in line][-5:])
-
-
-def _tag_kernel_log(guest: Guest, number: int) -> str | None:
-    """Write a line into the guest's kernel log: what a test added comes after it.
-
-    (A tag, not a timestamp: printk's clock and /proc/uptime drift apart under TCG.)
-    """
-    tag = f"nestedkvm: test {number} starts"
-    try:
-        guest.succeed(f"echo '{tag}' > /dev/kmsg")
-    except (NestedKvmError, AssertionError):
-        return None
-    return tag
-

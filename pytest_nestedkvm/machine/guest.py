@@ -1,14 +1,18 @@
 """Guest: a QEMU process, the link its bytes travel on, a command channel, QMP and a console.
 
 `new_guest` picks the parts for a spec (on the host or inside a parent); Guest only
-composes them: start, answer commands, report what happened, stop.
+composes them: start, answer commands, report what happened, stop. What happened is told
+by forensics.py from the evidence gathered here (evidence_of and the functions beside it),
+which also do what acts on a guest before or after forensics decides.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -17,11 +21,13 @@ import paramiko
 
 from ..base.deadline import Deadline, retry
 from ..base.errors import (
+    BootError,
     ChannelError,
     CommandTimeout,
     GuestCrashed,
     GuestSilent,
     GuestWedged,
+    LoginFailed,
     NestedKvmError,
     SshError,
 )
@@ -30,8 +36,9 @@ from ..boot.qemu import SSH_GUEST_PORT, GuestSpec, build_argv, shell_line
 from . import forensics, ssh
 from .channel import DEFAULT_OUTPUT_LIMIT, ChannelSetup, CommandResult, channel_class
 from .console import Console
+from .forensics import ConsoleMark, Evidence, Trouble
 from .link import DEFAULT_CONSOLE_LIMIT, HostLink, Link, ParentLink
-from .process import QEMU_ENV, HostProcess, ProcessInGuest
+from .process import QEMU_ENV, HostProcess, Process, ProcessInGuest
 from .qmp import Qmp
 from .ssh import SessionKey
 
@@ -42,13 +49,14 @@ from .ssh import SessionKey
 # 30 s, 12 runs stalled 30 s; every 5 s, none (median 9.0 s); every 2 s, none (median 7.3 s).
 HEARTBEAT = 30.0
 POKE = 2.0
+CLOSE_GRACE = 5.0  # at most this much of the boot budget waits for a QEMU whose channel closed to exit
 
 
 class Guest:
     """A guest at some level with the API tests use: run/succeed/fail/... (see README)."""
 
     def __init__(
-        self, spec: GuestSpec, link: Link, process: HostProcess | ProcessInGuest, argv: list[str], *,
+        self, spec: GuestSpec, link: Link, process: Process, argv: list[str], *,
         boot_timeout: float, command_timeout: float, parent: Guest | None = None, ssh_key: SessionKey | None = None,
         emulated: bool = False, output_limit: int = DEFAULT_OUTPUT_LIMIT,
     ) -> None:
@@ -92,7 +100,7 @@ class Guest:
             self.channel.open(deadline)
             self._monitor(deadline)  # from here on, crash events are kept
         except (NestedKvmError, TimeoutError) as exc:
-            error = forensics.boot_error(self, exc, deadline)
+            error = boot_error(self, exc, deadline)
             self.close(keep_files=True)
             raise error from None
         except BaseException:
@@ -111,7 +119,7 @@ class Guest:
         """Raise GuestCrashed when QEMU is gone, GuestWedged when it or a guest above it wedged;
         channels call this while they wait."""
         if self.exited():
-            raise forensics.exit_error(self)
+            raise exit_error(self)
         for guest in reversed(self.chain()):  # the outermost first: a wedged L1 stalls its L2 too
             guest.watch_stalls()
 
@@ -159,7 +167,7 @@ class Guest:
     def mark_wedged(self, line: str, stall: str | None = None) -> GuestWedged:
         """Take this guest as wedged by the stall `line` its console printed (or by `stall`, what
         was seen instead): it is not alive from now on, so the next test gets a fresh one."""
-        self.wedged = forensics.wedge_error(self, line, stall)
+        self.wedged = forensics.wedge_error(evidence_of(self), line, stall)
         return self.wedged
 
     @property
@@ -335,7 +343,7 @@ def new_guest(
     """The guest for `spec`: on the host (L1) or inside `parent`, with its QEMU argv as the user's
     pytest_nestedkvm_qemu_argv hooks leave it."""
     link: Link
-    process: HostProcess | ProcessInGuest
+    process: Process
     if parent is None:
         link = HostLink(run_root, spec.deepest, console_limit=console_limit,
                         l1_console=CHANNEL_NEEDS[spec.channel].console_role == CONSOLE)
@@ -349,3 +357,103 @@ def new_guest(
     return Guest(spec, link, process, argv, boot_timeout=boot_timeout, command_timeout=command_timeout,
                  parent=parent, ssh_key=ssh_key, emulated=emulated, output_limit=output_limit)
 
+
+# -- evidence for forensics -------------------------------------------------------------------
+# forensics.py judges and acts on nothing: what acts on a guest (settling its console, its stall
+# watch, marking it wedged) is done here, before the evidence is gathered or after the judgement.
+# Functions over the guest's public attributes, not methods, so that tests can hand in fakes.
+
+
+def evidence_of(guest: Guest) -> Evidence:
+    """What forensics may read of `guest` without asking its QEMU or its shell anything."""
+    return Evidence(guest.level, guest.name, guest.console, console_start=guest.console_start,
+                    console_ready=guest.console_ready, emulated=guest.emulated, wedged=guest.wedged,
+                    channel_trouble=guest.channel_trouble, boots=guest.boots, boot_timeout=guest.boot_timeout)
+
+
+def mark(guests: Mapping[int, Guest], number: int, tag_kernel_log: bool) -> dict[int, ConsoleMark]:
+    """Where each running guest stands now: a test's trouble is what comes after."""
+    return {
+        level: ConsoleMark(guest.console.size(), _tag_kernel_log(guest, number) if tag_kernel_log else None)
+        for level, guest in guests.items() if guest.alive
+    }
+
+
+def _tag_kernel_log(guest: Guest, number: int) -> str | None:
+    """Write a line into the guest's kernel log: what a test added comes after it.
+
+    (A tag, not a timestamp: printk's clock and /proc/uptime drift apart under TCG.)
+    """
+    tag = f"nestedkvm: test {number} starts"
+    try:
+        guest.succeed(f"echo '{tag}' > /dev/kmsg")
+    except (NestedKvmError, AssertionError):
+        return None
+    return tag
+
+
+def trouble_since(guests: Mapping[int, Guest], marks: Mapping[int, ConsoleMark]) -> Trouble | None:
+    """The first guest (outermost) that crashed or printed a kernel problem since `marks`.
+
+    Guests are looked at one by one and the first trouble ends the search: a deeper guest is not
+    settled or asked anything once an outer one is to blame."""
+    for level, at in sorted(marks.items()):
+        guest = guests[level]
+        if guest.stopped_on_purpose:
+            continue  # the test (or the plugin, for nested_fresh) stopped it
+        trouble, wedged = forensics.trouble_in(_trouble_evidence(guest), at, [d for d in sorted(marks) if d > level])
+        if wedged is not None:
+            guest.wedged = wedged  # as mark_wedged: not alive from now on, so the next test gets a fresh one
+        if trouble is not None:
+            return trouble
+    return None
+
+
+def _trouble_evidence(guest: Guest) -> Evidence:
+    """`guest`'s evidence for forensics.trouble_in."""
+    alive = guest.alive
+    if not alive:
+        guest.link.settle_console(guest.level)  # its last words are on their way to the file
+    elif guest.emulated:  # a stall line it runs on from is no trouble (Guest.watch_stalls)
+        with contextlib.suppress(GuestWedged):
+            guest.watch_stalls()
+    # How its QEMU ended is asked only of a guest that is down and not taken as wedged: a live one's
+    # runs, and a wedged one is judged by its wedge (the plugin stopped its QEMU).
+    status = None if alive or guest.wedged is not None else guest.process.exit_status()
+    # QEMU's events tell what ended it; they may come a moment after its exit (up to 0.5 s).
+    events = tuple(guest.qmp_events(wait=0.5)) if status is not None else ()
+    return replace(evidence_of(guest), alive=alive, exit_status=status, qmp_events=events)
+
+
+def exit_error(guest: Guest) -> GuestCrashed:
+    """The error for a guest whose QEMU is gone: status, console problem, QEMU's last words."""
+    return forensics.exit_error(_exit_evidence(guest))
+
+
+def _exit_evidence(guest: Guest) -> Evidence:
+    """How `guest`'s QEMU ended, its console settled first; where it went down with its parent,
+    the parent's evidence instead."""
+    if guest.process.parent_lost:
+        parent = guest.parent
+        assert parent is not None
+        if parent.process.exit_status() is not None or parent.process.parent_lost:
+            told = _exit_evidence(parent)  # gone too: how it ended
+        else:
+            told = evidence_of(parent)  # runs on: restarted, or its shell broke
+        return replace(evidence_of(guest), parent_lost=True, parent=told)
+    status = guest.process.exit_status()
+    guest.link.settle_console(guest.level)  # its last words are on their way to the file
+    return replace(evidence_of(guest), exit_status=status, qemu_output=guest.process.output(forensics.QEMU_LINES))
+
+
+def boot_error(guest: Guest, exc: NestedKvmError | TimeoutError, deadline: Deadline) -> BootError:
+    """Why a boot ended without a ready guest, as a BootError whose `why` callers decide on."""
+    tail = guest.console.tail()  # as the boot ended, before any wait below
+    if isinstance(exc, ChannelError) and not isinstance(exc, SshError | LoginFailed):
+        # A closed channel usually means QEMU is exiting: give it a moment to be reaped.
+        with contextlib.suppress(TimeoutError):
+            retry("QEMU exit", guest.exited, deadline.share(CLOSE_GRACE), interval=0.1)
+    if not isinstance(exc, GuestCrashed) and guest.exited():
+        exc = exit_error(guest)  # whatever the wait saw, a QEMU that is gone says why
+    output = guest.process.output(forensics.QEMU_LINES)
+    return forensics.boot_error(replace(evidence_of(guest), console_tail=tail, qemu_output=output), exc)

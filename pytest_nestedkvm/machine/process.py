@@ -1,4 +1,6 @@
-"""HostProcess: L1's QEMU as a child of pytest on L0 that dies with the pytest process.
+"""A guest's QEMU: L1's as a child of pytest on L0 that dies with the pytest process
+(HostProcess), a deeper one inside its parent guest (ProcessInGuest); Guest needs of
+either only what `Process` names.
 
 Design. Linux delivers the parent-death signal when the *thread* that forked the
 child ends, not the process, so every child is spawned from one long-lived daemon
@@ -30,18 +32,53 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .guest import Guest
+from typing import Protocol
 
 from ..base.deadline import Deadline, retry
+from .channel import CommandResult
 
 log = logging.getLogger(__name__)
 
 SETPRIV = "setpriv"
 # QEMU's whole environment, at every level: nothing of pytest's (tokens, keys) reaches it or a guest.
 QEMU_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+class Process(Protocol):
+    """What Guest needs of its QEMU, wherever that runs."""
+
+    @property
+    def parent_lost(self) -> bool:
+        """The guest this QEMU ran in went down or was booted again: this QEMU is gone with it."""
+
+    def start(self, argv: list[str], env: Mapping[str, str] | None = None) -> None:
+        """Start `argv` with exactly `env`."""
+
+    def exit_status(self) -> int | None:
+        """QEMU's exit status once it ended; None while it runs (or when nobody can tell)."""
+
+    def stop(self) -> None:
+        """End QEMU, gracefully first; harmless before start() and after it ended."""
+
+    def output(self, lines: int) -> str:
+        """The last `lines` lines QEMU wrote ("" when there are none, or none can be read)."""
+
+
+class ParentGuest(Protocol):
+    """What a QEMU inside a guest needs of that guest (a Guest; named here so that this module
+    does not import guest.py, which imports this one)."""
+
+    boots: int  # how many times the guest was started: a QEMU started in an earlier boot is gone
+
+    @property
+    def alive(self) -> bool:
+        """The guest runs and its shell answers."""
+
+    def run(self, command: str, timeout: float | None = None) -> CommandResult:
+        """Run `command` in the guest's shell; any exit status."""
+
+    def succeed(self, command: str, timeout: float | None = None) -> str:
+        """Run `command`, require exit status 0, return its stdout."""
 
 
 @dataclass
@@ -222,7 +259,7 @@ class ProcessInGuest:
 
     parent_grace = 5.0  # seconds QEMU gets to exit on SIGTERM before SIGKILL
 
-    def __init__(self, parent: Guest, workdir: str) -> None:
+    def __init__(self, parent: ParentGuest, workdir: str) -> None:
         self.parent = parent
         self.workdir = workdir
         self.started_in: int | None = None  # the parent's boot this QEMU was started in

@@ -20,6 +20,7 @@ import pytest
 
 from pytest_nestedkvm.machine import forensics
 from pytest_nestedkvm.machine.console import Console
+from pytest_nestedkvm.machine.guest import evidence_of
 from pytest_nestedkvm.base.errors import BootError
 from pytest_nestedkvm.session import SESSION_KEY
 from pytest_nestedkvm import reruns_of
@@ -29,6 +30,7 @@ BOOTS = Path("boots.txt")  # one word per boot to come: "ok" or "reset"
 
 class Guest:
     level, console_start, console_ready, stopped_on_purpose, channel_trouble = 1, 0, 0, False, None
+    name, boots, boot_timeout = "l1", 1, 60.0
 
     def __init__(self):
         self.emulated = not Path("hardware-kvm").exists()
@@ -45,7 +47,7 @@ class Guest:
         pass
 
     def mark_wedged(self, line):
-        self.wedged = forensics.wedge_error(self, line)
+        self.wedged = forensics.wedge_error(evidence_of(self), line)
         return self.wedged
 
     def watch_stalls(self):  # a guest that does not answer once it printed a stall

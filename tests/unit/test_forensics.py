@@ -1,4 +1,7 @@
-"""Unit tests for forensics.py on fake guests: a real Console on a file, a scripted process and QMP."""
+"""Unit tests for forensics.py on fake guests: a real Console on a file, a scripted process and QMP.
+
+The judgements are forensics.py's; the evidence they judge is gathered from the fakes by guest.py
+(mark, trouble_since, exit_error, evidence_of), as from a real Guest."""
 
 from __future__ import annotations
 
@@ -14,11 +17,9 @@ from pytest_nestedkvm.machine.forensics import (
     ConsoleMark,
     Trouble,
     boot_trouble,
-    exit_error,
-    mark,
-    trouble_since,
     wedge_error,
 )
+from pytest_nestedkvm.machine.guest import evidence_of, exit_error, mark, trouble_since
 from pytest_nestedkvm.trouble import REPORT_ATTRIBUTE, RERUNS_ATTRIBUTE, TROUBLE_KEY, reruns_of, trouble_of
 
 PANIC = "[    5.1] Kernel panic - not syncing: sysrq triggered crash"
@@ -67,6 +68,7 @@ class FakeGuest:
     console_start: int = 0
     console_ready: int = 0
     boots: int = 1
+    boot_timeout: float = 60.0
     commands: list[str] = field(default_factory=list)
     refuse: bool = False
     emulated: bool = False
@@ -87,7 +89,7 @@ class FakeGuest:
                 and self.process.status is None)
 
     def mark_wedged(self, line: str, stall: str | None = None) -> GuestWedged:
-        self.wedged = wedge_error(self, line, stall)  # type: ignore[arg-type]
+        self.wedged = wedge_error(evidence_of(self), line, stall)  # type: ignore[arg-type]
         return self.wedged
 
     def watch_stalls(self) -> None:
@@ -430,7 +432,8 @@ def test_a_reset_without_a_panic_is_an_emulator_fault_where_emulated(
 )
 def test_boot_trouble(make: Any, why: Any, panicked: bool, kind: str, fault: bool) -> None:
     guest = make(2, "booting on", emulated=True)
-    trouble = boot_trouble(guest, BootError("l2 died while booting: x\nmore", level=2, why=why, panicked=panicked))
+    error = BootError("l2 died while booting: x\nmore", level=2, why=why, panicked=panicked)
+    trouble = boot_trouble(evidence_of(guest), error)
     assert (trouble.level, trouble.kind, trouble.emulator_fault) == (2, kind, fault)
     assert trouble.headline == f"L2 {kind} while booting: l2 died while booting: x"
     assert "booting on" in trouble.console
@@ -438,7 +441,7 @@ def test_boot_trouble(make: Any, why: Any, panicked: bool, kind: str, fault: boo
 
 def test_nothing_is_an_emulator_fault_on_hardware_kvm(make: Any) -> None:
     guest = make(2, "booting on")
-    assert not boot_trouble(guest, BootError("l2 reset", level=2, why="reset")).emulator_fault
+    assert not boot_trouble(evidence_of(guest), BootError("l2 reset", level=2, why="reset")).emulator_fault
 
 
 def test_reruns_travel_on_a_report() -> None:

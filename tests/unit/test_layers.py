@@ -65,6 +65,42 @@ def test_imports_run_downwards(module: str) -> None:
     assert upward(module, imports_of(module, modules()[module])) == []
 
 
+def cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import circle in `graph` (module -> the modules it imports), as [a, b, ..., a]; [] when none."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        if module in path:
+            return [*path[path.index(module):], module]
+        if module in done:
+            return []
+        path.append(module)
+        for target in sorted(graph.get(module, ())):
+            if found := visit(target):
+                return found
+        path.pop()
+        done.add(module)
+        return []
+
+    return next((found for module in sorted(graph) if (found := visit(module))), [])
+
+
+def test_no_import_circle() -> None:
+    # Downward imports alone allow a circle inside a room (guest -> process -> guest); TYPE_CHECKING
+    # imports count too: a circle hidden there is still two modules that cannot be read apart.
+    graph = {module: imports_of(module, path) for module, path in modules().items()}
+    found = cycle(graph)
+    assert found == [], f"import circle: {' -> '.join(found)}"
+
+
+def test_the_circle_check_finds_one() -> None:
+    graph = {"machine.guest": {"machine.process", "base.errors"}, "machine.process": {"machine.guest"},
+             "base.errors": set()}
+    assert cycle(graph) == ["machine.guest", "machine.process", "machine.guest"]
+    assert cycle({"a": {"b"}, "b": set()}) == []
+
+
 def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
     # The checker itself, on a made-up module: boot may not reach into machine, nor into suites beside it.
     path = tmp_path / "qemu.py"
