@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import paramiko
 
-from ..base.deadline import Deadline
+from ..base.deadline import KILL_GRACE, PANIC_REPLY, Deadline
 from ..base.errors import (
     ChannelError,
     CommandFailed,
@@ -54,8 +54,6 @@ if TYPE_CHECKING:
 MARK = b"\n@@NK"
 DEFAULT_OUTPUT_LIMIT = 64 << 20  # bytes of a command's stdout, and of its stderr, kept (--nested-output-limit)
 TRUNCATED = b"\n[nestedkvm: %d more bytes were read and dropped: past --nested-output-limit]\n"
-# Grace for a killed command's markers to arrive before the channel counts as broken.
-KILL_GRACE = 10.0
 POLL = 0.25  # how often a blocked read checks whether the guest is still alive
 
 # Defined once per connection. __nk runs command $2 with reply nonce $1; the
@@ -377,7 +375,7 @@ class Channel:
         """Make the guest kernel panic for real (sysrq-c); the reply may never come."""
         if self.shell is None:
             raise ChannelError(f"{self.setup.name} is not running")
-        (self.control or self.shell).run(PANIC, timeout=5)
+        (self.control or self.shell).run(PANIC, timeout=PANIC_REPLY)
 
     def host_key(self, public_line: str, timeout: float) -> str | None:
         """Start the guest's sshd when this kind has to, and return its host key if known."""

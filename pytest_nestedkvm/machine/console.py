@@ -15,7 +15,7 @@ from typing import Literal
 
 import pexpect.fdpexpect
 
-from ..base.deadline import Deadline, retry
+from ..base.deadline import CONSOLE_QUIET, CONSOLE_SETTLE, LOGIN_STEP, Deadline, retry
 from ..base.errors import printable
 
 # Lines that mean the kernel under test is in trouble, each with the kind it names (the first
@@ -142,7 +142,7 @@ class ConsoleRecorder:
                                   "(--nested-console-limit)]\n".encode())
                     log.flush()
 
-    def settle(self, quiet: float = 0.1, at_most: float = 1.0) -> None:
+    def settle(self, quiet: float = CONSOLE_QUIET, at_most: float = CONSOLE_SETTLE) -> None:
         """Wait until the stream ended or was quiet for `quiet` s: what was sent is in the file."""
         def settled() -> bool:
             if not self.thread.is_alive():
@@ -164,7 +164,7 @@ def serial_login(sock: socket.socket, user: str, password: str, timeout: float, 
 
     `check` is called between waits and raises when the guest died.
     """
-    session = pexpect.fdpexpect.fdspawn(sock.fileno(), timeout=1)
+    session = pexpect.fdpexpect.fdspawn(sock.fileno(), timeout=LOGIN_STEP)
     deadline = time.monotonic() + timeout
     sent_user = sent_password = False
     while True:

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..base.deadline import Deadline, retry
+from ..base.deadline import CLOSE_GRACE, EXIT_EVENTS, Deadline, retry
 from ..base.errors import (
     BootEnd,
     BootError,
@@ -36,7 +36,6 @@ TroubleKind = ProblemKind | Literal[  # ProblemKind: seen on the console
 # Kinds that emulated virtualization produces on its own here (TCG's SVM): with `emulated` set,
 # such a test runs again on fresh guests (--nested-emulator-reruns).
 EMULATOR_KINDS: frozenset[TroubleKind] = frozenset({"wedged", "reset"})
-CLOSE_GRACE = 5.0  # at most this much of the boot budget waits for a QEMU whose channel closed to exit
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,7 @@ def _what_happened(guest: Guest, problem: str | None, status: int | None) -> tup
     if problem is not None:
         named = problem_kind(problem)
         return named, f"{named} during this test: {problem}"
-    event = _exit_event(guest) if status is not None else None  # waits up to 0.5 s
+    event = _exit_event(guest) if status is not None else None  # waits up to EXIT_EVENTS
     if event is not None:
         kind, source = event
         return kind, f"{kind} during this test ({source}; QEMU exit status {status})"
@@ -156,7 +155,7 @@ def _what_happened(guest: Guest, problem: str | None, status: int | None) -> tup
 
 def _exit_event(guest: Guest) -> tuple[TroubleKind, str] | None:
     """What QEMU's own events say ended the guest: a pvpanic report, or a guest shutdown/reset."""
-    events = guest.qmp_events(wait=0.5)
+    events = guest.qmp_events(wait=EXIT_EVENTS)
     for event in events:
         if event.get("event") == "GUEST_PANICKED":
             return "kernel panic", "QMP GUEST_PANICKED"

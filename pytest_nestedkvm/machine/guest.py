@@ -15,7 +15,7 @@ from typing import Any
 
 import paramiko
 
-from ..base.deadline import Deadline, retry
+from ..base.deadline import HEARTBEAT, POKE, Deadline, retry
 from ..base.errors import (
     ChannelError,
     CommandTimeout,
@@ -34,14 +34,6 @@ from .link import DEFAULT_CONSOLE_LIMIT, HostLink, Link, ParentLink
 from .process import QEMU_ENV, HostProcess, ProcessInGuest
 from .qmp import Qmp
 from .ssh import SessionKey
-
-# Seconds x level: on emulated virtualization, while a command runs the control shell must answer
-# `true` within this long (else GuestWedged). It is asked every POKE seconds: each question is
-# also an interrupt, which wakes a guest whose timer interrupt TCG lost (it would sleep until
-# some interrupt came). benchmarks/stress.py, KVM selftests in L1, 20 runs each: asked every
-# 30 s, 12 runs stalled 30 s; every 5 s, none (median 9.0 s); every 2 s, none (median 7.3 s).
-HEARTBEAT = 30.0
-POKE = 2.0
 
 
 class Guest:

@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from ..base.deadline import Deadline, retry
+from ..base.deadline import QMP_NEGOTIATION, RECORDER_JOIN, Deadline, retry
 from ..boot.layout import CONSOLE, QMP, SOCKET_ROLES, Role
 from ..boot.qemu import Ends, HostEnds, ParentEnds, RunPaths
 from .console import ConsoleRecorder
@@ -26,9 +26,6 @@ from .qmp import Qmp
 # Streams of a deeper guest that L1's QEMU carries to L0 (its console goes to a file).
 Check = Callable[[], None]  # raises when the guest's QEMU died
 DEFAULT_CONSOLE_LIMIT = 64 << 20  # bytes of console log kept per guest
-# Once QEMU greeted, negotiating takes milliseconds; a QEMU inside a guest that dies right after
-# its greeting never closes the stream (the parent's port stays open), so cap that share.
-QMP_NEGOTIATION = 10.0
 
 
 class Link(Protocol):
@@ -139,7 +136,7 @@ class HostLink:
             sock.close()
         self._sockets.clear()
         for recorder in self._recorders.values():
-            recorder.thread.join(1.0)
+            recorder.thread.join(RECORDER_JOIN)
         self._recorders.clear()
         if not keep_files:
             self._remove_run_dirs()

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .guest import Guest
 
-from ..base.deadline import Deadline, retry
+from ..base.deadline import QEMU_STOP_GRACE, SETPRIV_EXEC, Deadline, retry
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _with_death_signal(argv: list[str], env: Mapping[str, str] | None) -> tuple[
     return [setpriv, "--pdeathsig", "KILL", "--", program, *argv[1:]], True
 
 
-def _await_exec(pid: int, wrapped: list[str], timeout: float = 5.0) -> None:
+def _await_exec(pid: int, wrapped: list[str], timeout: float = SETPRIV_EXEC) -> None:
     """Wait until child `pid` no longer runs `wrapped` (setpriv has set the death signal and exec'd)."""
     # Popen returns once setpriv is exec'd, but until setpriv's prctl a pytest
     # death would orphan the child; callers may rely on the tie once start() returns.
@@ -178,7 +178,7 @@ class HostProcess:
     def exit_status(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = QEMU_STOP_GRACE) -> None:
         """SIGTERM (QEMU shuts down at once), SIGKILL after `grace` s; then whatever is left of its group.
 
         Harmless before start() and after the process ended.
@@ -220,7 +220,7 @@ class ProcessInGuest:
     again, this QEMU is gone with it: `parent_lost`.
     """
 
-    parent_grace = 5.0  # seconds QEMU gets to exit on SIGTERM before SIGKILL
+    parent_grace = QEMU_STOP_GRACE  # seconds QEMU gets to exit on SIGTERM before SIGKILL
 
     def __init__(self, parent: Guest, workdir: str) -> None:
         self.parent = parent

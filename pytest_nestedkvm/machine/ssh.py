@@ -23,7 +23,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from ..base.deadline import Deadline, retry
+from ..base.deadline import CONNECT_STEP, MIN_WAIT, Deadline, retry
 from ..base.errors import HostError, SshError
 from ..boot.layout import PORT_DIR
 
@@ -32,7 +32,6 @@ from ..boot.layout import PORT_DIR
 logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 SSHD = Path("/usr/sbin/sshd")
-CONNECT_STEP = 10.0  # seconds one connection attempt may take, within the caller's budget
 # The built-in guest's sshd keeps everything in its tmpfs, under the plugin's run directory.
 SSHD_DIR = f"{PORT_DIR}/ssh"
 
@@ -146,7 +145,7 @@ def _connect_once(
 ) -> paramiko.SSHClient:
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(_PinnedHostKey(host_key))
-    wait = max(step.remaining(), 0.1)
+    wait = max(step.remaining(), MIN_WAIT)
     try:
         sock = None
         if via is not None:
