@@ -211,15 +211,15 @@ class Guest:
 
     def crash(self) -> None:
         """Make the guest kernel panic for real (sysrq-c) and wait until QEMU is gone."""
+        deadline = Deadline.after(self.boot_timeout)
         try:
-            self.channel.panic()
+            self.channel.panic(deadline)
         except (CommandTimeout, GuestCrashed, OSError):
             pass  # the guest died mid-reply, which is what was asked for
         except ChannelError:
             if self.channel.shell is None:
                 raise GuestCrashed(f"{self.name} is not running", level=self.level) from None
-        retry(f"{self.name} QEMU exiting after the panic", self.exited, Deadline.after(self.boot_timeout),
-              interval=0.1)
+        retry(f"{self.name} QEMU exiting after the panic", self.exited, deadline, interval=0.1)
 
     # -- SSH and files ---------------------------------------------------------------------
 
@@ -239,23 +239,23 @@ class Guest:
     def _open_ssh(self, deadline: Deadline) -> paramiko.SSHClient:
         if self.ssh_key is None:
             raise SshError(f"{self.name}: SSH needs the session key, and this guest was started without one")
-        host_key = self.channel.host_key(self.ssh_key.public_line, deadline.remaining())
+        host_key = self.channel.host_key(self.ssh_key.public_line, deadline)
         port = self._monitor(deadline).forwarded_port(SSH_GUEST_PORT)
         if port is None:
             raise SshError(f"{self.name}: its QEMU forwards no port to the guest's port {SSH_GUEST_PORT} "
                            "(a -nic edit in extra QEMU arguments?)")
         via = None if self.parent is None else self.parent.ssh
         return ssh.connect(self.name, port, self.ssh_key, host_key=host_key, via=via,
-                           timeout=deadline.remaining(), check=self._check_alive)
+                           deadline=deadline, check=self._check_alive)
 
     def put(self, local: str | os.PathLike[str], remote: str) -> None:
         """Copy a file from L0 into the guest over SFTP; bytes and permission bits stay exact."""
-        ssh.put(self.ssh, Path(local), remote, self.command_timeout)
+        ssh.put(self.ssh, Path(local), remote, Deadline.after(self.command_timeout))
 
     def get(self, remote: str, local: str | os.PathLike[str]) -> None:
         """Copy a file out of the guest to L0 over SFTP: the bytes exact, the permission bits too
         except setuid, setgid, sticky and world-writable, which are dropped."""
-        ssh.get(self.ssh, remote, Path(local), self.command_timeout)
+        ssh.get(self.ssh, remote, Path(local), Deadline.after(self.command_timeout))
 
     # -- commands --------------------------------------------------------------------------
 
@@ -264,8 +264,11 @@ class Guest:
         return self.link.console_path
 
     def run(self, command: str, timeout: float | None = None) -> CommandResult:
+        return self._run(command, Deadline.after(self.command_timeout if timeout is None else timeout))
+
+    def _run(self, command: str, deadline: Deadline) -> CommandResult:
         try:
-            return self.channel.run(command, self.command_timeout if timeout is None else timeout)
+            return self.channel.run(command, deadline)
         except CommandTimeout as exc:
             exc.args = (f"{exc}\nlast console lines of {self.name}:\n{self.console.tail(10)}",)
             raise

@@ -127,7 +127,7 @@ class HostLink:
     def qmp(self, deadline: Deadline, check: Check) -> Qmp:
         # Connected by _connect: the socket file exists a moment before QEMU listens on it.
         sock = self._connect(self.paths(1).qmp, deadline, check, what="L1 QMP socket")
-        return Qmp(sock, deadline.share(QMP_NEGOTIATION).remaining())
+        return Qmp(sock, deadline.share(QMP_NEGOTIATION))
 
     def close(self, keep_files: bool = False) -> None:
         for sock in self._sockets.values():
@@ -199,7 +199,7 @@ class ParentLink:
         # QEMU inside the parent is up once its greeting arrives; connecting before that would block.
         sock = self.carried(self.level, QMP)
         retry(f"L{self.level} QMP greeting", partial(_checked, check, partial(_readable, sock)), deadline)
-        return Qmp(sock.dup(), deadline.share(QMP_NEGOTIATION).remaining())
+        return Qmp(sock.dup(), deadline.share(QMP_NEGOTIATION))
 
     def close(self, keep_files: bool = False) -> None:
         return None  # nothing of its own: the sockets stay with L1's link
