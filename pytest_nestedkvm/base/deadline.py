@@ -58,6 +58,10 @@ SUITE_BACKSTOP = 30.0
 #
 # Not here: poll intervals (channel.POLL, retry's `interval`), which never outlast the deadline.
 
+# The clock and the sleep of every Deadline and retry: module names, so a unit test can run them on a fake clock.
+monotonic = time.monotonic
+sleep = time.sleep
+
 
 @dataclass(frozen=True)
 class Deadline:
@@ -68,17 +72,17 @@ class Deadline:
 
     @classmethod
     def after(cls, seconds: float) -> Deadline:
-        return cls(time.monotonic() + seconds, seconds)
+        return cls(monotonic() + seconds, seconds)
 
     def remaining(self) -> float:
-        return max(0.0, self.at - time.monotonic())
+        return max(0.0, self.at - monotonic())
 
     def expired(self) -> bool:
-        return time.monotonic() >= self.at
+        return monotonic() >= self.at
 
     def share(self, seconds: float) -> Deadline:
         """A deadline for one step: at most `seconds` from now, and never past this one."""
-        return Deadline(min(self.at, time.monotonic() + seconds), self.budget)
+        return Deadline(min(self.at, monotonic() + seconds), self.budget)
 
 
 def retry(
@@ -97,4 +101,4 @@ def retry(
         if deadline.expired():
             seen = f"; last seen:\n{last_seen()}" if last_seen else ""
             raise TimeoutError(f"{what} did not happen within {deadline.budget:g} s{seen}")
-        time.sleep(min(interval, deadline.remaining()) or interval)
+        sleep(min(interval, deadline.remaining()) or interval)

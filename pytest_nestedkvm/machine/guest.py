@@ -304,17 +304,33 @@ class Guest:
         return result.stderr
 
     def wait_until_succeeds(self, command: str, timeout: float) -> str:
+        """Run `command` until it exits 0 and return its stdout; CommandFailed at `timeout`.
+
+        Each try gets what is left of one deadline, so the wait ends at `timeout`, not a whole
+        `timeout` after the last try began. A try cut off there counts as one more failure once an
+        earlier try finished; when none did, the command hangs: CommandTimeout.
+        """
         deadline = Deadline.after(timeout)
         last: list[CommandResult] = []
+        cut: list[CommandTimeout] = []
 
         def attempt() -> bool:
-            last[:] = [self.run(command, timeout)]
+            if last and deadline.expired():
+                return False  # retry's last look, after its sleep: no time left for another try
+            try:
+                last[:] = [self._run(command, deadline)]
+            except CommandTimeout as exc:
+                if not last:
+                    raise
+                cut[:] = [exc]
+                return False
             return last[0].exit_status == 0
 
         try:
             retry(f"{command!r} succeeding on {self.name}", attempt, deadline, interval=0.2)
         except TimeoutError:
-            raise last[0].failure(self.name, f"still failing after {timeout:g} s") from None
+            also = "; the try after it was cut off at the timeout" if cut else ""
+            raise last[0].failure(self.name, f"still failing after {timeout:g} s{also}") from (cut[0] if cut else None)
         return last[0].stdout
 
     def __repr__(self) -> str:
