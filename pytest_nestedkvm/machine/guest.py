@@ -79,7 +79,7 @@ class Guest:
         self.log.info("starting: %s", shell_line(self.qemu_argv))
         try:
             self.link.prepare()
-            self.process.start(self.qemu_argv, QEMU_ENV)
+            self.process.start(self.qemu_argv, QEMU_ENV, deadline)
             self.link.after_start(deadline, self._check_alive)
             self.channel.open(deadline)
             self._monitor(deadline)  # from here on, crash events are kept

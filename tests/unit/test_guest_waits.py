@@ -1,5 +1,5 @@
 """Unit tests for Guest's waits on a fake clock: a real Guest whose channel is a stand-in whose
-commands take fake seconds (no QEMU, no sleeping)."""
+commands take fake seconds, and a nested QEMU's start on a stand-in parent (no QEMU, no sleeping)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pytest_nestedkvm.base.errors import CommandFailed, CommandTimeout
 from pytest_nestedkvm.boot.qemu import GuestSpec
 from pytest_nestedkvm.machine.channel import CommandResult
 from pytest_nestedkvm.machine.guest import Guest
+from pytest_nestedkvm.machine.process import QEMU_ENV, ProcessInGuest
 
 EPSILON = 0.01  # the fake clock is exact; this only absorbs float rounding
 
@@ -109,3 +110,28 @@ def test_a_command_that_never_finishes_a_try_times_out(tmp_path: Path, clock: Fa
     with pytest.raises(CommandTimeout, match="timed out after 5 s"):
         guest_with(tmp_path, channel).wait_until_succeeds("sleep 30", 5)
     assert clock.now - started <= 5 + EPSILON
+
+
+class RecordingParent:
+    """The parent Guest as ProcessInGuest.start uses it: the commands it was asked to run, with their timeouts."""
+
+    command_timeout = 120.0
+    boots = 1
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, float | None]] = []
+
+    def succeed(self, command: str, timeout: float | None = None) -> str:
+        self.asked.append((command, timeout))
+        return ""
+
+
+def test_a_nested_qemu_start_counts_against_the_childs_boot_budget(clock: FakeClock) -> None:
+    """Before issue 20 the start command ran with the parent's command timeout (None here)."""
+    parent = RecordingParent()
+    boot = Deadline.after(900)
+    clock.now += 700  # most of L2's boot budget is gone (say, L1 booted first)
+    ProcessInGuest(parent, "/run/nk/l2").start(["qemu-system-x86_64", "-S"], QEMU_ENV, boot)  # type: ignore[arg-type]
+    [(command, timeout)] = parent.asked
+    assert "qemu-system-x86_64 -S" in command
+    assert timeout == pytest.approx(200)
