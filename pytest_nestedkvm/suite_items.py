@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from .base.deadline import SUITE_BACKSTOP
 from .base.errors import CommandTimeout
 from .base.host import Accel
 from .config.plan import scaled_timeout, timeout_note
@@ -112,7 +113,7 @@ class KutItem(SuiteItem):
         command = kut.guest_command(self.tree, kut.command_line(test, self.config_mak, timeout), facts.cpus)
         # x86/run's timeout(1) ends QEMU at `timeout`; the channel's own limit is the backstop for a
         # runner that hangs around it (QEMU probes, a stuck kill), and kills everything left.
-        backstop = timeout + scaled_timeout(30, self.pace, self.level)
+        backstop = timeout + scaled_timeout(SUITE_BACKSTOP, self.pace, self.level)
         try:
             result = guest.run(command, timeout=backstop)
         except CommandTimeout as exc:

@@ -118,7 +118,7 @@ class LoginFailed(ChannelError):
 
 class CommandTimeout(NestedKvmError):
     """A command ran past its timeout. Where the guest's control shell killed it and the rest of
-    its reply came within channel.KILL_GRACE, the channel stays usable; otherwise the channel is
+    its reply came within deadline.KILL_GRACE, the channel stays usable; otherwise the channel is
     broken (the message says so) and the guest is replaced before its next user."""
 
     def __init__(self, message: str, *, command: str, timeout: float, stdout: bytes, stderr: bytes) -> None:

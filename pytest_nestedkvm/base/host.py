@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from .deadline import QEMU_VERSION_PROBE
 from .errors import ConfigError, HostError
 
 Accel = Literal["kvm", "tcg"]  # what L1 runs on
@@ -42,7 +43,6 @@ QEMU_PACKAGES = {
     "i686": "qemu-system-x86",
     "aarch64": "qemu-system-arm",
 }
-QEMU_VERSION_TIMEOUT_S = 10.0
 
 Runner = Callable[..., "subprocess.CompletedProcess[Any]"]
 
@@ -454,7 +454,7 @@ def qemu_version(binary: str, *options: str) -> str:
             [binary, *options, "--version"],
             capture_output=True,
             text=True,
-            timeout=QEMU_VERSION_TIMEOUT_S,
+            timeout=QEMU_VERSION_PROBE,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:

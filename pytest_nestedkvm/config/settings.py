@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..base.deadline import QEMU_IMG_INFO
 from ..base.errors import ConfigError
 from ..base.host import ACCELS, AccelChoice
 from ..boot.kernel_tree import check_image, check_modules, is_tree, tree_image
@@ -517,7 +518,7 @@ def _check_references(path: Path, shares: tuple[Path, ...]) -> None:
         raise ValueError(f"{path} names other files (a backing file or a data file), and qemu-img, which the "
                          "plugin reads them with, is not installed: install qemu-utils")
     info = subprocess.run([qemu_img, "info", "--output=json", "--backing-chain", "-U", "-f", "qcow2", str(path)],
-                          capture_output=True, text=True, timeout=60, check=False)
+                          capture_output=True, text=True, timeout=QEMU_IMG_INFO, check=False)
     if info.returncode != 0:
         why = (info.stderr.strip().splitlines() or ["no message"])[-1]
         raise ValueError(f"{path}: qemu-img cannot read its backing chain ({why}): pass an image QEMU can open")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import paramiko
 
-from ..base.deadline import Deadline
+from ..base.deadline import KILL_GRACE, PANIC_REPLY, Deadline
 from ..base.errors import (
     ChannelError,
     CommandFailed,
@@ -54,8 +54,6 @@ if TYPE_CHECKING:
 MARK = b"\n@@NK"
 DEFAULT_OUTPUT_LIMIT = 64 << 20  # bytes of a command's stdout, and of its stderr, kept (--nested-output-limit)
 TRUNCATED = b"\n[nestedkvm: %d more bytes were read and dropped: past --nested-output-limit]\n"
-# Grace for a killed command's markers to arrive before the channel counts as broken.
-KILL_GRACE = 10.0
 POLL = 0.25  # how often a blocked read checks whether the guest is still alive
 
 # Defined once per connection. __nk runs command $2 with reply nonce $1; the
@@ -191,17 +189,18 @@ class ShellChannel:
         self._buffer = bytearray()
         self.log = logging.getLogger(f"pytest_nestedkvm.channel.{name}")
 
-    def connect(self, timeout: float) -> int:
+    def connect(self, deadline: Deadline) -> int:
         """Define the helper functions at the far end and learn the shell's pid."""
         self.stream.sendall(PREAMBLE.encode())
-        result = self.run("echo $$", timeout)
+        result = self.run("echo $$", deadline)
         pid = _number(result.stdout_bytes.strip())
         if not pid:
             raise ChannelError(f"{self.name}: the shell answered {result.stdout!r} when asked for its pid")
         self.shell_pid = pid
         return pid
 
-    def run(self, command: str, timeout: float) -> CommandResult:
+    def run(self, command: str, deadline: Deadline) -> CommandResult:
+        """Run `command` and return its result once its reply arrived; CommandTimeout at `deadline`."""
         if self.broken:
             raise ChannelError(f"{self.name}: channel unusable: {self.broken}")
         if "\0" in command:
@@ -213,9 +212,9 @@ class ShellChannel:
         parts: list[bytes] = []  # what came before the start marker, stdout, stderr, status: as each completes
         self.busy = True
         try:
-            self._read_reply(markers, parts, start + timeout)
+            self._read_reply(markers, parts, deadline)
         except TimeoutError:
-            raise self._timed_out(command, timeout, markers, parts) from None
+            raise self._timed_out(command, deadline.budget, markers, parts) from None
         finally:
             self.busy = False
         _, stdout, stderr, raw_status = parts
@@ -225,7 +224,7 @@ class ShellChannel:
             raise ChannelError(f"{self.name}: {self.broken}")
         return CommandResult(command, status, _text(stdout), _text(stderr), time.monotonic() - start)
 
-    def _read_reply(self, markers: tuple[bytes, ...], parts: list[bytes], deadline: float) -> None:
+    def _read_reply(self, markers: tuple[bytes, ...], parts: list[bytes], deadline: Deadline) -> None:
         """Read the parts of the reply that `parts` still lacks, appending each as it completes."""
         for marker in markers[len(parts):]:
             parts.append(self._read_until(marker, deadline))
@@ -261,13 +260,13 @@ class ShellChannel:
             self.broken = f"{command!r} timed out and killing it failed: {exc}"
             return False
         try:
-            self._read_reply(markers, parts, time.monotonic() + KILL_GRACE)
+            self._read_reply(markers, parts, Deadline.after(KILL_GRACE))  # the command's own budget is spent
         except TimeoutError:
             self.broken = f"{command!r} timed out and did not stop when killed"
             return False
         return True
 
-    def _read_until(self, marker: bytes, deadline: float) -> bytes:
+    def _read_until(self, marker: bytes, deadline: Deadline) -> bytes:
         """Consume and return the bytes before `marker` (the marker is consumed too), the first
         `limit` of them and a line that says how many more were dropped."""
         self._kept, self._dropped = bytearray(), 0
@@ -284,7 +283,7 @@ class ShellChannel:
             if searched > self.limit:  # bytes that cannot begin the marker: keep or count them
                 self._keep(searched)
                 searched = 0
-            remaining = deadline - time.monotonic()
+            remaining = deadline.remaining()
             if remaining <= 0:
                 raise TimeoutError
             self.stream.settimeout(min(remaining, POLL))
@@ -367,19 +366,19 @@ class Channel:
             return "not open"
         return self.shell.broken or (self.control.broken if self.control is not None else None)
 
-    def run(self, command: str, timeout: float) -> CommandResult:
+    def run(self, command: str, deadline: Deadline) -> CommandResult:
         if self.shell is None:
             raise ChannelError(f"{self.setup.name} is not running")
         self._answered = time.monotonic()
-        return self.shell.run(command, timeout)
+        return self.shell.run(command, deadline)
 
-    def panic(self) -> None:
+    def panic(self, deadline: Deadline) -> None:
         """Make the guest kernel panic for real (sysrq-c); the reply may never come."""
         if self.shell is None:
             raise ChannelError(f"{self.setup.name} is not running")
-        (self.control or self.shell).run(PANIC, timeout=5)
+        (self.control or self.shell).run(PANIC, deadline.share(PANIC_REPLY))
 
-    def host_key(self, public_line: str, timeout: float) -> str | None:
+    def host_key(self, public_line: str, deadline: Deadline) -> str | None:
         """Start the guest's sshd when this kind has to, and return its host key if known."""
         return None  # a disk image runs its own sshd
 
@@ -393,7 +392,7 @@ class Channel:
                  watchdog: Callable[[], None] | None = None) -> ShellChannel:
         channel = ShellChannel(stream, f"{self.setup.name}.{role}", watchdog=watchdog or self.setup.check,
                                interrupt=self._interrupt if interruptible else None, limit=self.setup.output_limit)
-        channel.connect(deadline.remaining())
+        channel.connect(deadline)
         return channel
 
     def _open_pair(self, streams: tuple[ByteStream, ByteStream], deadline: Deadline) -> None:
@@ -407,7 +406,7 @@ class Channel:
         if shell is None or shell.busy:
             return None
         try:
-            return shell.run("true", timeout).exit_status == 0
+            return shell.run("true", Deadline.after(timeout)).exit_status == 0
         except (CommandTimeout, ChannelError):
             return False
 
@@ -422,7 +421,7 @@ class Channel:
         if time.monotonic() - self._answered < min(self.setup.poke or limit, limit):
             return
         try:
-            self.control.run("true", limit)
+            self.control.run("true", Deadline.after(limit))  # HEARTBEAT: fixed, not a share of the command's
         except CommandTimeout:
             raise GuestSilent(f"{self.setup.name}: while a command ran, its control shell did not answer `true` "
                               f"within {limit:g} s: the whole guest stopped") from None
@@ -431,7 +430,7 @@ class Channel:
 
     def _interrupt(self, shell_pid: int) -> None:
         if self.control is not None:
-            self.control.run(f"__nk_kill {shell_pid}", timeout=KILL_GRACE)
+            self.control.run(f"__nk_kill {shell_pid}", Deadline.after(KILL_GRACE))  # the command's budget is spent
 
 
 class AgentChannel(Channel):
@@ -441,11 +440,11 @@ class AgentChannel(Channel):
         link, check = self.setup.link, self.setup.check
         self._open_pair((link.stream(CMD, deadline, check), link.stream(CTL, deadline, check)), deadline)
 
-    def host_key(self, public_line: str, timeout: float) -> str | None:
-        return self.run_ok(sshd_script(public_line), timeout).strip().splitlines()[-1]
+    def host_key(self, public_line: str, deadline: Deadline) -> str | None:
+        return self.run_ok(sshd_script(public_line), deadline).strip().splitlines()[-1]
 
-    def run_ok(self, command: str, timeout: float) -> str:
-        result = self.run(command, timeout)
+    def run_ok(self, command: str, deadline: Deadline) -> str:
+        result = self.run(command, deadline)
         if result.exit_status != 0:
             raise result.failure(self.setup.name, "expected exit status 0")
         return result.stdout
@@ -457,9 +456,8 @@ class SshChannel(Channel):
     def open(self, deadline: Deadline) -> None:
         assert self.setup.open_ssh is not None
         self.ssh_client = self.setup.open_ssh(deadline)
-        self._open_pair((ssh.shell(self.ssh_client, deadline.remaining()),
-                         ssh.shell(self.ssh_client, deadline.remaining())), deadline)
-        self.shell.run(IMAGE_SETUP, deadline.remaining())  # type: ignore[union-attr]
+        self._open_pair((ssh.shell(self.ssh_client, deadline), ssh.shell(self.ssh_client, deadline)), deadline)
+        self.shell.run(IMAGE_SETUP, deadline)  # type: ignore[union-attr]
 
 
 class SerialChannel(Channel):
@@ -473,12 +471,12 @@ class SerialChannel(Channel):
         user, password = self.setup.login
         sock = self.setup.link.stream(SERIAL, deadline, self.setup.check)
         try:
-            serial_login(sock, user, password, deadline.remaining(), self.setup.check)
+            serial_login(sock, user, password, deadline, self.setup.check)
         except (TimeoutError, PermissionError, ConnectionError) as exc:
             raise LoginFailed(f"{self.setup.name}: serial console login as {user!r} failed: {exc}") from None
         self.shell = self._connect(CMD, sock, deadline, interruptible=False)
-        self.shell.run(IMAGE_SETUP, deadline.remaining())
-        self.shell.run(QUIET_CONSOLE, deadline.remaining())
+        self.shell.run(IMAGE_SETUP, deadline)
+        self.shell.run(QUIET_CONSOLE, deadline)
 
 
 CHANNELS: dict[ChannelKind, type[Channel]] = {"agent": AgentChannel, "ssh": SshChannel, "serial": SerialChannel}

@@ -15,7 +15,7 @@ from typing import Literal
 
 import pexpect.fdpexpect
 
-from ..base.deadline import Deadline, retry
+from ..base.deadline import CONSOLE_QUIET, CONSOLE_SETTLE, LOGIN_STEP, Deadline, retry
 from ..base.errors import printable
 
 # Lines that mean the kernel under test is in trouble, each with the kind it names (the first
@@ -142,7 +142,7 @@ class ConsoleRecorder:
                                   "(--nested-console-limit)]\n".encode())
                     log.flush()
 
-    def settle(self, quiet: float = 0.1, at_most: float = 1.0) -> None:
+    def settle(self, quiet: float = CONSOLE_QUIET, at_most: float = CONSOLE_SETTLE) -> None:
         """Wait until the stream ended or was quiet for `quiet` s: what was sent is in the file."""
         def settled() -> bool:
             if not self.thread.is_alive():
@@ -159,22 +159,23 @@ class ConsoleRecorder:
 RAW_SHELL = b"stty raw -echo; exec sh 2>/dev/null\n"
 
 
-def serial_login(sock: socket.socket, user: str, password: str, timeout: float, check: Callable[[], None]) -> None:
+def serial_login(
+    sock: socket.socket, user: str, password: str, deadline: Deadline, check: Callable[[], None],
+) -> None:
     """Log in on a getty at the far end of `sock` and leave a plain sh there for channel.py.
 
     `check` is called between waits and raises when the guest died.
     """
-    session = pexpect.fdpexpect.fdspawn(sock.fileno(), timeout=1)
-    deadline = time.monotonic() + timeout
+    session = pexpect.fdpexpect.fdspawn(sock.fileno())
     sent_user = sent_password = False
     while True:
         check()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no shell prompt after logging in within {timeout:g} s")
+        if deadline.expired():
+            raise TimeoutError(f"no shell prompt after logging in within {deadline.budget:g} s")
         if not sent_user:
             session.send(b"\r")  # wakes a getty that printed its prompt before we connected
         index = session.expect([rb"login: ?$", rb"[Pp]assword: ?$", rb"Login incorrect", rb"[$#] ?$",
-                                pexpect.TIMEOUT, pexpect.EOF])
+                                pexpect.TIMEOUT, pexpect.EOF], timeout=deadline.share(LOGIN_STEP).remaining())
         if index == 0:
             session.send(user.encode() + b"\r")
             sent_user = True

@@ -19,7 +19,7 @@ from typing import Any
 
 import paramiko
 
-from ..base.deadline import Deadline, retry
+from ..base.deadline import CLOSE_GRACE, EXIT_EVENTS, HEARTBEAT, POKE, Deadline, retry
 from ..base.errors import (
     BootError,
     ChannelError,
@@ -41,15 +41,6 @@ from .link import DEFAULT_CONSOLE_LIMIT, HostLink, Link, ParentLink
 from .process import QEMU_ENV, HostProcess, Process, ProcessInGuest
 from .qmp import Qmp
 from .ssh import SessionKey
-
-# Seconds x level: on emulated virtualization, while a command runs the control shell must answer
-# `true` within this long (else GuestWedged). It is asked every POKE seconds: each question is
-# also an interrupt, which wakes a guest whose timer interrupt TCG lost (it would sleep until
-# some interrupt came). benchmarks/stress.py, KVM selftests in L1, 20 runs each: asked every
-# 30 s, 12 runs stalled 30 s; every 5 s, none (median 9.0 s); every 2 s, none (median 7.3 s).
-HEARTBEAT = 30.0
-POKE = 2.0
-CLOSE_GRACE = 5.0  # at most this much of the boot budget waits for a QEMU whose channel closed to exit
 
 
 class Guest:
@@ -95,7 +86,7 @@ class Guest:
         self.log.info("starting: %s", shell_line(self.qemu_argv))
         try:
             self.link.prepare()
-            self.process.start(self.qemu_argv, QEMU_ENV)
+            self.process.start(self.qemu_argv, QEMU_ENV, deadline)
             self.link.after_start(deadline, self._check_alive)
             self.channel.open(deadline)
             self._monitor(deadline)  # from here on, crash events are kept
@@ -227,15 +218,15 @@ class Guest:
 
     def crash(self) -> None:
         """Make the guest kernel panic for real (sysrq-c) and wait until QEMU is gone."""
+        deadline = Deadline.after(self.boot_timeout)
         try:
-            self.channel.panic()
+            self.channel.panic(deadline)
         except (CommandTimeout, GuestCrashed, OSError):
             pass  # the guest died mid-reply, which is what was asked for
         except ChannelError:
             if self.channel.shell is None:
                 raise GuestCrashed(f"{self.name} is not running", level=self.level) from None
-        retry(f"{self.name} QEMU exiting after the panic", self.exited, Deadline.after(self.boot_timeout),
-              interval=0.1)
+        retry(f"{self.name} QEMU exiting after the panic", self.exited, deadline, interval=0.1)
 
     # -- SSH and files ---------------------------------------------------------------------
 
@@ -255,23 +246,23 @@ class Guest:
     def _open_ssh(self, deadline: Deadline) -> paramiko.SSHClient:
         if self.ssh_key is None:
             raise SshError(f"{self.name}: SSH needs the session key, and this guest was started without one")
-        host_key = self.channel.host_key(self.ssh_key.public_line, deadline.remaining())
+        host_key = self.channel.host_key(self.ssh_key.public_line, deadline)
         port = self._monitor(deadline).forwarded_port(SSH_GUEST_PORT)
         if port is None:
             raise SshError(f"{self.name}: its QEMU forwards no port to the guest's port {SSH_GUEST_PORT} "
                            "(a -nic edit in extra QEMU arguments?)")
         via = None if self.parent is None else self.parent.ssh
         return ssh.connect(self.name, port, self.ssh_key, host_key=host_key, via=via,
-                           timeout=deadline.remaining(), check=self._check_alive)
+                           deadline=deadline, check=self._check_alive)
 
     def put(self, local: str | os.PathLike[str], remote: str) -> None:
         """Copy a file from L0 into the guest over SFTP; bytes and permission bits stay exact."""
-        ssh.put(self.ssh, Path(local), remote, self.command_timeout)
+        ssh.put(self.ssh, Path(local), remote, Deadline.after(self.command_timeout))
 
     def get(self, remote: str, local: str | os.PathLike[str]) -> None:
         """Copy a file out of the guest to L0 over SFTP: the bytes exact, the permission bits too
         except setuid, setgid, sticky and world-writable, which are dropped."""
-        ssh.get(self.ssh, remote, Path(local), self.command_timeout)
+        ssh.get(self.ssh, remote, Path(local), Deadline.after(self.command_timeout))
 
     # -- commands --------------------------------------------------------------------------
 
@@ -280,8 +271,11 @@ class Guest:
         return self.link.console_path
 
     def run(self, command: str, timeout: float | None = None) -> CommandResult:
+        return self._run(command, Deadline.after(self.command_timeout if timeout is None else timeout))
+
+    def _run(self, command: str, deadline: Deadline) -> CommandResult:
         try:
-            return self.channel.run(command, self.command_timeout if timeout is None else timeout)
+            return self.channel.run(command, deadline)
         except CommandTimeout as exc:
             exc.args = (f"{exc}\nlast console lines of {self.name}:\n{self.console.tail(10)}",)
             raise
@@ -317,17 +311,33 @@ class Guest:
         return result.stderr
 
     def wait_until_succeeds(self, command: str, timeout: float) -> str:
+        """Run `command` until it exits 0 and return its stdout; CommandFailed at `timeout`.
+
+        Each try gets what is left of one deadline, so the wait ends at `timeout`, not a whole
+        `timeout` after the last try began. A try cut off there counts as one more failure once an
+        earlier try finished; when none did, the command hangs: CommandTimeout.
+        """
         deadline = Deadline.after(timeout)
         last: list[CommandResult] = []
+        cut: list[CommandTimeout] = []
 
         def attempt() -> bool:
-            last[:] = [self.run(command, timeout)]
+            if last and deadline.expired():
+                return False  # retry's last look, after its sleep: no time left for another try
+            try:
+                last[:] = [self._run(command, deadline)]
+            except CommandTimeout as exc:
+                if not last:
+                    raise
+                cut[:] = [exc]
+                return False
             return last[0].exit_status == 0
 
         try:
             retry(f"{command!r} succeeding on {self.name}", attempt, deadline, interval=0.2)
         except TimeoutError:
-            raise last[0].failure(self.name, f"still failing after {timeout:g} s") from None
+            also = "; the try after it was cut off at the timeout" if cut else ""
+            raise last[0].failure(self.name, f"still failing after {timeout:g} s{also}") from (cut[0] if cut else None)
         return last[0].stdout
 
     def __repr__(self) -> str:
@@ -421,7 +431,7 @@ def _trouble_evidence(guest: Guest) -> Evidence:
     # runs, and a wedged one is judged by its wedge (the plugin stopped its QEMU).
     status = None if alive or guest.wedged is not None else guest.process.exit_status()
     # QEMU's events tell what ended it; they may come a moment after its exit (up to 0.5 s).
-    events = tuple(guest.qmp_events(wait=0.5)) if status is not None else ()
+    events = tuple(guest.qmp_events(wait=EXIT_EVENTS)) if status is not None else ()
     return replace(evidence_of(guest), alive=alive, exit_status=status, qmp_events=events)
 
 

@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from ..base.deadline import Deadline, retry
+from ..base.deadline import QMP_NEGOTIATION, RECORDER_JOIN, Deadline, retry
 from ..boot.layout import CONSOLE, QMP, SOCKET_ROLES, Role
 from ..boot.qemu import Ends, HostEnds, ParentEnds, RunPaths
 from .console import ConsoleRecorder
@@ -26,9 +26,6 @@ from .qmp import Qmp
 # Streams of a deeper guest that L1's QEMU carries to L0 (its console goes to a file).
 Check = Callable[[], None]  # raises when the guest's QEMU died
 DEFAULT_CONSOLE_LIMIT = 64 << 20  # bytes of console log kept per guest
-# Once QEMU greeted, negotiating takes milliseconds; a QEMU inside a guest that dies right after
-# its greeting never closes the stream (the parent's port stays open), so cap that share.
-QMP_NEGOTIATION = 10.0
 
 
 class Link(Protocol):
@@ -130,7 +127,7 @@ class HostLink:
     def qmp(self, deadline: Deadline, check: Check) -> Qmp:
         # Connected by _connect: the socket file exists a moment before QEMU listens on it.
         sock = self._connect(self.paths(1).qmp, deadline, check, what="L1 QMP socket")
-        return Qmp(sock, deadline.share(QMP_NEGOTIATION).remaining())
+        return Qmp(sock, deadline.share(QMP_NEGOTIATION))
 
     def close(self, keep_files: bool = False) -> None:
         for sock in self._sockets.values():
@@ -139,7 +136,7 @@ class HostLink:
             sock.close()
         self._sockets.clear()
         for recorder in self._recorders.values():
-            recorder.thread.join(1.0)
+            recorder.thread.join(RECORDER_JOIN)
         self._recorders.clear()
         if not keep_files:
             self._remove_run_dirs()
@@ -202,7 +199,7 @@ class ParentLink:
         # QEMU inside the parent is up once its greeting arrives; connecting before that would block.
         sock = self.carried(self.level, QMP)
         retry(f"L{self.level} QMP greeting", partial(_checked, check, partial(_readable, sock)), deadline)
-        return Qmp(sock.dup(), deadline.share(QMP_NEGOTIATION).remaining())
+        return Qmp(sock.dup(), deadline.share(QMP_NEGOTIATION))
 
     def close(self, keep_files: bool = False) -> None:
         return None  # nothing of its own: the sockets stay with L1's link

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ..base.deadline import Deadline, retry
+from ..base.deadline import QEMU_STOP_GRACE, SETPRIV_EXEC, Deadline, retry
 from .channel import CommandResult
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ class Process(Protocol):
     def parent_lost(self) -> bool:
         """The guest this QEMU ran in went down or was booted again: this QEMU is gone with it."""
 
-    def start(self, argv: list[str], env: Mapping[str, str] | None = None) -> None:
-        """Start `argv` with exactly `env`."""
+    def start(self, argv: list[str], env: Mapping[str, str] | None, deadline: Deadline) -> None:
+        """Start `argv` with exactly `env`, within what `deadline` leaves (the guest's boot budget)."""
 
     def exit_status(self) -> int | None:
         """QEMU's exit status once it ended; None while it runs (or when nobody can tell)."""
@@ -160,7 +160,7 @@ def _with_death_signal(argv: list[str], env: Mapping[str, str] | None) -> tuple[
     return [setpriv, "--pdeathsig", "KILL", "--", program, *argv[1:]], True
 
 
-def _await_exec(pid: int, wrapped: list[str], timeout: float = 5.0) -> None:
+def _await_exec(pid: int, wrapped: list[str], deadline: Deadline) -> None:
     """Wait until child `pid` no longer runs `wrapped` (setpriv has set the death signal and exec'd)."""
     # Popen returns once setpriv is exec'd, but until setpriv's prctl a pytest
     # death would orphan the child; callers may rely on the tie once start() returns.
@@ -176,7 +176,7 @@ def _await_exec(pid: int, wrapped: list[str], timeout: float = 5.0) -> None:
         return bool(cmdline and cmdline != expected) or _exited(pid)
 
     try:
-        retry(f"{wrapped[0]} exec'ing {wrapped[-1]}", execed, Deadline.after(timeout), interval=0.001)
+        retry(f"{wrapped[0]} exec'ing {wrapped[-1]}", execed, deadline, interval=0.001)
     except TimeoutError as exc:
         log.warning("%s", exc)
 
@@ -205,17 +205,17 @@ class HostProcess:
         """Always False: the parent is this machine (L0); guest.py asks it of any QEMU."""
         return False
 
-    def start(self, argv: list[str], env: Mapping[str, str] | None = None) -> None:
-        """Start `argv` with exactly `env` (default: this process's environment)."""
+    def start(self, argv: list[str], env: Mapping[str, str] | None, deadline: Deadline) -> None:
+        """Start `argv` with exactly `env` (None: this process's environment), within `deadline`."""
         wrapped, tied = _with_death_signal(argv, env)
         self.process = _get_spawner().spawn(wrapped, None if env is None else dict(env), self.log_path)
         if tied:
-            _await_exec(self.process.pid, wrapped)
+            _await_exec(self.process.pid, wrapped, deadline.share(SETPRIV_EXEC))
 
     def exit_status(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = QEMU_STOP_GRACE) -> None:
         """SIGTERM (QEMU shuts down at once), SIGKILL after `grace` s; then whatever is left of its group.
 
         Harmless before start() and after the process ended.
@@ -257,20 +257,23 @@ class ProcessInGuest:
     again, this QEMU is gone with it: `parent_lost`.
     """
 
-    parent_grace = 5.0  # seconds QEMU gets to exit on SIGTERM before SIGKILL
+    parent_grace = QEMU_STOP_GRACE  # seconds QEMU gets to exit on SIGTERM before SIGKILL
 
     def __init__(self, parent: ParentGuest, workdir: str) -> None:
         self.parent = parent
         self.workdir = workdir
         self.started_in: int | None = None  # the parent's boot this QEMU was started in
 
-    def start(self, argv: list[str], env: Mapping[str, str] | None = None) -> None:
+    def start(self, argv: list[str], env: Mapping[str, str] | None, deadline: Deadline) -> None:
+        """Start `argv` in the parent; the command counts against this guest's `deadline` (its boot
+        budget), not the parent's command timeout."""
         w = self.workdir
         prefix = "env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " " if env else ""
         self.parent.succeed(
             f"rm -rf {w} && mkdir -p {w} && cd {w} && "
             f"( {prefix}{shlex.join(argv)} </dev/null >qemu.log 2>&1 & echo $! > pid; wait $!; echo $? > exit ) "
-            ">/dev/null 2>&1 </dev/null &"
+            ">/dev/null 2>&1 </dev/null &",
+            timeout=deadline.remaining(),
         )
         self.started_in = self.parent.boots
 

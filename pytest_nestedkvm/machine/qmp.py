@@ -11,6 +11,8 @@ from typing import Any
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from ..base.deadline import QMP_REPLY, Deadline
+
 # qemu.qmp logs every negotiation at INFO; keep it out of test reports.
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 
@@ -24,15 +26,16 @@ class _Monitor(QEMUMonitorProtocol):
 
 
 class Qmp:
-    """One QMP connection to a running QEMU's control socket."""
+    """One QMP connection to a running QEMU's control socket, negotiated by `deadline`."""
 
-    def __init__(self, address: Path | socket.socket, timeout: float = 10.0) -> None:
+    def __init__(self, address: Path | socket.socket, deadline: Deadline) -> None:
         self._qmp = _Monitor(address if isinstance(address, socket.socket) else str(address))
+        timeout = deadline.remaining()
         try:
             self._qmp.connect_within(timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"QMP did not answer within {timeout:.1f} s") from None
-        self._qmp.settimeout(timeout)
+        self._qmp.settimeout(QMP_REPLY)  # later commands: the monitor outlives the deadline it was connected by
 
     def command(self, name: str, **arguments: Any) -> Any:
         return self._qmp.cmd(name, **arguments)

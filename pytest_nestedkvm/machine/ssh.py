@@ -23,7 +23,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from ..base.deadline import Deadline, retry
+from ..base.deadline import CONNECT_STEP, MIN_WAIT, Deadline, retry
 from ..base.errors import HostError, SshError
 from ..boot.layout import PORT_DIR
 
@@ -32,7 +32,6 @@ from ..boot.layout import PORT_DIR
 logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 SSHD = Path("/usr/sbin/sshd")
-CONNECT_STEP = 10.0  # seconds one connection attempt may take, within the caller's budget
 # The built-in guest's sshd keeps everything in its tmpfs, under the plugin's run directory.
 SSHD_DIR = f"{PORT_DIR}/ssh"
 
@@ -114,15 +113,14 @@ class _PinnedHostKey(paramiko.MissingHostKeyPolicy):
 
 def connect(
     what: str, port: int, key: SessionKey, *, user: str = "root", host_key: str | None = None,
-    via: paramiko.SSHClient | None = None, timeout: float = 30.0, check: Callable[[], None] | None = None,
+    via: paramiko.SSHClient | None = None, deadline: Deadline, check: Callable[[], None] | None = None,
 ) -> paramiko.SSHClient:
-    """A connected, authenticated client for the guest whose sshd is forwarded to `port`.
+    """A connected, authenticated client for the guest whose sshd is forwarded to `port`, by `deadline`.
 
     `port` is on L0's loopback, or with `via` on the loopback of that parent guest.
     Retries while the server is not up yet (calling `check`, which raises when the guest
     died, before each try); a rejected key is not retried.
     """
-    deadline = Deadline.after(timeout)
     last = ["nothing tried"]
 
     def attempt() -> paramiko.SSHClient | None:
@@ -137,7 +135,8 @@ def connect(
     try:
         return retry(f"{what}: SSH on port {port} answering", attempt, deadline, interval=0.2)
     except TimeoutError:
-        raise SshError(f"{what}: SSH on port {port} did not answer within {timeout:g} s (last: {last[0]})") from None
+        raise SshError(f"{what}: SSH on port {port} did not answer within {deadline.budget:g} s "
+                       f"(last: {last[0]})") from None
 
 
 def _connect_once(
@@ -146,7 +145,7 @@ def _connect_once(
 ) -> paramiko.SSHClient:
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(_PinnedHostKey(host_key))
-    wait = max(step.remaining(), 0.1)
+    wait = max(step.remaining(), MIN_WAIT)
     try:
         sock = None
         if via is not None:
@@ -167,33 +166,34 @@ def _connect_once(
         raise
 
 
-def shell(client: paramiko.SSHClient, timeout: float) -> paramiko.Channel:
+def shell(client: paramiko.SSHClient, deadline: Deadline) -> paramiko.Channel:
     """A session running a plain `sh` that reads commands from the channel (see channel.py)."""
     transport = client.get_transport()
     assert transport is not None
-    channel = transport.open_session(timeout=timeout)
+    channel = transport.open_session(timeout=deadline.remaining())
     channel.exec_command("exec sh")
     return channel
 
 
-def _sftp(client: paramiko.SSHClient, timeout: float) -> paramiko.SFTPClient:
-    """An SFTP session whose every wait is bounded: a guest that hangs mid-copy is an error, not a hang."""
+def _sftp(client: paramiko.SSHClient, deadline: Deadline) -> paramiko.SFTPClient:
+    """An SFTP session whose every wait is bounded: a guest that hangs mid-copy is an error, not a hang.
+    (Each wait gets what is left when the session opens: paramiko takes one timeout per channel.)"""
     sftp = client.open_sftp()
-    sftp.get_channel().settimeout(timeout)  # type: ignore[union-attr]
+    sftp.get_channel().settimeout(max(deadline.remaining(), MIN_WAIT))  # type: ignore[union-attr]
     return sftp
 
 
-def put(client: paramiko.SSHClient, local: Path, remote: str, timeout: float) -> None:
+def put(client: paramiko.SSHClient, local: Path, remote: str, deadline: Deadline) -> None:
     """Copy a file into the guest, bytes and permission bits exact."""
-    with _sftp(client, timeout) as sftp:
+    with _sftp(client, deadline) as sftp:
         sftp.put(str(local), remote)
         sftp.chmod(remote, stat.S_IMODE(local.stat().st_mode))
 
 
-def get(client: paramiko.SSHClient, remote: str, local: Path, timeout: float) -> None:
+def get(client: paramiko.SSHClient, remote: str, local: Path, deadline: Deadline) -> None:
     """Copy a file out of the guest, bytes and permission bits exact except setuid and setgid,
     which are dropped: a guest never puts a set-id program on the host."""
-    with _sftp(client, timeout) as sftp:
+    with _sftp(client, deadline) as sftp:
         sftp.get(remote, str(local))
         mode = sftp.stat(remote).st_mode
     # Never a set-id, sticky or world-writable file on L0 from a guest.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nestedkvm.base.deadline import Deadline
+from pytest_nestedkvm.base.deadline import PANIC_REPLY, Deadline
 from pytest_nestedkvm.base.errors import ChannelError, CommandTimeout, GuestSilent
 from pytest_nestedkvm.boot.layout import CHANNEL_NEEDS, ChannelKind
 from pytest_nestedkvm.machine.channel import (
@@ -104,9 +104,9 @@ def test_broken_is_not_open_before_open_and_run_refuses(link: ShellLink) -> None
     channel = AgentChannel(ChannelSetup("l1", link, fine))  # type: ignore[arg-type]
     assert channel.broken == "not open"
     with pytest.raises(ChannelError, match="l1 is not running"):
-        channel.run("true", 5)
+        channel.run("true", Deadline.after(5))
     with pytest.raises(ChannelError, match="l1 is not running"):
-        channel.panic()
+        channel.panic(Deadline.after(5))
     assert link.asked == []
 
 
@@ -128,7 +128,8 @@ def heartbeat_agent(link: ShellLink, every: float, poke: float | None = None) ->
 
 def test_a_long_command_on_a_guest_that_answers_passes_the_heartbeat(link: ShellLink) -> None:
     agent = heartbeat_agent(link, 0.3)
-    assert agent.run("sleep 1.5; echo done", 10).stdout == "done\n"  # the control shell answered meanwhile
+    # the control shell answered meanwhile
+    assert agent.run("sleep 1.5; echo done", Deadline.after(10)).stdout == "done\n"
 
 
 def test_a_guest_whose_control_shell_stops_answering_is_silent_long_before_the_timeout(link: ShellLink) -> None:
@@ -138,7 +139,7 @@ def test_a_guest_whose_control_shell_stops_answering_is_silent_long_before_the_t
     try:
         with pytest.raises(GuestSilent, match=r"l1: while a command ran, its control shell did not answer `true` "
                                               r"within 0.5 s: the whole guest stopped"):
-            agent.run("sleep 30", 60)  # would succeed after 30 s: only the heartbeat raises
+            agent.run("sleep 30", Deadline.after(60))  # would succeed after 30 s: only the heartbeat raises
         assert not agent.answers(0.5)
     finally:
         os.kill(control_pid, signal.SIGCONT)
@@ -146,30 +147,30 @@ def test_a_guest_whose_control_shell_stops_answering_is_silent_long_before_the_t
 
 def test_the_control_shell_is_asked_every_poke_and_may_take_the_heartbeat_to_answer(link: ShellLink) -> None:
     agent = heartbeat_agent(link, 5.0, poke=0.2)
-    assert agent.run("sleep 1.5; echo done", 10).stdout == "done\n"
+    assert agent.run("sleep 1.5; echo done", Deadline.after(10)).stdout == "done\n"
     assert 4 <= agent.asked <= 8  # about every 0.2 s, not every 5 s
     control_pid = link.shells[1][0].pid
     os.kill(control_pid, signal.SIGSTOP)
     threading.Timer(1.0, os.kill, (control_pid, signal.SIGCONT)).start()  # slow to answer, within 5 s
-    assert agent.run("sleep 2; echo still", 10).stdout == "still\n"
+    assert agent.run("sleep 2; echo still", Deadline.after(10)).stdout == "still\n"
 
 
 def test_without_a_heartbeat_a_silent_control_shell_is_not_asked(link: ShellLink) -> None:
     agent = heartbeat_agent(link, None)  # type: ignore[arg-type]
     os.kill(link.shells[1][0].pid, signal.SIGSTOP)
     try:
-        assert agent.run("sleep 1; echo done", 10).stdout == "done\n"
+        assert agent.run("sleep 1; echo done", Deadline.after(10)).stdout == "done\n"
     finally:
         os.kill(link.shells[1][0].pid, signal.SIGCONT)
 
 
 def test_agent_runs_commands(agent: AgentChannel) -> None:
-    result = agent.run("echo out; echo err >&2; exit 3", 5)
+    result = agent.run("echo out; echo err >&2; exit 3", Deadline.after(5))
     assert isinstance(result, CommandResult)
     assert (result.stdout, result.stderr, result.exit_status) == ("out\n", "err\n", 3)
-    assert agent.run_ok("echo fine", 5) == "fine\n"
+    assert agent.run_ok("echo fine", Deadline.after(5)) == "fine\n"
     with pytest.raises(AssertionError, match="expected exit status 0"):
-        agent.run_ok("false", 5)
+        agent.run_ok("false", Deadline.after(5))
 
 
 def test_a_timed_out_command_is_killed_through_the_control_shell(
@@ -179,18 +180,18 @@ def test_a_timed_out_command_is_killed_through_the_control_shell(
     control_commands: list[str] = []
     run = agent.control.run
 
-    def recording_run(command: str, timeout: float) -> CommandResult:
+    def recording_run(command: str, deadline: Deadline) -> CommandResult:
         control_commands.append(command)
-        return run(command, timeout)
+        return run(command, deadline)
 
     monkeypatch.setattr(agent.control, "run", recording_run)
     started = time.monotonic()
     with pytest.raises(CommandTimeout):
-        agent.run("sleep 30", 0.5)
+        agent.run("sleep 30", Deadline.after(0.5))
     assert time.monotonic() - started < 8
     assert control_commands == [f"__nk_kill {agent.shell.shell_pid}"]
     assert agent.broken is None
-    assert agent.run("echo still here", 5).stdout == "still here\n"
+    assert agent.run("echo still here", Deadline.after(5)).stdout == "still here\n"
 
 
 def test_a_stuck_control_shell_breaks_the_channel_so_the_guest_is_replaced(agent: AgentChannel) -> None:
@@ -199,31 +200,32 @@ def test_a_stuck_control_shell_breaks_the_channel_so_the_guest_is_replaced(agent
     assert agent.shell is not None and agent.control is not None
     agent.control.shell_pid = None  # as after its own timeout: it cannot be interrupted
     with pytest.raises(CommandTimeout):
-        agent.control.run("sleep 30", 0.3)
+        agent.control.run("sleep 30", Deadline.after(0.3))
     with pytest.raises(CommandTimeout, match="could not be stopped"):
-        agent.run("sleep 30", 0.3)
+        agent.run("sleep 30", Deadline.after(0.3))
     assert agent.broken is not None and "killing it failed" in agent.broken
     with pytest.raises(ChannelError, match="unusable"):
-        agent.run("echo after", 5)
+        agent.run("echo after", Deadline.after(5))
 
 
 def test_panic_goes_through_the_control_shell(agent: AgentChannel, monkeypatch: pytest.MonkeyPatch) -> None:
     # never forwarded: run as root on a real host, sysrq-c would crash it
-    sent: list[tuple[str, str, float]] = []
+    sent: list[tuple[str, str, Deadline]] = []
     assert agent.shell is not None and agent.control is not None
     for name, shell in (("shell", agent.shell), ("control", agent.control)):
-        monkeypatch.setattr(shell, "run", lambda command, timeout, name=name: sent.append((name, command, timeout)))
-    agent.panic()
-    assert sent == [("control", PANIC, 5)]
+        monkeypatch.setattr(shell, "run", lambda command, deadline, name=name: sent.append((name, command, deadline)))
+    agent.panic(Deadline.after(60))
+    assert [(name, command) for name, command, _ in sent] == [("control", PANIC)]
+    assert 0 < sent[0][2].remaining() <= PANIC_REPLY  # a share of the caller's deadline, not all of it
     assert PANIC == "echo c > /proc/sysrq-trigger"
 
 
 def test_panic_without_a_control_shell_uses_the_main_one(agent: AgentChannel, monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[str] = []
     assert agent.shell is not None
-    monkeypatch.setattr(agent.shell, "run", lambda command, timeout: sent.append(command))
+    monkeypatch.setattr(agent.shell, "run", lambda command, deadline: sent.append(command))
     agent.control = None  # as a serial channel has it
-    agent.panic()
+    agent.panic(Deadline.after(60))
     assert sent == [PANIC]
 
 
@@ -232,4 +234,4 @@ def test_close_resets_the_channel(agent: AgentChannel) -> None:
     assert (agent.shell, agent.control, agent.ssh_client) == (None, None, None)
     assert agent.broken == "not open"
     with pytest.raises(ChannelError, match="not running"):
-        agent.run("true", 5)
+        agent.run("true", Deadline.after(5))

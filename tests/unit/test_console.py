@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_nestedkvm.base.deadline import Deadline
 from pytest_nestedkvm.machine.console import RAW_SHELL, Console, ConsoleRecorder, serial_login, stall_kind
 
 BOOT = (
@@ -284,7 +285,7 @@ def test_serial_login_leaves_a_raw_shell() -> None:
     lines: list[bytes] = []
     getty = threading.Thread(target=fake_getty, args=(theirs, "pw", lines))
     getty.start()
-    serial_login(ours, "tester", "pw", timeout=10, check=lambda: None)
+    serial_login(ours, "tester", "pw", Deadline.after(10), check=lambda: None)
     getty.join(5)
     assert lines == [RAW_SHELL]
 
@@ -294,14 +295,14 @@ def test_serial_login_with_a_wrong_password_says_so() -> None:
     getty = threading.Thread(target=fake_getty, args=(theirs, "right", []))
     getty.start()
     with pytest.raises(PermissionError, match="refused the login as 'tester': check --nested-login"):
-        serial_login(ours, "tester", "wrong", timeout=10, check=lambda: None)
+        serial_login(ours, "tester", "wrong", Deadline.after(10), check=lambda: None)
     getty.join(5)
 
 
 def test_serial_login_gives_up_after_its_timeout() -> None:
     ours, _silent = socket.socketpair()
     with pytest.raises(TimeoutError, match=r"within 1\.5 s"):
-        serial_login(ours, "tester", "pw", timeout=1.5, check=lambda: None)
+        serial_login(ours, "tester", "pw", Deadline.after(1.5), check=lambda: None)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_nestedkvm.base.deadline import Deadline
 from pytest_nestedkvm.machine import process as process_module
 from pytest_nestedkvm.machine.process import HostProcess
 
@@ -78,7 +79,7 @@ def host_process(tmp_path: Path) -> Iterator[HostProcess]:
 
 
 def _started_in_a_thread(proc: HostProcess) -> None:
-    thread = threading.Thread(target=proc.start, args=(["sleep", "1000"],))
+    thread = threading.Thread(target=proc.start, args=(["sleep", "1000"], None, Deadline.after(10)))
     thread.start()
     thread.join()
 
@@ -97,7 +98,7 @@ def test_child_outlives_the_thread_that_started_it(host_process: HostProcess) ->
 
 @needs_setpriv
 def test_death_signal_is_set(host_process: HostProcess) -> None:
-    host_process.start(["setpriv", "--dump"])
+    host_process.start(["setpriv", "--dump"], None, Deadline.after(10))
     assert _eventually(lambda: host_process.exit_status() is not None)
     assert "Parent death signal: KILL" in host_process.output(50)
 
@@ -105,9 +106,10 @@ def test_death_signal_is_set(host_process: HostProcess) -> None:
 CHILD_OF_DOOMED_PYTHON = textwrap.dedent("""
     import sys, threading
     from pathlib import Path
+    from pytest_nestedkvm.base.deadline import Deadline
     from pytest_nestedkvm.machine.process import HostProcess
     proc = HostProcess(Path(sys.argv[1]))
-    starter = threading.Thread(target=proc.start, args=(["sleep", "1000"],))
+    starter = threading.Thread(target=proc.start, args=(["sleep", "1000"], None, Deadline.after(10)))
     starter.start()
     starter.join()
     print(proc.pid, flush=True)
@@ -136,7 +138,8 @@ def test_child_dies_when_the_python_process_is_killed(tmp_path: Path) -> None:
 
 
 def test_stop_kills_what_ignores_sigterm_and_its_whole_group(host_process: HostProcess) -> None:
-    host_process.start(["sh", "-c", 'trap "" TERM; sleep 1000; :'])  # ':' keeps sh from exec'ing sleep
+    # ':' keeps sh from exec'ing sleep
+    host_process.start(["sh", "-c", 'trap "" TERM; sleep 1000; :'], None, Deadline.after(10))
     pid = host_process.pid
     assert pid is not None
     assert _eventually(lambda: len(_session(pid)) == 2)  # sh and its sleep
@@ -148,7 +151,7 @@ def test_stop_kills_what_ignores_sigterm_and_its_whole_group(host_process: HostP
 
 
 def test_stop_on_sigterm_does_not_wait_for_the_grace(host_process: HostProcess) -> None:
-    host_process.start(["sleep", "1000"])
+    host_process.start(["sleep", "1000"], None, Deadline.after(10))
     started = time.monotonic()
     host_process.stop(grace=30)
     assert time.monotonic() - started < 5
@@ -158,7 +161,7 @@ def test_stop_on_sigterm_does_not_wait_for_the_grace(host_process: HostProcess) 
 def test_stop_before_start_and_after_exit_is_harmless(host_process: HostProcess) -> None:
     host_process.stop()
     assert host_process.pid is None and host_process.exit_status() is None
-    host_process.start(["sh", "-c", "exit 3"])
+    host_process.start(["sh", "-c", "exit 3"], None, Deadline.after(10))
     assert _eventually(lambda: host_process.exit_status() is not None)
     host_process.stop()
     host_process.stop()
@@ -166,7 +169,7 @@ def test_stop_before_start_and_after_exit_is_harmless(host_process: HostProcess)
 
 
 def test_stop_reaps_a_child_that_exited_unnoticed(host_process: HostProcess) -> None:
-    host_process.start(["sh", "-c", "exit 4"])
+    host_process.start(["sh", "-c", "exit 4"], None, Deadline.after(10))
     pid = host_process.pid
     assert pid is not None
     assert _eventually(lambda: _stat(pid) is None or _stat(pid)[0] == "Z")  # type: ignore[index]
@@ -176,7 +179,7 @@ def test_stop_reaps_a_child_that_exited_unnoticed(host_process: HostProcess) -> 
 
 def test_env_is_exactly_the_childs_environment(host_process: HostProcess) -> None:
     env = {"PATH": "/usr/bin:/bin", "NESTEDKVM_MARK": "x y=z", "EMPTY": ""}
-    host_process.start(["sleep", "1000"], env=env)
+    host_process.start(["sleep", "1000"], env, Deadline.after(10))
     pid = host_process.pid
     assert pid is not None
     assert _eventually(lambda: _is_sleep(pid))
@@ -186,14 +189,14 @@ def test_env_is_exactly_the_childs_environment(host_process: HostProcess) -> Non
 
 def test_env_defaults_to_ours(host_process: HostProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NESTEDKVM_MARK", "inherited")
-    host_process.start(["sh", "-c", 'echo "mark=$NESTEDKVM_MARK"'])
+    host_process.start(["sh", "-c", 'echo "mark=$NESTEDKVM_MARK"'], None, Deadline.after(10))
     assert _eventually(lambda: host_process.exit_status() is not None)
     assert host_process.output(1) == "mark=inherited"
 
 
 def test_output_is_the_last_lines_of_stdout_and_stderr(host_process: HostProcess) -> None:
     assert host_process.output(5) == ""
-    host_process.start(["sh", "-c", "echo one; echo two >&2; echo three"])
+    host_process.start(["sh", "-c", "echo one; echo two >&2; echo three"], None, Deadline.after(10))
     assert _eventually(lambda: host_process.exit_status() is not None)
     assert host_process.output(2) == "two\nthree"
     assert host_process.log_path.read_text() == "one\ntwo\nthree\n"
@@ -201,7 +204,7 @@ def test_output_is_the_last_lines_of_stdout_and_stderr(host_process: HostProcess
 
 def test_missing_program_raises_at_start(host_process: HostProcess) -> None:
     with pytest.raises(FileNotFoundError):
-        host_process.start(["no-such-qemu-binary"])
+        host_process.start(["no-such-qemu-binary"], None, Deadline.after(10))
     assert host_process.pid is None
 
 
@@ -210,7 +213,7 @@ def test_without_setpriv_it_runs_without_death_signal(
 ) -> None:
     monkeypatch.setattr(process_module, "SETPRIV", "no-such-setpriv")
     with caplog.at_level(logging.WARNING, logger=process_module.__name__):
-        host_process.start(["sleep", "1000"])
+        host_process.start(["sleep", "1000"], None, Deadline.after(10))
     assert "no-such-setpriv not found" in caplog.text
     pid = host_process.pid
     assert pid is not None

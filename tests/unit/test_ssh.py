@@ -9,6 +9,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from pytest_nestedkvm.base.deadline import Deadline
 from pytest_nestedkvm.base.errors import HostError
 from pytest_nestedkvm.machine import ssh
 
@@ -58,4 +59,4 @@ def test_connect_to_a_closed_port_gives_up_with_the_last_error(tmp_path: Path) -
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
     expected = rf"l9: SSH on port {port} did not answer within 0.5 s \(last: .*Unable to connect"
     with pytest.raises(ssh.SshError, match=expected):
-        ssh.connect("l9", port, ssh.make_session_key(tmp_path / "k"), timeout=0.5)
+        ssh.connect("l9", port, ssh.make_session_key(tmp_path / "k"), deadline=Deadline.after(0.5))

@@ -1,0 +1,137 @@
+"""Unit tests for Guest's waits on a fake clock: a real Guest whose channel is a stand-in whose
+commands take fake seconds, and a nested QEMU's start on a stand-in parent (no QEMU, no sleeping)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pytest_nestedkvm.base import deadline as deadline_module
+from pytest_nestedkvm.base.deadline import Deadline
+from pytest_nestedkvm.base.errors import CommandFailed, CommandTimeout
+from pytest_nestedkvm.boot.qemu import GuestSpec
+from pytest_nestedkvm.machine.channel import CommandResult
+from pytest_nestedkvm.machine.guest import Guest
+from pytest_nestedkvm.machine.process import QEMU_ENV, ProcessInGuest
+
+EPSILON = 0.01  # the fake clock is exact; this only absorbs float rounding
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(deadline_module, "monotonic", fake.monotonic)
+    monkeypatch.setattr(deadline_module, "sleep", fake.sleep)
+    return fake
+
+
+class SlowChannel:
+    """Each command takes `seconds` on the fake clock and exits `statuses` in turn (the last one
+    from then on); one that would end past its deadline times out at the deadline, as the real
+    channel's does."""
+
+    broken = None
+
+    def __init__(self, clock: FakeClock, seconds: float, *statuses: int) -> None:
+        self.clock, self.seconds, self.statuses = clock, seconds, list(statuses)
+        self.tries: list[float] = []  # when each try began
+
+    def run(self, command: str, deadline: Deadline) -> CommandResult:
+        self.tries.append(self.clock.now)
+        if deadline.remaining() < self.seconds:
+            self.clock.now = max(self.clock.now, deadline.at)
+            raise CommandTimeout(f"timed out after {deadline.budget:g} s", command=command,
+                                 timeout=deadline.budget, stdout=b"", stderr=b"")
+        self.clock.now += self.seconds
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return CommandResult(command, status, f"try {len(self.tries)}\n", "", self.seconds)
+
+
+@dataclass
+class FakeLink:
+    console_path: Path
+
+
+def guest_with(tmp_path: Path, channel: SlowChannel) -> Guest:
+    spec = GuestSpec(level=1, qemu="qemu-system-x86_64", accel="kvm", cpu="host", memory_mib=256, smp=1)
+    guest = Guest(spec, FakeLink(tmp_path / "console.log"), None, [],  # type: ignore[arg-type]
+                  boot_timeout=60, command_timeout=600)
+    guest.channel = channel  # type: ignore[assignment]
+    return guest
+
+
+@pytest.mark.parametrize("seconds", [3.0, 8.0])
+def test_wait_until_succeeds_ends_at_its_timeout(tmp_path: Path, clock: FakeClock, seconds: float) -> None:
+    """Before issue 20 each try got the whole timeout: 8 s tries in a 10 s wait took 16.2 s."""
+    channel = SlowChannel(clock, seconds, 1)
+    guest = guest_with(tmp_path, channel)
+    started = clock.now
+    with pytest.raises(CommandFailed) as caught:
+        guest.wait_until_succeeds("test -e /ready", 10)
+    assert clock.now - started <= 10 + EPSILON
+    assert len(channel.tries) >= 2
+    assert "exited 1, still failing after 10 s; the try after it was cut off" in str(caught.value)
+    assert isinstance(caught.value.__cause__, CommandTimeout)
+
+
+def test_wait_until_succeeds_returns_the_stdout_of_the_first_success(tmp_path: Path, clock: FakeClock) -> None:
+    channel = SlowChannel(clock, 2.0, 1, 1, 0)
+    assert guest_with(tmp_path, channel).wait_until_succeeds("test -e /ready", 10) == "try 3\n"
+    assert len(channel.tries) == 3
+
+
+def test_wait_until_succeeds_starts_no_try_once_the_time_is_up(tmp_path: Path, clock: FakeClock) -> None:
+    """A failing command that fits: the last look comes at the timeout, and runs nothing."""
+    channel = SlowChannel(clock, 1.0, 1)
+    guest = guest_with(tmp_path, channel)
+    started = clock.now
+    with pytest.raises(CommandFailed, match=r"still failing after 2\.3 s\nstdout"):
+        guest.wait_until_succeeds("false", 2.3)  # tries at 0 and 1.2; the look at 2.3 runs nothing
+    assert channel.tries == pytest.approx([started, started + 1.2])
+    assert clock.now - started <= 2.3 + EPSILON
+
+
+def test_a_command_that_never_finishes_a_try_times_out(tmp_path: Path, clock: FakeClock) -> None:
+    channel = SlowChannel(clock, 30.0, 0)
+    started = clock.now
+    with pytest.raises(CommandTimeout, match="timed out after 5 s"):
+        guest_with(tmp_path, channel).wait_until_succeeds("sleep 30", 5)
+    assert clock.now - started <= 5 + EPSILON
+
+
+class RecordingParent:
+    """The parent Guest as ProcessInGuest.start uses it: the commands it was asked to run, with their timeouts."""
+
+    command_timeout = 120.0
+    boots = 1
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, float | None]] = []
+
+    def succeed(self, command: str, timeout: float | None = None) -> str:
+        self.asked.append((command, timeout))
+        return ""
+
+
+def test_a_nested_qemu_start_counts_against_the_childs_boot_budget(clock: FakeClock) -> None:
+    """Before issue 20 the start command ran with the parent's command timeout (None here)."""
+    parent = RecordingParent()
+    boot = Deadline.after(900)
+    clock.now += 700  # most of L2's boot budget is gone (say, L1 booted first)
+    ProcessInGuest(parent, "/run/nk/l2").start(["qemu-system-x86_64", "-S"], QEMU_ENV, boot)  # type: ignore[arg-type]
+    [(command, timeout)] = parent.asked
+    assert "qemu-system-x86_64 -S" in command
+    assert timeout == pytest.approx(200)
