@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .base.errors import BootError, LevelUnavailable, NestedKvmError
-from .base.host import HARDWARE_BACKENDS, HostReport, enable_nested, find_qemu, probe
+from .base.host import HARDWARE_BACKENDS, HostReport, QemuInfo, enable_nested, find_qemu, probe
 from .boot.cloudinit import write_nocloud_seed
 from .boot.initramfs import Kernel, boot_image, build_initramfs, cache_dir
 from .boot.kernel_tree import boot_kernel, modules_share, with_modules
@@ -86,7 +86,9 @@ class Lab:
     def report(self) -> HostReport:
         """The host check with the QEMU that will run L1 (its `--version` runs here, once)."""
         arch = platform.machine()
-        report = probe(accel=self.settings.accel, cpu=self.settings.cpu, qemu=find_qemu(arch), arch=arch)
+        chosen = self.settings.qemu_for(1)  # --nested-qemu, already run once while options were read
+        qemu = find_qemu(arch) if chosen is None else chosen.info
+        report = probe(accel=self.settings.accel, cpu=self.settings.cpu, qemu=qemu, arch=arch)
         if self.settings.enable and report.kvm_backend in HARDWARE_BACKENDS and report.nested is False:
             for line in enable_nested(report):
                 self.progress(line)
@@ -123,7 +125,7 @@ class Lab:
         files = plan.BootFiles(kernel=boot_image(kernel), initrd=build_initramfs(kernel),
                                firmware=QBOOT if QBOOT.is_file() else None, seeds=seeds)
         shared = [cache_dir(), *python_dirs(), *self.settings.share, *modules_share(kernel),
-                  *self.settings.suite_dirs()]
+                  *self.settings.suite_dirs(), *self.settings.qemu_shares()]
         view = build_view(filtered_etc(cache_dir()), shared, project=self.rootdir)
         view = with_modules(view, kernel)  # for modprobe in guests
         return dataclasses.replace(files, view=view, image_formats=formats)
@@ -181,10 +183,18 @@ class Lab:
         if "pool" in self.__dict__:
             self.pool.stop_from(level)
 
+    def qemu_of(self, level: int) -> QemuInfo | None:
+        """The QEMU that runs the guest at `level` (for L2 and deeper: inside its parent)."""
+        chosen = self.settings.qemu_for(level)
+        return self.report.qemu if chosen is None else chosen.info
+
     def plan_lines(self) -> list[str]:
-        """The accelerator plan, its deciding reason, and the levels of this session."""
+        """The accelerator plan, its deciding reason, the QEMU of each deeper level where it is
+        not L1's, and the levels of this session."""
         summary = [line.removeprefix("nestedkvm: ") for line in self.report.summary_lines()]
-        return [*summary, f"levels {self.settings.levels}"]
+        inner = [f"L{level} QEMU {qemu.version} {qemu.binary}" for level in range(2, self.settings.levels + 1)
+                 if (qemu := self.qemu_of(level)) is not None and qemu != self.report.qemu]
+        return [*summary, *inner, f"levels {self.settings.levels}"]
 
     @functools.cached_property
     def properties(self) -> list[tuple[str, str]]:
@@ -193,6 +203,9 @@ class Lab:
                  ("nestedkvm_levels", str(self.settings.levels))]
         if self.report.qemu is not None:
             props.append(("nestedkvm_qemu", self.report.qemu.version))
+        for level in range(1, self.settings.levels + 1):  # which QEMU ran each level
+            if (qemu := self.qemu_of(level)) is not None:
+                props.append((f"nestedkvm_qemu_l{level}", f"{qemu.version} {qemu.binary}"))
         with contextlib.suppress(NestedKvmError):  # reported where the kernel is needed
             props.append(("nestedkvm_kernel", self.kernel.release))
         return props

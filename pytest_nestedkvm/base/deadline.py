@@ -52,6 +52,7 @@ HEARTBEAT = 30.0
 POKE = 2.0
 QEMU_VERSION_PROBE = 10.0  # base/host.py: `qemu-system-* --version` while probing the host, before any budget
 QEMU_IMG_INFO = 60.0  # config/settings.py: qemu-img reading a disk image's backing chain while options are read
+LDD = 30.0  # config/settings.py: ldd listing an inner QEMU's libraries while options are read
 # suite_items: a kvm-unit-test's channel limit past x86/run's own timeout(1), scaled by pace and level
 # like the suite's timeout: a backstop for a QEMU that timeout(1) did not end.
 SUITE_BACKSTOP = 30.0

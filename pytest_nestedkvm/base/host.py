@@ -60,6 +60,49 @@ class QemuInfo:
     sandbox: bool = False  # built with seccomp: takes -sandbox QEMU_SANDBOX
 
 
+# The oldest QEMU whose options the plugin uses (-action panic=exit-failure came with 6.0).
+QEMU_MIN_VERSION = (6, 0)
+
+
+@dataclass(frozen=True)
+class QemuBuild:
+    """A QEMU the user chose (--nested-qemu): its binary, a build tree's firmware, what it said."""
+
+    binary: Path
+    firmware: Path | None  # a build directory's pc-bios/, given to QEMU with -L
+    info: QemuInfo
+
+    @property
+    def directory(self) -> Path:
+        return self.binary.parent
+
+    def __str__(self) -> str:
+        return str(self.binary)
+
+
+def qemu_build(path: Path, arch: str | None = None) -> QemuBuild:
+    """A qemu-system binary, or a QEMU build directory holding qemu-system-<arch> (and pc-bios/);
+    ValueError, in words, for anything else or a QEMU older than QEMU_MIN_VERSION."""
+    name = f"qemu-system-{arch or platform.machine()}"
+    binary = path / name if path.is_dir() else path
+    if path.is_dir() and not binary.is_file():
+        raise ValueError(f"{path} is a directory without {name}: build QEMU there (make), or pass the binary")
+    if not binary.is_file():
+        raise ValueError(f"{path} does not exist: pass a qemu-system binary or a QEMU build directory")
+    if not os.access(binary, os.X_OK):
+        raise ValueError(f"{binary} is not executable: chmod +x it, or pass another QEMU")
+    try:
+        info = qemu_facts(str(binary.resolve()))
+    except HostError as exc:
+        raise ValueError(f"{binary} is not a QEMU that works here: {exc}") from None
+    found = tuple(int(part) for part in info.version.split(".")[:2])
+    if found < QEMU_MIN_VERSION:
+        need = ".".join(map(str, QEMU_MIN_VERSION))
+        raise ValueError(f"{binary} is QEMU {info.version}; the plugin needs {need} or newer")
+    firmware = binary.parent / "pc-bios"
+    return QemuBuild(binary.resolve(), firmware.resolve() if firmware.is_dir() else None, info)
+
+
 @dataclass(frozen=True)
 class HostReport:
     arch: str

@@ -101,8 +101,10 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
     """The guest at `level` before hooks. L1 gets the host plan (accelerator, CPU model); deeper
     levels always run on their parent's KVM, with -cpu host unless --nested-l2-cpu says otherwise."""
     assert report.qemu is not None
+    chosen = settings.qemu_for(level)  # --nested-qemu; else L0's on PATH, at the same path inside guests
     common = GuestSpec(
-        level=level, qemu=report.qemu.binary, accel=report.accel if level == 1 else "kvm",
+        level=level, qemu=report.qemu.binary if chosen is None else str(chosen.binary),
+        accel=report.accel if level == 1 else "kvm",
         cpu=settings.cpu_for(level, report.cpu), memory_mib=settings.memory_for(level),
         smp=settings.smp_for(level, emulated=report.pace == "tcg"),
         extra_args=settings.qemu_args_for(level), sandbox=level == 1 and report.qemu.sandbox,

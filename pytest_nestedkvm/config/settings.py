@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..base.deadline import QEMU_IMG_INFO
+from ..base.deadline import LDD, QEMU_IMG_INFO
 from ..base.errors import ConfigError
-from ..base.host import ACCELS, AccelChoice
+from ..base.host import ACCELS, AccelChoice, QemuBuild, qemu_build
 from ..boot.kernel_tree import check_image, check_modules, is_tree, tree_image
-from ..boot.view import unshareable
+from ..boot.view import SYSTEM_DIRS, unshareable
 from ..suites import knownfail, kut
 from ..suites import kselftests as kselftests_suite
 from ..suites.knownfail import KnownFailures
@@ -74,6 +74,7 @@ class Settings:
     accel: AccelChoice = "auto"
     cpu: str | None = None
     l2_cpu: str | None = None
+    qemu: tuple[QemuBuild, ...] = ()  # --nested-qemu: the QEMU of L1, L2, ... (the last one for deeper levels)
     qemu_args: tuple[str, ...] = ()
     l2_qemu_args: tuple[str, ...] = ()
     kernel: Path | None = None
@@ -142,6 +143,7 @@ class Settings:
         settings._check_idle_options()
         settings._check_kernel_tree()
         settings._check_images()
+        settings._check_inner_qemus()
         return settings
 
     def check_host_plan(self, *, accel: str, host_cpus: int, default_kernel: Callable[[], Path | None]) -> None:
@@ -185,7 +187,21 @@ class Settings:
         return self.l2_cpu or "host"
 
     def qemu_args_for(self, level: int) -> tuple[str, ...]:
-        return self.qemu_args if level == 1 else self.l2_qemu_args
+        build = self.qemu_for(level)
+        firmware = ("-L", str(build.firmware)) if build is not None and build.firmware is not None else ()
+        return (*firmware, *(self.qemu_args if level == 1 else self.l2_qemu_args))
+
+    def qemu_for(self, level: int) -> QemuBuild | None:
+        """The user's QEMU for `level` (a level without an entry gets the one above it); None: L0's on PATH."""
+        return self.qemu[min(level, len(self.qemu)) - 1] if self.qemu else None
+
+    def qemu_shares(self) -> tuple[Path, ...]:
+        """The directories of the user's QEMUs that run inside a guest (L2 and deeper): the guests see
+        them read-only at the same paths (a binary under the system directories is there already)."""
+        inner = {self.qemu_for(level) for level in range(2, self.levels + 1)}
+        system = [Path(d) for d in SYSTEM_DIRS]
+        return tuple(sorted({b.directory for b in inner if b is not None
+                             and not any(b.directory.resolve().is_relative_to(d) for d in system)}))
 
     def smp_for(self, level: int, *, emulated: bool = False) -> int:
         """vCPUs at `level`: explicit value, else 2 for L1 (see from_sources) and 1 deeper. Where the
@@ -252,6 +268,17 @@ class Settings:
         for name, idle_here, why in idle:
             if idle_here:
                 raise ConfigError(f"{self._given(name)}: {why}", option=name)
+
+    def _check_inner_qemus(self) -> None:
+        """A QEMU that runs inside a guest must be shareable, and its libraries must be there too."""
+        for directory in self.qemu_shares():
+            build = next(b for b in self.qemu if b.directory == directory)
+            reason = unshareable(directory)
+            if reason is None:
+                reason = missing_library(build, (*self.qemu_shares(), *self.share))
+            if reason is not None:
+                raise ConfigError(f"{self._given('qemu')}: {build.binary} runs inside L1 and deeper, but {reason}",
+                                  option="qemu")
 
     def _check_images(self) -> None:
         """The files a qcow2 image reads besides itself lie where the guests may see them."""
@@ -564,6 +591,35 @@ def _argv(raw: str) -> tuple[str, ...]:
         raise ValueError(f"cannot split into arguments ({exc}): check the quotes") from None
 
 
+def _qemu_builds(raw: str) -> tuple[QemuBuild, ...]:
+    builds = tuple(qemu_build(Path(part.strip())) for part in raw.split(",") if part.strip())
+    if not builds:
+        raise ValueError("no QEMU given: pass a qemu-system binary or a QEMU build directory")
+    return builds
+
+
+def missing_library(build: QemuBuild, shares: tuple[Path, ...]) -> str | None:
+    """Why `build.binary` would not start inside a guest that sees the system directories and
+    `shares`: a shared library ldd cannot find, or finds elsewhere; None when all are there."""
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        return None  # nothing to ask; QEMU's own error says it inside the guest
+    found = subprocess.run([ldd, str(build.binary)], capture_output=True, text=True, timeout=LDD,
+                           check=False)
+    places = [*(Path(d) for d in SYSTEM_DIRS), *(s.resolve() for s in shares)]
+    for line in found.stdout.splitlines():
+        name, arrow, rest = line.strip().partition(" => ")
+        if not arrow:
+            continue
+        target = rest.split(" (", 1)[0].strip()
+        if target == "not found":
+            return f"its library {name} is not found on this host either: install it or fix the build"
+        if not any(Path(target).resolve().is_relative_to(place) for place in places):
+            return (f"its library {name} is {target}, which guests do not see: share its directory "
+                    "with --nested-share, or build QEMU against the system's libraries")
+    return None
+
+
 def _shares(raw: str) -> tuple[Path, ...]:
     return tuple(shareable_dir(part) for part in raw.split(",") if part.strip())
 
@@ -631,6 +687,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("cpu", "-cpu model for L1 (default: host with KVM, max with TCG)", "MODEL", parse=str.strip),
     Option("l2_cpu", "-cpu model for L2 and deeper, e.g. qemu64,+svm (default host: all the parent has)", "MODEL",
            parse=str.strip),
+    Option("qemu", "the QEMU for L1, L2, ... in that order: a qemu-system binary or a QEMU build directory "
+           "(its firmware in pc-bios/ too); a level without an entry gets the one above it; a binary for L2 and "
+           "deeper is shared read-only with the guests (default: qemu-system-<arch> on PATH)", "PATH[,PATH...]",
+           parse=_qemu_builds),
     Option("qemu_args", "extra arguments for L1's QEMU, split like a shell would (e.g. '-device virtio-rng-pci')",
            "ARGS", parse=_argv),
     Option("l2_qemu_args", "extra arguments for the QEMU of L2 and deeper", "ARGS", parse=_argv),

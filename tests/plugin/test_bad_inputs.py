@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -579,3 +580,25 @@ def test_options_that_would_do_nothing_together_are_refused(
     }[case]
     line = refused(pytester, monkeypatch, tmp_path, *args)
     assert line.startswith(f"ERROR: {start}"), line
+
+
+# --- the user's QEMU -------------------------------------------------------------------------
+
+
+def test_a_qemu_build_directory_without_a_binary_is_refused(pytester: pytest.Pytester,
+                                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    build = tmp_path / "qemu-build"
+    build.mkdir()
+    line = refused(pytester, monkeypatch, tmp_path, f"--nested-qemu={build}")
+    assert line == (f"ERROR: --nested-qemu='{build}' (from command line): {build} is a directory without "
+                    f"qemu-system-{platform.machine()}: build QEMU there (make), or pass the binary")
+
+
+def test_a_qemu_too_old_for_the_plugin_is_refused(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    old = tmp_path / "old-qemu"
+    old.write_text("#!/bin/sh\necho 'QEMU emulator version 5.2.0'\n")
+    old.chmod(0o755)
+    line = refused(pytester, monkeypatch, tmp_path, f"--nested-qemu={old}")
+    assert line == (f"ERROR: --nested-qemu='{old}' (from command line): {old} is QEMU 5.2.0; the plugin needs 6.0 "
+                    "or newer")
