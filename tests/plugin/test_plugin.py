@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import json
 import os
+import platform
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -20,7 +21,7 @@ import pytest
 from fakes import fake_qemu
 from test_kvm_suite_options import kut_tree, selftests_tree
 
-from pytest_nestedkvm.base.host import QEMU_SANDBOX, probe
+from pytest_nestedkvm.base.host import QEMU_SANDBOX, probe, qemu_build
 from pytest_nestedkvm.config.settings import OPTION_BY_NAME, OPTIONS, Option
 from pytest_nestedkvm.suites import knownfail
 
@@ -168,6 +169,13 @@ def make_values(base: Path) -> ValueTable:
             path.mkdir()
         return Case(str(path), path.resolve())
 
+    def qemu(name: str) -> Case:
+        binary = base / name / f"qemu-system-{platform.machine()}"
+        binary.parent.mkdir()
+        binary.write_text("#!/bin/sh\necho 'QEMU emulator version 8.2.2'\n")
+        binary.chmod(0o755)
+        return Case(str(binary.parent), (qemu_build(binary.parent),))
+
     def share(name: str) -> Case:
         path = base / name
         path.mkdir(exist_ok=True)
@@ -180,6 +188,7 @@ def make_values(base: Path) -> ValueTable:
         "accel": (Case("tcg", "tcg"), Case("auto", "auto"), Case("TCG", "tcg")),
         "cpu": (Case("qemu64", "qemu64"), Case("max", "max"), Case(" kvm64 ", "kvm64")),
         "l2_cpu": (Case("qemu64,+svm", "qemu64,+svm"), Case("host", "host"), Case("max ", "max")),
+        "qemu": (qemu("q-cli"), qemu("q-env"), qemu("q-ini")),
         "qemu_args": (Case("-device virtio-rng-pci", ("-device", "virtio-rng-pci")), Case("-s", ("-s",)),
                       Case("-append 'a b'", ("-append", "a b"))),
         "l2_qemu_args": (Case("-S", ("-S",)), Case("-m 100", ("-m", "100")), Case("'-x y'", ("-x y",))),
