@@ -28,8 +28,11 @@ def test_each_level_runs_its_own_qemu(l1, l2):
 
 
 def build_tree(where: Path) -> Path:
-    """A directory laid out as a QEMU build: qemu-system-x86_64 and pc-bios/ with the firmware."""
-    where.mkdir()
+    """A directory laid out as a QEMU build: qemu-system-x86_64, pc-bios/ with the firmware, and
+    qemu-bundle/, where a binary run from its build tree finds its modules and data (here the
+    installed ones: Debian's QEMU loads TCG as a module)."""
+    (where / "qemu-bundle").mkdir(parents=True)
+    (where / "qemu-bundle" / "usr").symlink_to("/usr")
     shutil.copy2(shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64", where / "qemu-system-x86_64")
     (where / "pc-bios").mkdir()
     for firmware in Path("/usr/share/qemu").iterdir():
@@ -40,8 +43,8 @@ def build_tree(where: Path) -> Path:
 @pytest.mark.nested(level=2)
 def test_l1_and_l2_run_the_qemu_builds_given_for_them(pytester: pytest.Pytester) -> None:
     builds = [build_tree(pytester.path / "build-l1"), build_tree(pytester.path / "build-l2")]
-    pytester.makepyfile(INNER.format(builds=[str(b) for b in builds]))
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-levels=2",
+    inner = pytester.makepyfile(INNER.format(builds=[str(b) for b in builds]))
+    result = pytester.runpytest_subprocess(inner.name, "-p", "no:cacheprovider", "--nested-levels=2",
                                            f"--nested-qemu={builds[0]},{builds[1]}",
                                            f"--junit-xml={pytester.path / 'junit.xml'}")
     result.assert_outcomes(passed=1)
