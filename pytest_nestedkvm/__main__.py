@@ -12,8 +12,9 @@ import platform
 import sys
 from collections.abc import Sequence
 
-from pytest_nestedkvm.base.errors import NestedKvmError
+from pytest_nestedkvm.base.errors import HostError, NestedKvmError
 from pytest_nestedkvm.base.host import HostReport, find_qemu, probe
+from pytest_nestedkvm.boot.initramfs import find_kernel
 
 PROG = "python -m pytest_nestedkvm"
 
@@ -28,7 +29,16 @@ def _format_value(value: object) -> str:
     return str(value)
 
 
-def format_report(report: HostReport) -> str:
+def kernel_line() -> str:
+    """The kernel the built-in guest would boot here (inside a guest: the one it runs, in /boot)."""
+    try:
+        kernel = find_kernel()
+    except HostError as exc:
+        return f"not found: {exc}"
+    return f"{kernel.release} {kernel.path}"
+
+
+def format_report(report: HostReport, kernel: str = "-") -> str:
     """Human form: one ``key: value`` line per fact, then the reasons as bullets."""
     lines: list[str] = []
     for key, value in report.as_dict().items():
@@ -41,6 +51,7 @@ def format_report(report: HostReport) -> str:
                 else f"{report.qemu.version} {report.qemu.binary}"
             )
         lines.append(f"{key}: {_format_value(value)}")
+    lines.append(f"kernel: {kernel}")
     lines.append("reasons:")
     lines.extend(f"  - {reason}" for reason in report.reasons)
     return "\n".join(lines)
@@ -50,9 +61,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     arch = platform.machine()
     report = probe(accel=args.accel, cpu=args.cpu, qemu=find_qemu(arch), arch=arch)
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
+        print(json.dumps({**report.as_dict(), "kernel": kernel_line()}, indent=2))
     else:
-        print(format_report(report))
+        print(format_report(report, kernel_line()))
     return 0 if report.nesting_possible else 1
 
 

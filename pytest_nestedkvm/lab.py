@@ -29,7 +29,7 @@ from types import TracebackType
 from .base.errors import BootError, LevelUnavailable, NestedKvmError
 from .base.host import HARDWARE_BACKENDS, HostReport, QemuInfo, enable_nested, find_qemu, probe
 from .boot.cloudinit import write_nocloud_seed
-from .boot.initramfs import Kernel, boot_image, build_initramfs, cache_dir
+from .boot.initramfs import Kernel, boot_image, build_initramfs, cache_dir, guest_boot_dir
 from .boot.kernel_tree import boot_kernel, modules_share, with_modules
 from .boot.qemu import QBOOT, GuestSpec
 from .boot.view import build_view, filtered_etc, python_dirs
@@ -128,6 +128,8 @@ class Lab:
                   *self.settings.suite_dirs(), *self.settings.qemu_shares()]
         view = build_view(filtered_etc(cache_dir()), shared, project=self.rootdir)
         view = with_modules(view, kernel)  # for modprobe in guests
+        # /boot: the kernel the guests run, for a hypervisor (or this plugin) inside them to boot
+        view = dataclasses.replace(view, links=(*view.links, ("/boot", str(guest_boot_dir(kernel)))))
         return dataclasses.replace(files, view=view, image_formats=formats)
 
     @functools.cached_property

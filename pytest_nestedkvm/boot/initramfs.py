@@ -32,7 +32,8 @@ from .layout import BOOT_MARKS, PORT_DIR, SHELL_PORTS
 FORMAT_VERSION = "1"
 # Drivers the guest cannot boot without, and ones it uses when the kernel has them.
 REQUIRED_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p")
-OPTIONAL_MODULES = ("virtio_net", "pvpanic_pci", "virtio_blk")  # virtio_blk: an L2 image as /dev/vda
+OPTIONAL_MODULES = ("virtio_net", "pvpanic_pci", "virtio_blk", "overlay")  # virtio_blk: an L2 image as /dev/vda;
+# overlay: the writable root (without it, each export stays read-only)
 # Loaded in parallel with the drivers above (kvm.ko alone takes ~0.4 s to load under TCG).
 KVM_MODULES = HARDWARE_BACKENDS
 MODULE_PARAMS = {name: "nested=1" for name in KVM_MODULES}
@@ -132,6 +133,35 @@ def boot_image(kernel: Kernel, cache: Path | None = None) -> Path:
     with FileLock(str(target) + ".lock"):
         if not target.exists():
             _write_atomically(target, vmlinux if pvh and vmlinux is not None else data)
+    return target
+
+
+def guest_boot_dir(kernel: Kernel, cache: Path | None = None) -> Path:
+    """A directory the guests see as their /boot: the kernel they run as vmlinuz-RELEASE (the
+    bzImage, which a hypervisor inside the guest can boot), with its config-RELEASE and
+    System.map-RELEASE where the host has them (beside the kernel in /boot, or in its build tree).
+    In the cache, once per kernel content, like the boot image."""
+    data = kernel.path.read_bytes()
+    cache = cache or cache_dir()
+    target = cache / f"boot-{kernel.release}-{hashlib.sha256(data).hexdigest()[:16]}"
+    if target.is_dir():
+        return target
+    tree = kernel.path.parents[3] if kernel.path.parts[-4:-1] == ("arch", "x86", "boot") else None
+    found = {f"vmlinuz-{kernel.release}": kernel.path}
+    for name, in_tree in ((f"config-{kernel.release}", ".config"), (f"System.map-{kernel.release}", "System.map")):
+        candidate = next((c for c in (kernel.path.parent / name, tree / in_tree if tree else None)
+                          if c is not None and os.access(c, os.R_OK)), None)
+        if candidate is not None:
+            found[name] = candidate
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not target.is_dir():
+            staging = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-boot-"))
+            for name, source in found.items():
+                shutil.copyfile(source, staging / name)
+                os.chmod(staging / name, 0o644)  # deeper levels read them through the cache's export
+            staging.chmod(0o755)
+            os.replace(staging, target)
     return target
 
 
@@ -280,14 +310,25 @@ load() {{
 ( {loads(kvm)} ) &
 {loads(drivers)}
 mark drivers
-# The root: an empty tmpfs with the host's exports at their own paths (nestedkvm.mount=TAG:PATH,
-# one per read-only 9p export; see view.py), or one export as the whole root (TAG:/).
-mkdir -p /newroot
+# The root: a tmpfs with the host's exports at their own paths (nestedkvm.mount=TAG:PATH, one
+# per read-only 9p export; see view.py), or one export as the whole root (TAG:/). Each export is
+# the lower layer of an overlay whose upper layer is a tmpfs: the guest writes anywhere, into its
+# own memory, and nothing reaches the host (the exports stay read-only 9p mounts underneath, in
+# this initramfs, out of the guest's reach once it switched root).
+mkdir -p /newroot /lower /rw
+mount -t tmpfs -o mode=700 tmpfs /rw
 ninep() {{ mount -t 9p -o {NINEP_OPTIONS} "$1" "$2" || fail "cannot mount the export $1 at $2 over 9p"; }}
+export_at() {{
+  mkdir -p "/lower/$1" "/rw/$1/upper" "/rw/$1/work"
+  ninep "$1" "/lower/$1"
+  mount -t overlay -o "lowerdir=/lower/$1,upperdir=/rw/$1/upper,workdir=/rw/$1/work" overlay "$2" 2>/dev/null && return
+  say "no overlay for $2: it stays read-only"
+  mount --move "/lower/$1" "$2"
+}}
 mounts=; links=
 for arg in $(cat /proc/cmdline); do
   case $arg in
-    nestedkvm.mount=*:/) rootfs=${{arg#*=}}; rootfs=${{rootfs%:/}}; ninep $rootfs /newroot ;;
+    nestedkvm.mount=*:/) rootfs=${{arg#*=}}; rootfs=${{rootfs%:/}}; export_at $rootfs /newroot ;;
     nestedkvm.mount=*) mounts="$mounts ${{arg#*=}}" ;;
     nestedkvm.link=*) links="$links ${{arg#*=}}" ;;
   esac
@@ -298,11 +339,10 @@ for d in /proc /sys /dev; do mkdir -p /newroot$d 2>/dev/null; done
 for m in $mounts; do
   tag=${{m%%:*}}; at=/newroot${{m#*:}}
   mkdir -p "$at" 2>/dev/null
-  if [ "$tag" = tmpfs ]; then mount -t tmpfs -o mode=1777 tmpfs "$at"; else ninep "$tag" "$at"; fi
+  if [ "$tag" = tmpfs ]; then mount -t tmpfs -o mode=1777 tmpfs "$at"; else export_at "$tag" "$at"; fi
 done
 chmod 755 /newroot/run
 for l in $links; do ln -s "${{l#*:}}" "/newroot${{l%%:*}}"; done
-[ -n "$rootfs" ] || mount -o remount,ro /newroot
 mark mounts
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts

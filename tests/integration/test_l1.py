@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,9 +109,19 @@ def test_succeed_and_fail_raise_assertion_errors_with_the_details(l1: Guest) -> 
         l1.fail("true")
 
 
-def test_root_is_read_only_and_tmp_is_writable(l1: Guest) -> None:
-    l1.fail("touch /etc/nestedkvm-should-not-exist")
+def test_the_root_is_writable_and_nothing_reaches_l0(l1: Guest) -> None:
+    # What a daemon does (libvirtd, a package manager): write under /etc, /var and /usr.
+    name = f"nestedkvm-written-{os.getpid()}"
+    places = [f"/etc/{name}", f"/var/lib/{name}/state", f"/usr/local/{name}", f"/{name}"]
+    for place in places:
+        l1.succeed(f"mkdir -p $(dirname {place}) && echo from-l1 > {place} && grep -q from-l1 {place}")
+    etc_copy = next(e.source for e in l1.spec.exports if e.target == Path("/etc"))
+    for place in [*places, str(etc_copy / name)]:
+        assert not Path(place).exists(), place  # neither L0 nor the filtered /etc it exports
     l1.succeed("echo x > /tmp/scratch && cat /tmp/scratch")
+    l1.restart()  # and the guest forgets it all: the writes lived in its memory
+    for place in places:
+        l1.fail(f"test -e {place}")
 
 
 def test_complete_dev(l1: Guest) -> None:
@@ -138,3 +150,11 @@ def test_the_init_records_its_boot_phases_in_order(l1: Guest) -> None:
     uptimes = [float(value) for value in marks.values()]
     assert uptimes == sorted(uptimes) and 0 < uptimes[0]
     assert uptimes[-1] <= float(l1.succeed("cut -d' ' -f1 /proc/uptime"))
+
+
+def test_l1_finds_its_own_kernel_in_boot(l1: Guest) -> None:
+    # What a hypervisor inside L1 (libvirt, QEMU, this plugin) boots: the kernel L1 runs.
+    release = l1.succeed("uname -r").strip()
+    l1.succeed(f"test -s /boot/vmlinuz-{release} && test -s /boot/config-{release}")
+    check = l1.run(f"cd /tmp && {sys.executable} -m pytest_nestedkvm check")
+    assert f"kernel: {release} /boot/vmlinuz-{release}" in check.stdout.splitlines(), check.stdout + check.stderr

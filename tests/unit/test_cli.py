@@ -34,7 +34,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_json_matches_exit_code() -> None:
     proc = run_cli("check", "--json")
     data = json.loads(proc.stdout)
-    assert set(data) == set(HostReport.__dataclass_fields__)
+    assert set(data) == {*HostReport.__dataclass_fields__, "kernel"}
     assert data["accel"] in ("kvm", "tcg")
     assert isinstance(data["reasons"], list) and data["reasons"]
     assert proc.returncode == (0 if data["nesting_possible"] else 1), proc.stderr
@@ -53,6 +53,7 @@ def test_check_human_form_lists_facts_and_reasons() -> None:
         "cpu",
         "qemu",
         "nesting_possible",
+        "kernel",
     ):
         assert key in keys
     assert any(line.startswith("  - ") for line in lines)

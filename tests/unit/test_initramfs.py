@@ -29,6 +29,7 @@ from pytest_nestedkvm.boot.initramfs import (
     boot_image,
     build_initramfs,
     find_kernel,
+    guest_boot_dir,
     init_script,
     kernel_release,
     module_closure,
@@ -473,14 +474,13 @@ def test_build_initramfs_archive(kernel: Kernel, busybox: Path, tmp_path: Path) 
     assert stat.S_ISREG(init.mode) and stat.S_IMODE(init.mode) == 0o755
     script = init.data.decode()
     assert script.startswith("#!/bin/busybox sh\n")
-    # The root: an empty tmpfs, read-only once each export is mounted at its path and each link made
-    # (what the kernel arguments say; test_init_root_* run this part), or one export as the root.
+    # The root: a tmpfs with each export mounted at its path, read-only 9p under a writable overlay,
+    # and each link made (what the kernel arguments say; test_init_root_* run this part), or one
+    # export as the root.
     assert f"mount -t 9p -o {NINEP_OPTIONS} " in script and ",ro," in NINEP_OPTIONS
     assert "mount -t tmpfs -o mode=755 tmpfs /newroot" in script
     assert "nestedkvm.mount=" in script and "nestedkvm.link=" in script
-    assert "hostroot" not in script
-    remount = script.index("mount -o remount,ro /newroot")
-    assert script.index("ln -s ") < remount < script.index("exec switch_root /newroot")
+    assert "hostroot" not in script and "remount,ro" not in script
 
     console = by_name["dev/console"]
     assert stat.S_ISCHR(console.mode)
@@ -585,12 +585,12 @@ def tmpfs_dirs(*paths: str) -> list[str]:
     return [line for path in paths for line in tmpfs(path)]
 
 
-def run_init_root(cmdline: str) -> list[str]:
+def run_init_root(cmdline: str, stubs: str = ROOT_STUBS) -> list[str]:
     """What the part of the init that builds /newroot does, given this kernel command line."""
     script = init_script(["virtio"], ["kvm"])
-    part = script[script.index("mkdir -p /newroot\n"):script.index("mkdir -p /dev/pts")]
+    part = script[script.index("mkdir -p /newroot /lower /rw\n"):script.index("mkdir -p /dev/pts")]
     shell = [busybox, "sh"] if (busybox := shutil.which("busybox")) else ["sh"]
-    result = subprocess.run([*shell, "-c", ROOT_STUBS + part], env={"CMDLINE": cmdline, "PATH": os.defpath},
+    result = subprocess.run([*shell, "-c", stubs + part], env={"CMDLINE": cmdline, "PATH": os.defpath},
                             capture_output=True, text=True, check=True, timeout=30)
     assert result.stderr == ""
     return result.stdout.splitlines()
@@ -598,6 +598,16 @@ def run_init_root(cmdline: str) -> list[str]:
 
 def ninep(tag: str, path: str) -> str:
     return f"mount -t 9p -o {NINEP_OPTIONS} {tag} {path}"
+
+
+def export(tag: str, path: str) -> list[str]:
+    """An export at `path`: its read-only 9p mount out of sight, under an overlay on a tmpfs."""
+    return [f"mkdir -p /lower/{tag} /rw/{tag}/upper /rw/{tag}/work", ninep(tag, f"/lower/{tag}"),
+            f"mount -t overlay -o lowerdir=/lower/{tag},upperdir=/rw/{tag}/upper,workdir=/rw/{tag}/work overlay {path}"]
+
+
+# Before any export: where the lower and upper layers live.
+LAYERS = ["mkdir -p /newroot /lower /rw", "mount -t tmpfs -o mode=700 tmpfs /rw"]
 
 
 def init_root_of(spec: GuestSpec) -> list[str]:
@@ -620,17 +630,16 @@ def test_init_root_mounts_each_export_at_its_path_and_makes_the_links() -> None:
     tags = [d.rpartition("mount_tag=")[2] for d in argv if d.startswith("virtio-9p-pci,")]
     assert tags == ["nk0", "nk1", "nk2"]
     assert init_root_of(spec) == [
-        "mkdir -p /newroot",
+        *LAYERS,
         "mount -t tmpfs -o mode=755 tmpfs /newroot",
         *BASE_DIRS,
-        "mkdir -p /newroot/etc", ninep("nk0", "/newroot/etc"),
-        "mkdir -p /newroot/usr", ninep("nk1", "/newroot/usr"),
+        "mkdir -p /newroot/etc", *export("nk0", "/newroot/etc"),
+        "mkdir -p /newroot/usr", *export("nk1", "/newroot/usr"),
         *tmpfs_dirs(*TMPFS_ORDER),
-        "mkdir -p /newroot/home/nk/project", ninep("nk2", "/newroot/home/nk/project"),
+        "mkdir -p /newroot/home/nk/project", *export("nk2", "/newroot/home/nk/project"),
         "chmod 755 /newroot/run",
         "ln -s usr/bin /newroot/bin",
         "ln -s usr/lib64 /newroot/lib64",
-        "mount -o remount,ro /newroot",
     ]
 
 
@@ -650,25 +659,58 @@ def test_init_root_mounts_in_the_order_given(cmdline: str | None, mounts: list[t
     steps = init_root_of(kernel_spec(view=SHARED_VAR_VIEW)) if cmdline is None else run_init_root(cmdline)
     expected = []
     for tag, path in mounts:
-        expected += [*tmpfs(path)] if tag == "tmpfs" else [f"mkdir -p /newroot{path}", ninep(tag, f"/newroot{path}")]
-    assert steps == ["mkdir -p /newroot", "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS, *expected,
-                     "chmod 755 /newroot/run", "mount -o remount,ro /newroot"]
+        expected += [*tmpfs(path)] if tag == "tmpfs" else [f"mkdir -p /newroot{path}", *export(tag, f"/newroot{path}")]
+    assert steps == [*LAYERS, "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS, *expected,
+                     "chmod 755 /newroot/run"]
 
 
-def test_init_root_without_exports_is_a_read_only_tmpfs_with_the_writable_dirs() -> None:
+def test_init_root_without_exports_is_a_tmpfs_with_the_tmpfs_dirs() -> None:
     assert sorted(TMPFS_ORDER) == sorted(TMPFS_DIRS)
     for view in (None, View((), ())):
         assert init_root_of(kernel_spec(view=view)) == [
-            "mkdir -p /newroot", "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS,
+            *LAYERS, "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS,
             *tmpfs_dirs(*TMPFS_ORDER),
             "chmod 755 /newroot/run",
-            "mount -o remount,ro /newroot",
         ]
 
 
 def test_init_root_of_a_shared_root_is_that_export() -> None:
-    # GuestSpec.share_root (deprecated): the one export is the root, left as it is (no tmpfs, no remount).
+    # GuestSpec.share_root (deprecated): the one export is the root (under its overlay; no tmpfs).
     assert init_root_of(kernel_spec(share_root=Path("/"))) == [
-        "mkdir -p /newroot", ninep("nk0", "/newroot"), *BASE_DIRS, *tmpfs_dirs(*TMPFS_ORDER),
+        *LAYERS, *export("nk0", "/newroot"), *BASE_DIRS, *tmpfs_dirs(*TMPFS_ORDER),
         "chmod 755 /newroot/run",
     ]
+
+
+def test_a_kernel_without_overlayfs_keeps_each_export_read_only() -> None:
+    # A user's kernel may lack CONFIG_OVERLAY_FS: the 9p mount moves to its place, and the init says so.
+    stubs = (ROOT_STUBS + 'mount() { case "$*" in *overlay*) return 1 ;; esac; echo "mount $*"; }\n'
+             'say() { echo "say $*"; }\n')
+    steps = run_init_root("nestedkvm.mount=nk0:/etc", stubs)
+    assert steps[steps.index("mkdir -p /newroot/etc"):steps.index("chmod 755 /newroot/run")] == [
+        "mkdir -p /newroot/etc", "mkdir -p /lower/nk0 /rw/nk0/upper /rw/nk0/work", ninep("nk0", "/lower/nk0"),
+        "say no overlay for /newroot/etc: it stays read-only", "mount --move /lower/nk0 /newroot/etc",
+    ]
+
+
+def test_the_guests_boot_directory_holds_the_kernel_and_what_the_host_has_beside_it(tmp_path: Path) -> None:
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    (boot / f"vmlinuz-{RELEASE}").write_bytes(b"bzImage bytes")
+    (boot / f"config-{RELEASE}").write_text("CONFIG_KVM=m\n")
+    made = guest_boot_dir(Kernel(boot / f"vmlinuz-{RELEASE}", RELEASE, tmp_path), cache=tmp_path / "cache")
+    assert sorted(p.name for p in made.iterdir()) == [f"config-{RELEASE}", f"vmlinuz-{RELEASE}"]  # no System.map here
+    assert (made / f"vmlinuz-{RELEASE}").read_bytes() == b"bzImage bytes"
+    assert stat.S_IMODE((made / f"config-{RELEASE}").stat().st_mode) == 0o644
+    assert guest_boot_dir(Kernel(boot / f"vmlinuz-{RELEASE}", RELEASE, tmp_path), cache=tmp_path / "cache") == made
+
+
+def test_a_build_trees_boot_directory_takes_its_config_and_system_map(tmp_path: Path) -> None:
+    image = tmp_path / "linux" / "arch" / "x86" / "boot" / "bzImage"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"built")
+    (tmp_path / "linux" / ".config").write_text("CONFIG_KVM_AMD=m\n")
+    (tmp_path / "linux" / "System.map").write_text("ffffffff81000000 T _text\n")
+    made = guest_boot_dir(Kernel(image, RELEASE, tmp_path), cache=tmp_path / "cache")
+    assert (made / f"config-{RELEASE}").read_text() == "CONFIG_KVM_AMD=m\n"
+    assert (made / f"System.map-{RELEASE}").read_text().endswith("_text\n")
