@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import pytest_nestedkvm
 from pytest_nestedkvm.base.errors import CommandFailed, CommandTimeout
 from pytest_nestedkvm.base.host import HostReport
 from pytest_nestedkvm.boot.initramfs import WAKEUP_GRANULARITY_NS
@@ -156,5 +157,6 @@ def test_l1_finds_its_own_kernel_in_boot(l1: Guest) -> None:
     # What a hypervisor inside L1 (libvirt, QEMU, this plugin) boots: the kernel L1 runs.
     release = l1.succeed("uname -r").strip()
     l1.succeed(f"test -s /boot/vmlinuz-{release} && test -s /boot/config-{release}")
-    check = l1.run(f"cd /tmp && {sys.executable} -m pytest_nestedkvm check")
+    package = Path(pytest_nestedkvm.__file__).parents[1]  # the project, which L1 sees at the same path
+    check = l1.run(f"cd /tmp && PYTHONPATH={package} {sys.executable} -m pytest_nestedkvm check")
     assert f"kernel: {release} /boot/vmlinuz-{release}" in check.stdout.splitlines(), check.stdout + check.stderr
