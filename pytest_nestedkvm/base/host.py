@@ -411,37 +411,19 @@ def probe(
     usable = unusable is None
     chosen, cpu_value = _choose(accel, cpu, unusable)
     reasons = _accel_reasons(unusable, chosen, cpu_value, backend, flags, root)
-    possible, nesting_reason, fix = _nesting(
-        chosen, cpu_value, backend, raw_nested, root
-    )
+    possible, nesting_reason, fix = _nesting(chosen, cpu_value, backend, raw_nested, root)
     reasons.append(nesting_reason)
     emulated = cpu_is_tcg(root)
     if emulated and chosen == "kvm":
         reasons.append("This host's CPU is QEMU's TCG emulation: its KVM guests run emulated too, "
                        "so boot and command budgets are TCG's.")
     if qemu is None:
-        binary = f"qemu-system-{arch}"
-        reasons.append(
-            f"{binary} not found: apt-get install {QEMU_PACKAGES.get(arch, 'qemu-system')}"
-        )
-
+        reasons.append(f"qemu-system-{arch} not found: apt-get install {QEMU_PACKAGES.get(arch, 'qemu-system')}")
     return HostReport(
-        arch=arch,
-        vendor=cpu_vendor(root),
-        virt_flags=tuple(flag for flag in VIRT_FLAGS if flag in flags),
-        in_vm=in_vm,
-        kvm_device=device,
-        kvm_openable=openable,
-        kvm_backend=backend,
-        kvm_usable=usable,
-        nested=parse_nested(raw_nested),
-        accel=chosen,
-        cpu=cpu_value,
-        qemu=qemu,
-        reasons=reasons,
-        nesting_possible=possible,
-        nesting_fix=fix,
-        cpu_emulated=emulated,
+        arch=arch, vendor=cpu_vendor(root), virt_flags=tuple(flag for flag in VIRT_FLAGS if flag in flags),
+        in_vm=in_vm, kvm_device=device, kvm_openable=openable, kvm_backend=backend, kvm_usable=usable,
+        nested=parse_nested(raw_nested), accel=chosen, cpu=cpu_value, qemu=qemu, reasons=reasons,
+        nesting_possible=possible, nesting_fix=fix, cpu_emulated=emulated,
     )
 
 

@@ -137,13 +137,13 @@ class Settings:
         workers = _xdist_workers(env.get("PYTEST_XDIST_WORKER_COUNT", ""))
         l1_smp_default = max(1, min(2, host_cpus // workers)) if host_cpus else 2
         settings = cls(**values, l1_smp_default=l1_smp_default, sources=sources)
-        settings._check_memory(host_memory_mib)
-        settings._check_smp_nesting()
-        settings._check_login()
-        settings._check_idle_options()
-        settings._check_kernel_tree()
-        settings._check_images()
-        settings._check_inner_qemus()
+        _check_memory(settings, host_memory_mib)
+        _check_smp_nesting(settings)
+        _check_login(settings)
+        _check_idle_options(settings)
+        _check_kernel_tree(settings)
+        _check_images(settings)
+        _check_inner_qemus(settings)
         return settings
 
     def check_host_plan(self, *, accel: str, host_cpus: int, default_kernel: Callable[[], Path | None]) -> None:
@@ -158,7 +158,7 @@ class Settings:
         levels = self.built_in_levels()
         kernel = ((tree_image(self.kernel) if self.kernel else None) or default_kernel()) if levels else None
         if kernel is not None:
-            self._check_memory_floor(kernel, levels)
+            _check_memory_floor(self, kernel, levels)
 
     def built_in_levels(self) -> range:
         """The levels that boot the built-in guest: not a user's disk image, nor anything inside one."""
@@ -237,112 +237,124 @@ class Settings:
                  value.path if isinstance(value, KnownFailures) else value)
         return f"{option.cli}={shown} (from {self.describe_source(name)})"
 
-    def _check_smp_nesting(self) -> None:
-        for level, (outer, inner) in enumerate(zip(self.smp, self.smp[1:], strict=False), start=2):
-            if inner > outer:
-                raise ConfigError(f"{self._given('smp')}: L{level} gets {inner} vCPUs but its parent L{level - 1} has "
-                                  f"only {outer}; give each level at most as many vCPUs as the level that runs it",
-                                  option="smp")
 
-    def _check_login(self) -> None:
-        if self.login is not None and self.l1_image is None:
+# -- checks across options, once all are parsed ------------------------------------------
+
+
+def _check_smp_nesting(settings: Settings) -> None:
+    for level, (outer, inner) in enumerate(zip(settings.smp, settings.smp[1:], strict=False), start=2):
+        if inner > outer:
+            raise ConfigError(f"{settings._given('smp')}: L{level} gets {inner} vCPUs but its parent L{level - 1} has "
+                              f"only {outer}; give each level at most as many vCPUs as the level that runs it",
+                              option="smp")
+
+
+def _check_login(settings: Settings) -> None:
+    if settings.login is not None and settings.l1_image is None:
+        raise ConfigError(
+            f"--nested-login={settings.login[0]}:*** (from {settings.describe_source('login')}): a serial-console "
+            "login is only used for a --nested-l1-image, and none is set: pass --nested-l1-image PATH too, "
+            "or drop --nested-login", option="login")
+
+
+def _check_idle_options(settings: Settings) -> None:
+    """An option that would do nothing in the combination given is refused, not ignored."""
+    idle = (
+        ("l2_image", settings.l1_image is not None and settings.l2_image is not None,
+         "L2 runs inside L1, and a --nested-l1-image runs no deeper levels of the plugin's: drop one of them"),
+        ("kernel", settings.kernel is not None and settings.l1_image is not None,
+         "a --nested-l1-image boots its own kernel: drop --nested-kernel or the image"),
+        ("modules", settings.modules is not None and settings.kernel is None,
+         "the modules are for a --nested-kernel, and none is set (the default kernel brings its own): "
+         "pass --nested-kernel too, or drop --nested-modules"),
+        ("known_failures", settings.known_failures is not None and settings.kut is None and settings.kselftests is None,
+         "known failures are of --nested-kut and --nested-kselftests, and neither is set: pass one of them, "
+         "or drop --nested-known-failures"),
+    )
+    for name, idle_here, why in idle:
+        if idle_here:
+            raise ConfigError(f"{settings._given(name)}: {why}", option=name)
+
+
+def _check_inner_qemus(settings: Settings) -> None:
+    """A QEMU that runs inside a guest must be shareable, and its libraries must be there too."""
+    for directory in settings.qemu_shares():
+        build = next(b for b in settings.qemu if b.directory == directory)
+        reason = unshareable(directory)
+        if reason is None:
+            reason = missing_library(build, (*settings.qemu_shares(), *settings.share))
+        if reason is not None:
+            raise ConfigError(f"{settings._given('qemu')}: {build.binary} runs inside L1 and deeper, but {reason}",
+                              option="qemu")
+
+
+def _check_images(settings: Settings) -> None:
+    """The files a qcow2 image reads besides itself lie where the guests may see them."""
+    for name in ("l1_image", "l2_image"):
+        image = getattr(settings, name)
+        try:
+            if image is not None:
+                _check_references(image, settings.share)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"{settings._given(name)}: {exc}", option=name) from None
+
+
+def _check_kernel_tree(settings: Settings) -> None:
+    """A build directory's modules are prepared when a guest is first wanted: check now that
+    they are built and that depmod is there (--nested-modules replaces them)."""
+    if settings.kernel is None or settings.modules is not None or not is_tree(settings.kernel):
+        return
+    try:
+        check_modules(settings.kernel)
+    except ValueError as exc:
+        raise ConfigError(f"{settings._given('kernel')}: {exc}", option="kernel") from None
+
+
+def _check_memory_floor(settings: Settings, kernel: Path, levels: range) -> None:
+    """Each built-in level gets enough memory to unpack and run `kernel` (deeper levels boot it too)."""
+    try:
+        size_mib = kernel.stat().st_size / (1 << 20)
+    except OSError:
+        return  # reported where the kernel is needed
+    floor = math.ceil(KERNEL_UNPACK_FACTOR * size_mib + KERNEL_BASE_MIB)
+    why = (f"the {floor} MiB kernel {kernel} needs ({size_mib:.1f} MiB, about {KERNEL_UNPACK_FACTOR}x that "
+           f"unpacked, + {KERNEL_BASE_MIB} MiB to run)")
+    given = settings._given("memory") if settings.memory else (
+        f"--nested-memory (default: {','.join(str(settings.memory_for(lv)) for lv in levels)})")
+    for level in levels:
+        mib = settings.memory_for(level)
+        if mib >= floor:
+            continue
+        if level <= len(settings.memory):
+            raise ConfigError(f"{given}: L{level} gets {mib} MiB, below {why}: give every level at least "
+                              f"{floor} MiB", option="memory")
+        parent = settings.memory_for(level - 1)
+        raise ConfigError(f"{given}: L{level} would get {mib} MiB by default (half of L{level - 1}'s {parent} "
+                          f"MiB), below {why}: {_memory_fix(settings, level, floor)}", option="memory")
+
+
+def _memory_fix(settings: Settings, level: int, floor: int) -> str:
+    """How to give a defaulted `level` at least `floor` MiB."""
+    parent = settings.memory_for(level - 1)
+    more = f"give L{level - 1} at least {2 * floor} MiB"
+    if parent <= floor:
+        return more
+    listed = [str(settings.memory_for(lv)) for lv in range(1, level)] + [str(floor)]
+    return f"{more}, or set L{level}'s yourself (e.g. --nested-memory={','.join(listed)})"
+
+
+def _check_memory(settings: Settings, host_memory_mib: int | None) -> None:
+    if not settings.memory:
+        return
+    given = f"--nested-memory={','.join(map(str, settings.memory))} (from {settings.describe_source('memory')})"
+    if host_memory_mib is not None and settings.memory[0] > host_memory_mib:
+        raise ConfigError(f"{given}: the host has only {host_memory_mib} MiB; give L1 less memory")
+    for level, (outer, inner) in enumerate(zip(settings.memory, settings.memory[1:], strict=False), start=2):
+        if inner >= outer:
             raise ConfigError(
-                f"--nested-login={self.login[0]}:*** (from {self.describe_source('login')}): a serial-console login "
-                "is only used for a --nested-l1-image, and none is set: pass --nested-l1-image PATH too, "
-                "or drop --nested-login", option="login")
-
-    def _check_idle_options(self) -> None:
-        """An option that would do nothing in the combination given is refused, not ignored."""
-        idle = (
-            ("l2_image", self.l1_image is not None and self.l2_image is not None,
-             "L2 runs inside L1, and a --nested-l1-image runs no deeper levels of the plugin's: drop one of them"),
-            ("kernel", self.kernel is not None and self.l1_image is not None,
-             "a --nested-l1-image boots its own kernel: drop --nested-kernel or the image"),
-            ("modules", self.modules is not None and self.kernel is None,
-             "the modules are for a --nested-kernel, and none is set (the default kernel brings its own): "
-             "pass --nested-kernel too, or drop --nested-modules"),
-            ("known_failures", self.known_failures is not None and self.kut is None and self.kselftests is None,
-             "known failures are of --nested-kut and --nested-kselftests, and neither is set: pass one of them, "
-             "or drop --nested-known-failures"),
-        )
-        for name, idle_here, why in idle:
-            if idle_here:
-                raise ConfigError(f"{self._given(name)}: {why}", option=name)
-
-    def _check_inner_qemus(self) -> None:
-        """A QEMU that runs inside a guest must be shareable, and its libraries must be there too."""
-        for directory in self.qemu_shares():
-            build = next(b for b in self.qemu if b.directory == directory)
-            reason = unshareable(directory)
-            if reason is None:
-                reason = missing_library(build, (*self.qemu_shares(), *self.share))
-            if reason is not None:
-                raise ConfigError(f"{self._given('qemu')}: {build.binary} runs inside L1 and deeper, but {reason}",
-                                  option="qemu")
-
-    def _check_images(self) -> None:
-        """The files a qcow2 image reads besides itself lie where the guests may see them."""
-        for name in ("l1_image", "l2_image"):
-            image = getattr(self, name)
-            try:
-                if image is not None:
-                    _check_references(image, self.share)
-            except (ValueError, OSError) as exc:
-                raise ConfigError(f"{self._given(name)}: {exc}", option=name) from None
-
-    def _check_kernel_tree(self) -> None:
-        """A build directory's modules are prepared when a guest is first wanted: check now that
-        they are built and that depmod is there (--nested-modules replaces them)."""
-        if self.kernel is None or self.modules is not None or not is_tree(self.kernel):
-            return
-        try:
-            check_modules(self.kernel)
-        except ValueError as exc:
-            raise ConfigError(f"{self._given('kernel')}: {exc}", option="kernel") from None
-
-    def _check_memory_floor(self, kernel: Path, levels: range) -> None:
-        """Each built-in level gets enough memory to unpack and run `kernel` (deeper levels boot it too)."""
-        try:
-            size_mib = kernel.stat().st_size / (1 << 20)
-        except OSError:
-            return  # reported where the kernel is needed
-        floor = math.ceil(KERNEL_UNPACK_FACTOR * size_mib + KERNEL_BASE_MIB)
-        why = (f"the {floor} MiB kernel {kernel} needs ({size_mib:.1f} MiB, about {KERNEL_UNPACK_FACTOR}x that "
-               f"unpacked, + {KERNEL_BASE_MIB} MiB to run)")
-        given = self._given("memory") if self.memory else (
-            f"--nested-memory (default: {','.join(str(self.memory_for(lv)) for lv in levels)})")
-        for level in levels:
-            mib = self.memory_for(level)
-            if mib >= floor:
-                continue
-            if level <= len(self.memory):
-                raise ConfigError(f"{given}: L{level} gets {mib} MiB, below {why}: give every level at least "
-                                  f"{floor} MiB", option="memory")
-            parent = self.memory_for(level - 1)
-            raise ConfigError(f"{given}: L{level} would get {mib} MiB by default (half of L{level - 1}'s {parent} "
-                              f"MiB), below {why}: {self._memory_fix(level, floor)}", option="memory")
-
-    def _memory_fix(self, level: int, floor: int) -> str:
-        """How to give a defaulted `level` at least `floor` MiB."""
-        parent = self.memory_for(level - 1)
-        more = f"give L{level - 1} at least {2 * floor} MiB"
-        if parent <= floor:
-            return more
-        listed = [str(self.memory_for(lv)) for lv in range(1, level)] + [str(floor)]
-        return f"{more}, or set L{level}'s yourself (e.g. --nested-memory={','.join(listed)})"
-
-    def _check_memory(self, host_memory_mib: int | None) -> None:
-        if not self.memory:
-            return
-        given = f"--nested-memory={','.join(map(str, self.memory))} (from {self.describe_source('memory')})"
-        if host_memory_mib is not None and self.memory[0] > host_memory_mib:
-            raise ConfigError(f"{given}: the host has only {host_memory_mib} MiB; give L1 less memory")
-        for level, (outer, inner) in enumerate(zip(self.memory, self.memory[1:], strict=False), start=2):
-            if inner >= outer:
-                raise ConfigError(
-                    f"{given}: L{level} gets {inner} MiB but its parent L{level - 1} has only {outer} MiB; "
-                    "each level must be smaller than the one that runs it"
-                )
+                f"{given}: L{level} gets {inner} MiB but its parent L{level - 1} has only {outer} MiB; "
+                "each level must be smaller than the one that runs it"
+            )
 
 
 def _pick(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from ..boot.layout import CHANNEL_NEEDS, CONSOLE, PORT_DIR
 from ..boot.qemu import SSH_GUEST_PORT, GuestSpec, build_argv, shell_line
 from . import forensics, ssh
 from .channel import DEFAULT_OUTPUT_LIMIT, ChannelSetup, CommandResult, channel_class
+from .commands import GuestApi
 from .console import Console
 from .forensics import ConsoleMark, Evidence, Trouble
 from .link import DEFAULT_CONSOLE_LIMIT, HostLink, Link, ParentLink
@@ -43,8 +43,8 @@ from .qmp import Qmp
 from .ssh import SessionKey
 
 
-class Guest:
-    """A guest at some level with the API tests use: run/succeed/fail/... (see README)."""
+class Guest(GuestApi):
+    """A guest at some level with the API tests use (commands and files: GuestApi; see README)."""
 
     def __init__(
         self, spec: GuestSpec, link: Link, process: Process, argv: list[str], *,
@@ -128,32 +128,13 @@ class Guest:
         it did not run on from."""
         if self.wedged is None and self.emulated:
             line, end = self.console.scan_stall(self._stall_scan)
-            survived = None if line is None else self._runs_on_after(line)
+            survived = None if line is None else _runs_on_after(self, line)
             if line is None or survived is not None:  # None: asked again at the next check
                 self._stall_scan = end
             if survived is False:
                 self.mark_wedged(line or "")
         if self.wedged is not None:
             raise GuestWedged(str(self.wedged), level=self.level, stall=self.wedged.stall, line=self.wedged.line)
-
-    def _runs_on_after(self, line: str) -> bool | None:
-        """Whether the guest answers its control shell after printing the stall `line`; None when
-        that cannot be asked now (the control shell is busy: its own answer will tell).
-        Under TCG a stall line often means the emulator held back the guest's timer interrupt for
-        a while: the guest runs on as soon as another interrupt comes (the question is one)."""
-        control = self.channel.control
-        if control is None:
-            return False  # nothing to ask on (while booting): a stall there is a wedge
-        if self._asking or control.busy:
-            return None
-        self._asking = True
-        try:
-            alive = self.channel.answers(self.silence_limit)
-        finally:
-            self._asking = False
-        if alive:
-            self.log.warning("printed a stall and still answers, so it goes on: %s", line)
-        return alive
 
     def mark_wedged(self, line: str, stall: str | None = None) -> GuestWedged:
         """Take this guest as wedged by the stall `line` its console printed (or by `stall`, what
@@ -228,20 +209,7 @@ class Guest:
                 raise GuestCrashed(f"{self.name} is not running", level=self.level) from None
         retry(f"{self.name} QEMU exiting after the panic", self.exited, deadline, interval=0.1)
 
-    # -- SSH and files ---------------------------------------------------------------------
-
-    @property
-    def ssh(self) -> paramiko.SSHClient:
-        """A connected paramiko client, as root with the session key; sshd starts on first use.
-
-        L1 is reached on a port of L0's 127.0.0.1, deeper levels through their parent's
-        connection (a direct-tcpip channel to the parent's loopback).
-        """
-        client = self.channel.ssh_client
-        transport = None if client is None else client.get_transport()
-        if client is None or transport is None or not transport.is_active():
-            self.channel.ssh_client = client = self._open_ssh(Deadline.after(self.command_timeout))
-        return client
+    # -- what the command API and SSH need of a guest ------------------------------------
 
     def _open_ssh(self, deadline: Deadline) -> paramiko.SSHClient:
         if self.ssh_key is None:
@@ -255,23 +223,9 @@ class Guest:
         return ssh.connect(self.name, port, self.ssh_key, host_key=host_key, via=via,
                            deadline=deadline, check=self._check_alive)
 
-    def put(self, local: str | os.PathLike[str], remote: str) -> None:
-        """Copy a file from L0 into the guest over SFTP; bytes and permission bits stay exact."""
-        ssh.put(self.ssh, Path(local), remote, Deadline.after(self.command_timeout))
-
-    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
-        """Copy a file out of the guest to L0 over SFTP: the bytes exact, the permission bits too
-        except setuid, setgid, sticky and world-writable, which are dropped."""
-        ssh.get(self.ssh, remote, Path(local), Deadline.after(self.command_timeout))
-
-    # -- commands --------------------------------------------------------------------------
-
     @property
     def console_log(self) -> Path:
         return self.link.console_path
-
-    def run(self, command: str, timeout: float | None = None) -> CommandResult:
-        return self._run(command, Deadline.after(self.command_timeout if timeout is None else timeout))
 
     def _run(self, command: str, deadline: Deadline) -> CommandResult:
         try:
@@ -284,61 +238,7 @@ class Guest:
             next(guest for guest in self.chain() if guest.level == exc.level).close(keep_files=True)
             raise
         except GuestSilent as exc:
-            # The outermost guest that does not answer is the one that froze (a frozen L1 silences L2).
-            frozen = next((g for g in reversed(self.chain()[1:]) if g.channel.answers(g.silence_limit) is False),
-                          self)
-            stall, _ = frozen.console.scan_stall(frozen._stall_scan)  # what it printed before it went silent
-            if stall is not None:
-                wedged = frozen.mark_wedged(stall)
-            else:
-                wedged = frozen.mark_wedged(str(exc) if frozen is self else f"{frozen.name} does not answer either",
-                                            stall="no answer")
-            frozen.close(keep_files=True)
-            raise wedged from None
-
-    def succeed(self, command: str, timeout: float | None = None) -> str:
-        """Run `command`, require exit status 0, return its stdout."""
-        result = self.run(command, timeout)
-        if result.exit_status != 0:
-            raise result.failure(self.name, "expected exit status 0")
-        return result.stdout
-
-    def fail(self, command: str, timeout: float | None = None) -> str:
-        """Run `command`, require a non-zero exit status, return its stderr."""
-        result = self.run(command, timeout)
-        if result.exit_status == 0:
-            raise result.failure(self.name, "expected a non-zero exit status")
-        return result.stderr
-
-    def wait_until_succeeds(self, command: str, timeout: float) -> str:
-        """Run `command` until it exits 0 and return its stdout; CommandFailed at `timeout`.
-
-        Each try gets what is left of one deadline, so the wait ends at `timeout`, not a whole
-        `timeout` after the last try began. A try cut off there counts as one more failure once an
-        earlier try finished; when none did, the command hangs: CommandTimeout.
-        """
-        deadline = Deadline.after(timeout)
-        last: list[CommandResult] = []
-        cut: list[CommandTimeout] = []
-
-        def attempt() -> bool:
-            if last and deadline.expired():
-                return False  # retry's last look, after its sleep: no time left for another try
-            try:
-                last[:] = [self._run(command, deadline)]
-            except CommandTimeout as exc:
-                if not last:
-                    raise
-                cut[:] = [exc]
-                return False
-            return last[0].exit_status == 0
-
-        try:
-            retry(f"{command!r} succeeding on {self.name}", attempt, deadline, interval=0.2)
-        except TimeoutError:
-            also = "; the try after it was cut off at the timeout" if cut else ""
-            raise last[0].failure(self.name, f"still failing after {timeout:g} s{also}") from (cut[0] if cut else None)
-        return last[0].stdout
+            raise _wedge_of_the_silent(self, exc) from None
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else "stopped"
@@ -372,6 +272,40 @@ def new_guest(
 # forensics.py judges and acts on nothing: what acts on a guest (settling its console, its stall
 # watch, marking it wedged) is done here, before the evidence is gathered or after the judgement.
 # Functions over the guest's public attributes, not methods, so that tests can hand in fakes.
+
+
+def _runs_on_after(guest: Guest, line: str) -> bool | None:
+    """Whether the guest answers its control shell after printing the stall `line`; None when
+    that cannot be asked now (the control shell is busy: its own answer will tell).
+    Under TCG a stall line often means the emulator held back the guest's timer interrupt for
+    a while: the guest runs on as soon as another interrupt comes (the question is one)."""
+    control = guest.channel.control
+    if control is None:
+        return False  # nothing to ask on (while booting): a stall there is a wedge
+    if guest._asking or control.busy:
+        return None
+    guest._asking = True
+    try:
+        alive = guest.channel.answers(guest.silence_limit)
+    finally:
+        guest._asking = False
+    if alive:
+        guest.log.warning("printed a stall and still answers, so it goes on: %s", line)
+    return alive
+
+
+def _wedge_of_the_silent(guest: Guest, silent: GuestSilent) -> GuestWedged:
+    """The wedge behind a control shell that stopped answering while `guest` ran a command: the
+    outermost guest that does not answer froze (a frozen L1 silences L2); it is stopped now."""
+    frozen = next((g for g in reversed(guest.chain()[1:]) if g.channel.answers(g.silence_limit) is False), guest)
+    stall, _ = frozen.console.scan_stall(frozen._stall_scan)  # what it printed before it went silent
+    if stall is not None:
+        wedged = frozen.mark_wedged(stall)
+    else:
+        wedged = frozen.mark_wedged(str(silent) if frozen is guest else f"{frozen.name} does not answer either",
+                                    stall="no answer")
+    frozen.close(keep_files=True)
+    return wedged
 
 
 def evidence_of(guest: Guest) -> Evidence:

@@ -131,3 +131,19 @@ def test_readmes_module_map_names_every_module_in_its_room() -> None:
     mapped = {m.removesuffix(".__init__").removesuffix("__init__") for m in mapped}
     actual = {m for m in modules() if m not in FLOORS or m == ""}
     assert mapped == actual, f"README lacks {sorted(actual - mapped)}, names gone {sorted(mapped - actual)}"
+
+
+# Shell scripts the plugin writes out, kept whole so that they read as one script.
+TEMPLATES = {"boot.initramfs.init_script"}
+
+
+def test_no_class_over_200_lines_nor_function_over_50() -> None:
+    too_long = []
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            limit = 200 if isinstance(node, ast.ClassDef) else 50
+            if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > limit and f"{module}.{node.name}" not in TEMPLATES:
+                    too_long.append(f"{module}.{node.name}: {length} lines")
+    assert too_long == []
