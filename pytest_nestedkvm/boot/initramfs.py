@@ -27,7 +27,7 @@ from filelock import FileLock
 
 from ..base.errors import HostError
 from ..base.host import HARDWARE_BACKENDS, KVM_MODULE_BY_FLAG
-from .layout import BOOT_MARKS, PORT_DIR, SHELL_PORTS
+from .layout import BOOT_MARKS, PORT_DIR, SHELL_PORTS, WRITABLE_EXPORTS
 
 FORMAT_VERSION = "1"
 # Drivers the guest cannot boot without, and ones it uses when the kernel has them.
@@ -310,15 +310,19 @@ load() {{
 ( {loads(kvm)} ) &
 {loads(drivers)}
 mark drivers
-# The root: a tmpfs with the host's exports at their own paths (nestedkvm.mount=TAG:PATH, one
-# per read-only 9p export; see view.py), or one export as the whole root (TAG:/). Each export is
-# the lower layer of an overlay whose upper layer is a tmpfs: the guest writes anywhere, into its
-# own memory, and nothing reaches the host (the exports stay read-only 9p mounts underneath, in
-# this initramfs, out of the guest's reach once it switched root).
+# The root: a writable tmpfs with the host's exports at their own paths (nestedkvm.mount=TAG:PATH,
+# one per read-only 9p export; see view.py), or one export as the whole root (TAG:/). The
+# WRITABLE_EXPORTS are the lower layer of an overlay whose upper layer is a tmpfs: the guest
+# writes there into its own memory, and nothing reaches the host (the read-only 9p mount stays
+# underneath, in this initramfs, out of the guest's reach once it switched root).
 mkdir -p /newroot /lower /rw
 mount -t tmpfs -o mode=700 tmpfs /rw
 ninep() {{ mount -t 9p -o {NINEP_OPTIONS} "$1" "$2" || fail "cannot mount the export $1 at $2 over 9p"; }}
 export_at() {{
+  case "$2" in
+    {"|".join(f"/newroot{path}" for path in WRITABLE_EXPORTS)}) ;;
+    *) ninep "$1" "$2"; return ;;
+  esac
   mkdir -p "/lower/$1" "/rw/$1/upper" "/rw/$1/work"
   ninep "$1" "/lower/$1"
   mount -t overlay -o "lowerdir=/lower/$1,upperdir=/rw/$1/upper,workdir=/rw/$1/work" overlay "$2" 2>/dev/null && return

@@ -26,6 +26,11 @@ SHELL_PORTS: dict[Role, str] = {CMD: "nestedkvm.cmd", CTL: "nestedkvm.ctl"}
 PORT_DIR = "/run/nestedkvm"
 # Guest uptime at each phase of the built-in guest's boot, "name=seconds" (benchmarks read it).
 BOOT_MARKS = f"{PORT_DIR}/boot-marks"
+# Exports the built-in guest may write to, each under an overlay with a tmpfs upper layer (what a
+# daemon configures: /etc/libvirt, ...). Only these: a session of the plugin inside the guest
+# exports the guest's other directories to its own L1 with multidevs=forbid, which refuses the
+# files of an overlay over 9p (their st_dev is the lower layer's, not the overlay's).
+WRITABLE_EXPORTS = ("/etc",)
 # Writable tmpfs mounts over the guest's read-only root (the sealed view).
 TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/var/log", "/mnt")
 

@@ -110,16 +110,18 @@ def test_succeed_and_fail_raise_assertion_errors_with_the_details(l1: Guest) -> 
         l1.fail("true")
 
 
+@pytest.mark.nested_fresh  # it boots L1 again: no L2 may be running in it (that would be trouble)
 def test_the_root_is_writable_and_nothing_reaches_l0(l1: Guest) -> None:
-    # What a daemon does (libvirtd, a package manager): write under /etc, /var and /usr.
+    # What a daemon does (libvirtd): write its configuration and state under /etc and /var.
     name = f"nestedkvm-written-{os.getpid()}"
-    places = [f"/etc/{name}", f"/var/lib/{name}/state", f"/usr/local/{name}", f"/{name}"]
+    places = [f"/etc/{name}", f"/var/lib/{name}/state", f"/var/cache/{name}", f"/{name}"]
     for place in places:
         l1.succeed(f"mkdir -p $(dirname {place}) && echo from-l1 > {place} && grep -q from-l1 {place}")
     etc_copy = next(e.source for e in l1.spec.exports if e.target == Path("/etc"))
     for place in [*places, str(etc_copy / name)]:
         assert not Path(place).exists(), place  # neither L0 nor the filtered /etc it exports
     l1.succeed("echo x > /tmp/scratch && cat /tmp/scratch")
+    l1.fail(f"touch /usr/{name}")  # the other exports stay read-only (see layout.WRITABLE_EXPORTS)
     l1.restart()  # and the guest forgets it all: the writes lived in its memory
     for place in places:
         l1.fail(f"test -e {place}")

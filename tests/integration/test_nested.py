@@ -50,9 +50,9 @@ def test_l2_timeout_leaves_channel_usable(l2: Guest) -> None:
 
 
 def test_l2s_writes_stay_in_l2(l1: Guest, l2: Guest) -> None:
-    l2.succeed("echo from-l2 > /etc/nestedkvm-l2-wrote && mkdir -p /var/lib/nestedkvm-l2 && touch /usr/nestedkvm-l2")
-    l1.fail("test -e /etc/nestedkvm-l2-wrote || test -e /var/lib/nestedkvm-l2 || test -e /usr/nestedkvm-l2")
-    assert not Path("/etc/nestedkvm-l2-wrote").exists() and not Path("/usr/nestedkvm-l2").exists()
+    l2.succeed("echo from-l2 > /etc/nestedkvm-l2-wrote && mkdir -p /var/lib/nestedkvm-l2")
+    l1.fail("test -e /etc/nestedkvm-l2-wrote || test -e /var/lib/nestedkvm-l2")
+    assert not Path("/etc/nestedkvm-l2-wrote").exists()
     l2.succeed("touch /tmp/fine")
 
 

@@ -601,7 +601,7 @@ def ninep(tag: str, path: str) -> str:
 
 
 def export(tag: str, path: str) -> list[str]:
-    """An export at `path`: its read-only 9p mount out of sight, under an overlay on a tmpfs."""
+    """A writable export at `path` (/etc): its read-only 9p mount out of sight, under an overlay on a tmpfs."""
     return [f"mkdir -p /lower/{tag} /rw/{tag}/upper /rw/{tag}/work", ninep(tag, f"/lower/{tag}"),
             f"mount -t overlay -o lowerdir=/lower/{tag},upperdir=/rw/{tag}/upper,workdir=/rw/{tag}/work overlay {path}"]
 
@@ -634,9 +634,9 @@ def test_init_root_mounts_each_export_at_its_path_and_makes_the_links() -> None:
         "mount -t tmpfs -o mode=755 tmpfs /newroot",
         *BASE_DIRS,
         "mkdir -p /newroot/etc", *export("nk0", "/newroot/etc"),
-        "mkdir -p /newroot/usr", *export("nk1", "/newroot/usr"),
+        "mkdir -p /newroot/usr", ninep("nk1", "/newroot/usr"),
         *tmpfs_dirs(*TMPFS_ORDER),
-        "mkdir -p /newroot/home/nk/project", *export("nk2", "/newroot/home/nk/project"),
+        "mkdir -p /newroot/home/nk/project", ninep("nk2", "/newroot/home/nk/project"),
         "chmod 755 /newroot/run",
         "ln -s usr/bin /newroot/bin",
         "ln -s usr/lib64 /newroot/lib64",
@@ -659,7 +659,7 @@ def test_init_root_mounts_in_the_order_given(cmdline: str | None, mounts: list[t
     steps = init_root_of(kernel_spec(view=SHARED_VAR_VIEW)) if cmdline is None else run_init_root(cmdline)
     expected = []
     for tag, path in mounts:
-        expected += [*tmpfs(path)] if tag == "tmpfs" else [f"mkdir -p /newroot{path}", *export(tag, f"/newroot{path}")]
+        expected += [*tmpfs(path)] if tag == "tmpfs" else [f"mkdir -p /newroot{path}", ninep(tag, f"/newroot{path}")]
     assert steps == [*LAYERS, "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS, *expected,
                      "chmod 755 /newroot/run"]
 
@@ -675,9 +675,9 @@ def test_init_root_without_exports_is_a_tmpfs_with_the_tmpfs_dirs() -> None:
 
 
 def test_init_root_of_a_shared_root_is_that_export() -> None:
-    # GuestSpec.share_root (deprecated): the one export is the root (under its overlay; no tmpfs).
+    # GuestSpec.share_root (deprecated): the one export is the root, read-only (no tmpfs).
     assert init_root_of(kernel_spec(share_root=Path("/"))) == [
-        *LAYERS, *export("nk0", "/newroot"), *BASE_DIRS, *tmpfs_dirs(*TMPFS_ORDER),
+        *LAYERS, ninep("nk0", "/newroot"), *BASE_DIRS, *tmpfs_dirs(*TMPFS_ORDER),
         "chmod 755 /newroot/run",
     ]
 
