@@ -33,7 +33,7 @@ FORMAT_VERSION = "1"
 # Drivers the guest cannot boot without, and ones it uses when the kernel has them.
 REQUIRED_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p")
 OPTIONAL_MODULES = ("virtio_net", "pvpanic_pci", "virtio_blk", "overlay")  # virtio_blk: an L2 image as /dev/vda;
-# overlay: the writable root (without it, each export stays read-only)
+# overlay: the writable /etc (without it, /etc stays read-only like the other exports)
 # Loaded in parallel with the drivers above (kvm.ko alone takes ~0.4 s to load under TCG).
 KVM_MODULES = HARDWARE_BACKENDS
 MODULE_PARAMS = {name: "nested=1" for name in KVM_MODULES}

@@ -31,7 +31,7 @@ BOOT_MARKS = f"{PORT_DIR}/boot-marks"
 # exports the guest's other directories to its own L1 with multidevs=forbid, which refuses the
 # files of an overlay over 9p (their st_dev is the lower layer's, not the overlay's).
 WRITABLE_EXPORTS = ("/etc",)
-# Writable tmpfs mounts over the guest's read-only root (the sealed view).
+# Tmpfs mounts of their own (world-writable, sticky), over the exports where one lies below them.
 TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/var/log", "/mnt")
 
 

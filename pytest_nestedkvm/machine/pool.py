@@ -1,8 +1,8 @@
 """The session's guests, lifecycle only: first use, reuse, a fresh boot after a crash, teardown.
 
 A guest found dead (or wedged) before a test is started again from its pristine spec
-(every disk is -snapshot and the built-in root is read-only, so a restart is a clean
-slate). A boot that fails is not tried again here: the session decides, per test,
+(every disk is -snapshot and the built-in guest writes only into its memory, so a restart
+is a clean slate). A boot that fails is not tried again here: the session decides, per test,
 whether an emulator fault earns the test a rerun (--nested-emulator-reruns).
 """
 
