@@ -145,7 +145,10 @@ class NestedSession:
             item.user_properties.append(("nestedkvm_emulator_rerun", trouble.headline))  # JUnit XML
             self.progress(f"{item.nodeid}: {trouble.headline}; running it again on fresh guests "
                           f"(rerun {len(faults)} of {self.settings.reruns})")
-            self.lab.stop_from(trouble.level)
+            # The whole chain, not only the level at fault: a guest that printed stalls but answered
+            # can be what kept its child from booting (CI: L2 lost its timer, L3 never answered),
+            # and a parent that slow may not even have stopped that child's QEMU yet.
+            self.lab.stop_from(1)
             _forget_failed_fixtures(item)
         hook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
