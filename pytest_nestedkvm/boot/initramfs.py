@@ -346,6 +346,7 @@ for m in $mounts; do
   if [ "$tag" = tmpfs ]; then mount -t tmpfs -o mode=1777 tmpfs "$at"; else export_at "$tag" "$at"; fi
 done
 chmod 755 /newroot/run
+mkdir -p -m 1777 /newroot/run/lock
 for l in $links; do ln -s "${{l#*:}}" "/newroot${{l%%:*}}"; done
 mark mounts
 mkdir -p /dev/pts /dev/shm

@@ -30,6 +30,8 @@ from ..base.errors import HostError
 
 # Host directories a guest gets as they are (where they are directories, not /usr symlinks).
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Links every root has, whatever the host's: daemons (libvirtd, ...) keep their sockets and locks there.
+ROOT_LINKS = (("/var/run", "/run"), ("/var/lock", "/run/lock"))
 ETC = Path("/etc")
 # Never copied out of /etc, whatever their mode says (each is also 0600/0640 on a stock system).
 ETC_SECRETS = ("shadow", "shadow-", "gshadow", "gshadow-", "ssh/ssh_host_*_key", "ssl/private", "security/opasswd")
@@ -90,7 +92,7 @@ def build_view(etc_copy: Path, shared: Iterable[Path], root: Path = Path("/"), p
                             "directory, with the cache and the Python environment outside key stores")
         if not any(path.is_relative_to(e.target) for e in exports):
             exports.append(Export(path, path))
-    return View(tuple(exports), tuple(links))
+    return View(tuple(exports), (*links, *ROOT_LINKS))  # /var and /run are never shared (SECRET_ROOTS)
 
 
 def python_dirs() -> list[Path]:

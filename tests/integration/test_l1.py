@@ -121,6 +121,8 @@ def test_the_root_is_writable_and_nothing_reaches_l0(l1: Guest) -> None:
     for place in [*places, str(etc_copy / name)]:
         assert not Path(place).exists(), place  # neither L0 nor the filtered /etc it exports
     l1.succeed("echo x > /tmp/scratch && cat /tmp/scratch")
+    # A daemon's socket and lock, where it looks for them: the usual links into /run.
+    l1.succeed(f"touch /var/run/{name}.sock /var/lock/{name} && test -e /run/{name}.sock -a -e /run/lock/{name}")
     l1.fail(f"touch /usr/{name}")  # the other exports stay read-only (see layout.WRITABLE_EXPORTS)
     l1.restart()  # and the guest forgets it all: the writes lived in its memory
     for place in places:

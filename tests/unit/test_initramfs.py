@@ -637,7 +637,7 @@ def test_init_root_mounts_each_export_at_its_path_and_makes_the_links() -> None:
         "mkdir -p /newroot/usr", ninep("nk1", "/newroot/usr"),
         *tmpfs_dirs(*TMPFS_ORDER),
         "mkdir -p /newroot/home/nk/project", ninep("nk2", "/newroot/home/nk/project"),
-        "chmod 755 /newroot/run",
+        "chmod 755 /newroot/run", "mkdir -p -m 1777 /newroot/run/lock",
         "ln -s usr/bin /newroot/bin",
         "ln -s usr/lib64 /newroot/lib64",
     ]
@@ -661,7 +661,7 @@ def test_init_root_mounts_in_the_order_given(cmdline: str | None, mounts: list[t
     for tag, path in mounts:
         expected += [*tmpfs(path)] if tag == "tmpfs" else [f"mkdir -p /newroot{path}", ninep(tag, f"/newroot{path}")]
     assert steps == [*LAYERS, "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS, *expected,
-                     "chmod 755 /newroot/run"]
+                     "chmod 755 /newroot/run", "mkdir -p -m 1777 /newroot/run/lock"]
 
 
 def test_init_root_without_exports_is_a_tmpfs_with_the_tmpfs_dirs() -> None:
@@ -670,7 +670,7 @@ def test_init_root_without_exports_is_a_tmpfs_with_the_tmpfs_dirs() -> None:
         assert init_root_of(kernel_spec(view=view)) == [
             *LAYERS, "mount -t tmpfs -o mode=755 tmpfs /newroot", *BASE_DIRS,
             *tmpfs_dirs(*TMPFS_ORDER),
-            "chmod 755 /newroot/run",
+            "chmod 755 /newroot/run", "mkdir -p -m 1777 /newroot/run/lock",
         ]
 
 
@@ -678,7 +678,7 @@ def test_init_root_of_a_shared_root_is_that_export() -> None:
     # GuestSpec.share_root (deprecated): the one export is the root, read-only (no tmpfs).
     assert init_root_of(kernel_spec(share_root=Path("/"))) == [
         *LAYERS, ninep("nk0", "/newroot"), *BASE_DIRS, *tmpfs_dirs(*TMPFS_ORDER),
-        "chmod 755 /newroot/run",
+        "chmod 755 /newroot/run", "mkdir -p -m 1777 /newroot/run/lock",
     ]
 
 

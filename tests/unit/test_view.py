@@ -58,7 +58,7 @@ def test_build_view_links_the_symlinks_and_exports_the_directories(fake_root: Pa
     assert result == View(
         exports=(Export(etc_copy, Path("/etc")), Export(fake_root / "usr", Path("/usr")),
                  Export(fake_root / "lib64", Path("/lib64"))),
-        links=(("/bin", "usr/bin"),),
+        links=(("/bin", "usr/bin"), ("/var/run", "/run"), ("/var/lock", "/run/lock")),
     )
 
 

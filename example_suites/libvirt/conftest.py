@@ -1,0 +1,87 @@
+"""libvirt inside L1: a running libvirtd and a way to define KVM domains through virsh.
+
+L1's root is writable (its writes stay in L1's memory), so libvirtd runs as it would on a
+freshly installed host. The fixture does what Debian's libvirt-daemon-system package scripts
+would: the libvirt-qemu account, the log directory, and a qemu.conf that runs QEMU as root
+without relabelling files (L1 has no AppArmor, and L1's /usr and /boot are read-only exports).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pytest_nestedkvm import Guest
+
+INSTALL = "apt-get install --no-install-recommends libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients"
+QEMU_CONF = ('user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\nsecurity_driver = "none"\n'
+             'stdio_handler = "file"\n')  # QEMU's output to a file, not through virtlogd
+START_LIBVIRTD = f"""
+set -e
+pidof libvirtd >/dev/null && exit 0
+grep -q '^libvirt-qemu:' /etc/passwd ||
+  echo 'libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr/sbin/nologin' >> /etc/passwd
+grep -q '^libvirt-qemu:' /etc/group || echo 'libvirt-qemu:x:64055:' >> /etc/group
+mkdir -p /etc/libvirt /var/log/libvirt
+printf '%s' {shlex.quote(QEMU_CONF)} > /etc/libvirt/qemu.conf
+libvirtd --daemon
+"""
+# The domain's files live in L1's /tmp: L1's memory, gone with L1.
+DOMAIN_DIR = "/tmp/libvirt-example"
+
+
+@pytest.fixture
+def virsh(l1: Guest) -> Callable[[str], str]:
+    """`virsh("start NAME")`: runs virsh against L1's libvirtd (started on first use) and returns its output."""
+    if l1.run("command -v libvirtd && command -v virsh").exit_status != 0:
+        pytest.skip(f"libvirt is not installed on L0, which L1 shares: {INSTALL}")
+    l1.succeed(START_LIBVIRTD)
+    # libvirtd answers once its drivers are up (under TCG that takes a few seconds).
+    l1.wait_until_succeeds("virsh -c qemu:///system version", timeout=60)
+
+    def run(arguments: str) -> str:
+        return l1.succeed(f"virsh -c qemu:///system {arguments}", timeout=120)
+
+    return run
+
+
+def domain_xml(name: str, kernel: str, initrd: str, console_log: str, append: str = "") -> str:
+    """A KVM domain that boots L1's own kernel with the tiny initramfs, its serial console in a file,
+    a pvpanic device (found through ACPI: a panic reaches libvirt) and on_crash=preserve (libvirt
+    keeps it, as crashed)."""
+    return f"""<domain type='kvm'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 panic=0 {append}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_crash>preserve</on_crash>
+  <devices>
+    <serial type='file'><source path='{console_log}'/><target port='0'/></serial>
+    <panic model='isa'><address type='isa' iobase='0x505'/></panic>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+@pytest.fixture
+def domain_files(l1: Guest) -> tuple[str, str]:
+    """(kernel, initrd) for a domain: L1's kernel from /boot and an initramfs built inside L1."""
+    release = l1.succeed("uname -r").strip()
+    kernel = f"/boot/vmlinuz-{release}"
+    l1.succeed(f"test -r {kernel}")
+    initrd = f"{DOMAIN_DIR}/initrd"
+    builder = Path(__file__).with_name("tiny_initramfs.py")  # the rootdir is exported at its own path
+    # pvpanic's modules where the kernel has them as modules (Debian's does); built-in needs none.
+    modules = f"$(for m in pvpanic pvpanic-mmio; do find /lib/modules/{release} -name $m.ko; done)"
+    l1.succeed(f"mkdir -p {DOMAIN_DIR} && python3 {builder} {initrd} /bin/busybox {modules}")
+    return kernel, initrd
