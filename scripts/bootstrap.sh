@@ -11,6 +11,9 @@ packages=(qemu-system-x86 qemu-utils busybox-static linux-image-amd64 openssh-se
 packages+=(debootstrap debian-archive-keyring e2fsprogs grub-pc-bin)
 # Tests only: isoinfo reads back the cloud-init seed ISO the plugin writes.
 packages+=(genisoimage)
+# Example suite libvirt: the daemon, its QEMU driver and virsh, which guests see through /usr. Not
+# libvirt-daemon-system: no service, account or default network is set up on this machine.
+packages+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

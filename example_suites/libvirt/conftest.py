@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -29,10 +28,6 @@ mkdir -p /etc/libvirt /var/log/libvirt
 printf '%s' {shlex.quote(QEMU_CONF)} > /etc/libvirt/qemu.conf
 libvirtd --daemon
 """
-# The domain's files live in L1's /tmp: L1's memory, gone with L1.
-DOMAIN_DIR = "/tmp/libvirt-example"
-
-
 @pytest.fixture
 def virsh(l1: Guest) -> Callable[[str], str]:
     """`virsh("start NAME")`: runs virsh against L1's libvirtd (started on first use) and returns its output."""
@@ -46,42 +41,3 @@ def virsh(l1: Guest) -> Callable[[str], str]:
         return l1.succeed(f"virsh -c qemu:///system {arguments}", timeout=120)
 
     return run
-
-
-def domain_xml(name: str, kernel: str, initrd: str, console_log: str, append: str = "") -> str:
-    """A KVM domain that boots L1's own kernel with the tiny initramfs, its serial console in a file,
-    a pvpanic device (found through ACPI: a panic reaches libvirt) and on_crash=preserve (libvirt
-    keeps it, as crashed)."""
-    return f"""<domain type='kvm'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{kernel}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=0 {append}</cmdline>
-  </os>
-  <features><acpi/></features>
-  <on_crash>preserve</on_crash>
-  <devices>
-    <serial type='file'><source path='{console_log}'/><target port='0'/></serial>
-    <panic model='isa'><address type='isa' iobase='0x505'/></panic>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-
-
-@pytest.fixture
-def domain_files(l1: Guest) -> tuple[str, str]:
-    """(kernel, initrd) for a domain: L1's kernel from /boot and an initramfs built inside L1."""
-    release = l1.succeed("uname -r").strip()
-    kernel = f"/boot/vmlinuz-{release}"
-    l1.succeed(f"test -r {kernel}")
-    initrd = f"{DOMAIN_DIR}/initrd"
-    builder = Path(__file__).with_name("tiny_initramfs.py")  # the rootdir is exported at its own path
-    # pvpanic's modules where the kernel has them as modules (Debian's does); built-in needs none.
-    modules = f"$(for m in pvpanic pvpanic-mmio; do find /lib/modules/{release} -name $m.ko; done)"
-    l1.succeed(f"mkdir -p {DOMAIN_DIR} && python3 {builder} {initrd} /bin/busybox {modules}")
-    return kernel, initrd
