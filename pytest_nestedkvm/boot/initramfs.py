@@ -27,7 +27,7 @@ from filelock import FileLock
 
 from ..base.errors import HostError
 from ..base.host import HARDWARE_BACKENDS, KVM_MODULE_BY_FLAG
-from .layout import BOOT_MARKS, PORT_DIR, SHELL_PORTS, WRITABLE_EXPORTS
+from .layout import BOOT_MARKS, LOWER_DIR, PORT_DIR, SHELL_PORTS, WRITABLE_EXPORTS
 
 FORMAT_VERSION = "1"
 # Drivers the guest cannot boot without, and ones it uses when the kernel has them.
@@ -313,8 +313,8 @@ mark drivers
 # The root: a writable tmpfs with the host's exports at their own paths (nestedkvm.mount=TAG:PATH,
 # one per read-only 9p export; see view.py), or one export as the whole root (TAG:/). The
 # WRITABLE_EXPORTS are the lower layer of an overlay whose upper layer is a tmpfs: the guest
-# writes there into its own memory, and nothing reaches the host (the read-only 9p mount stays
-# underneath, in this initramfs, out of the guest's reach once it switched root).
+# writes there into its own memory, and nothing reaches the host (the 9p mount underneath is
+# read-only, and so is QEMU's export; the guest sees it again at LOWER_DIR, see layout.py).
 mkdir -p /newroot /lower /rw
 mount -t tmpfs -o mode=700 tmpfs /rw
 ninep() {{ mount -t 9p -o {NINEP_OPTIONS} "$1" "$2" || fail "cannot mount the export $1 at $2 over 9p"; }}
@@ -325,11 +325,13 @@ export_at() {{
   esac
   mkdir -p "/lower/$1" "/rw/$1/upper" "/rw/$1/work"
   ninep "$1" "/lower/$1"
-  mount -t overlay -o "lowerdir=/lower/$1,upperdir=/rw/$1/upper,workdir=/rw/$1/work" overlay "$2" 2>/dev/null && return
+  if mount -t overlay -o "lowerdir=/lower/$1,upperdir=/rw/$1/upper,workdir=/rw/$1/work" overlay "$2" 2>/dev/null; then
+    lowers="$lowers $1:${{2#/newroot}}"; return
+  fi
   say "no overlay for $2: it stays read-only"
   mount --move "/lower/$1" "$2"
 }}
-mounts=; links=
+mounts=; links=; lowers=
 for arg in $(cat /proc/cmdline); do
   case $arg in
     nestedkvm.mount=*:/) rootfs=${{arg#*=}}; rootfs=${{rootfs%:/}}; export_at $rootfs /newroot ;;
@@ -347,6 +349,9 @@ for m in $mounts; do
 done
 chmod 755 /newroot/run
 mkdir -p -m 1777 /newroot/run/lock
+for l in $lowers; do
+  at=/newroot{LOWER_DIR}${{l#*:}}; mkdir -p "$at" && mount --bind "/lower/${{l%%:*}}" "$at"
+done
 for l in $links; do ln -s "${{l#*:}}" "/newroot${{l%%:*}}"; done
 mark mounts
 mkdir -p /dev/pts /dev/shm

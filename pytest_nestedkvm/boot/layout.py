@@ -26,11 +26,17 @@ SHELL_PORTS: dict[Role, str] = {CMD: "nestedkvm.cmd", CTL: "nestedkvm.ctl"}
 PORT_DIR = "/run/nestedkvm"
 # Guest uptime at each phase of the built-in guest's boot, "name=seconds" (benchmarks read it).
 BOOT_MARKS = f"{PORT_DIR}/boot-marks"
+# Host directories a guest gets as they are (where they are directories, not /usr symlinks).
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # Exports the built-in guest may write to, each under an overlay with a tmpfs upper layer (what a
-# daemon configures: /etc/libvirt, ...). Only these: a session of the plugin inside the guest
-# exports the guest's other directories to its own L1 with multidevs=forbid, which refuses the
-# files of an overlay over 9p (their st_dev is the lower layer's, not the overlay's).
-WRITABLE_EXPORTS = ("/etc",)
+# daemon configures: /etc/libvirt; what `make install` writes: /usr/local). Not the project, the
+# cache and the shares: a plugin session inside the guest writes its own files there and exports
+# them to its own guests.
+WRITABLE_EXPORTS = ("/etc", *SYSTEM_DIRS)
+# Where the guest also sees the read-only 9p mount under each such overlay, at the overlay's path
+# below it: a plugin session inside the guest exports that to its own L1 (QEMU's multidevs=forbid
+# refuses the files of an overlay over 9p: their st_dev is the lower layer's, not the overlay's).
+LOWER_DIR = f"{PORT_DIR}/lower"
 # Tmpfs mounts of their own (world-writable, sticky), over the exports where one lies below them.
 TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/var/log", "/mnt")
 

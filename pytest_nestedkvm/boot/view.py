@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base.errors import HostError
+from .layout import LOWER_DIR, SYSTEM_DIRS
 
-# Host directories a guest gets as they are (where they are directories, not /usr symlinks).
-SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # Links every root has, whatever the host's: daemons (libvirtd, ...) keep their sockets and locks there.
 ROOT_LINKS = (("/var/run", "/run"), ("/var/lock", "/run/lock"))
 ETC = Path("/etc")
@@ -84,7 +83,8 @@ def build_view(etc_copy: Path, shared: Iterable[Path], root: Path = Path("/"), p
         if path.is_symlink():
             links.append((name, os.readlink(path)))
         elif path.is_dir():
-            exports.append(Export(path, Path(name)))
+            lower = root / LOWER_DIR.lstrip("/") / name.lstrip("/")  # inside a built-in guest: see layout
+            exports.append(Export(lower if lower.is_dir() else path, Path(name)))
     for path in sorted({p.resolve() for p in shared}, key=lambda p: len(p.parts)):
         reason = unshareable(path, project=project is not None and path == project.resolve())
         if reason is not None:  # settings refuse such a share; this guards the rootdir, cache and Python dirs

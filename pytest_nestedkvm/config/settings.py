@@ -24,7 +24,8 @@ from ..base.deadline import LDD, QEMU_IMG_INFO
 from ..base.errors import ConfigError
 from ..base.host import ACCELS, AccelChoice, QemuBuild, qemu_build
 from ..boot.kernel_tree import check_image, check_modules, is_tree, tree_image
-from ..boot.view import SYSTEM_DIRS, unshareable
+from ..boot.layout import SYSTEM_DIRS
+from ..boot.view import unshareable
 from ..suites import knownfail, kut
 from ..suites import kselftests as kselftests_suite
 from ..suites.knownfail import KnownFailures

@@ -114,7 +114,8 @@ def test_succeed_and_fail_raise_assertion_errors_with_the_details(l1: Guest) -> 
 def test_the_root_is_writable_and_nothing_reaches_l0(l1: Guest) -> None:
     # What a daemon does (libvirtd): write its configuration and state under /etc and /var.
     name = f"nestedkvm-written-{os.getpid()}"
-    places = [f"/etc/{name}", f"/var/lib/{name}/state", f"/var/cache/{name}", f"/{name}"]
+    places = [f"/etc/{name}", f"/var/lib/{name}/state", f"/var/cache/{name}", f"/{name}", f"/usr/local/{name}",
+              f"/usr/lib/{name}"]
     for place in places:
         l1.succeed(f"mkdir -p $(dirname {place}) && echo from-l1 > {place} && grep -q from-l1 {place}")
     etc_copy = next(e.source for e in l1.spec.exports if e.target == Path("/etc"))
@@ -123,7 +124,9 @@ def test_the_root_is_writable_and_nothing_reaches_l0(l1: Guest) -> None:
     l1.succeed("echo x > /tmp/scratch && cat /tmp/scratch")
     # A daemon's socket and lock, where it looks for them: the usual links into /run.
     l1.succeed(f"touch /var/run/{name}.sock /var/lock/{name} && test -e /run/{name}.sock -a -e /run/lock/{name}")
-    l1.fail(f"touch /usr/{name}")  # the other exports stay read-only (see layout.WRITABLE_EXPORTS)
+    rootdir = Path(__file__).parent
+    l1.fail(f"touch {rootdir}/{name}")  # the project stays read-only (see layout.WRITABLE_EXPORTS)
+    l1.fail(f"touch /run/nestedkvm/lower/usr/{name}")  # and so does the 9p mount under /usr's overlay
     l1.restart()  # and the guest forgets it all: the writes lived in its memory
     for place in places:
         l1.fail(f"test -e {place}")

@@ -634,10 +634,13 @@ def test_init_root_mounts_each_export_at_its_path_and_makes_the_links() -> None:
         "mount -t tmpfs -o mode=755 tmpfs /newroot",
         *BASE_DIRS,
         "mkdir -p /newroot/etc", *export("nk0", "/newroot/etc"),
-        "mkdir -p /newroot/usr", ninep("nk1", "/newroot/usr"),
+        "mkdir -p /newroot/usr", *export("nk1", "/newroot/usr"),
         *tmpfs_dirs(*TMPFS_ORDER),
-        "mkdir -p /newroot/home/nk/project", ninep("nk2", "/newroot/home/nk/project"),
+        "mkdir -p /newroot/home/nk/project", ninep("nk2", "/newroot/home/nk/project"),  # the project stays as it is
         "chmod 755 /newroot/run", "mkdir -p -m 1777 /newroot/run/lock",
+        # The read-only 9p mounts under the overlays, for a plugin session inside the guest to export.
+        "mkdir -p /newroot/run/nestedkvm/lower/etc", "mount --bind /lower/nk0 /newroot/run/nestedkvm/lower/etc",
+        "mkdir -p /newroot/run/nestedkvm/lower/usr", "mount --bind /lower/nk1 /newroot/run/nestedkvm/lower/usr",
         "ln -s usr/bin /newroot/bin",
         "ln -s usr/lib64 /newroot/lib64",
     ]

@@ -62,6 +62,15 @@ def test_build_view_links_the_symlinks_and_exports_the_directories(fake_root: Pa
     )
 
 
+def test_inside_a_built_in_guest_build_view_exports_the_9p_mount_under_each_overlay(
+        fake_root: Path, etc_copy: Path) -> None:
+    lower_usr = fake_root / "run/nestedkvm/lower/usr"  # layout.LOWER_DIR, as the guest's init binds it
+    lower_usr.mkdir(parents=True)
+    result = build_view(etc_copy, [], root=fake_root)
+    assert Export(lower_usr, Path("/usr")) in result.exports  # not the overlay: multidevs=forbid refuses its files
+    assert Export(fake_root / "lib64", Path("/lib64")) in result.exports  # no overlay there: the directory itself
+
+
 def test_build_view_exports_etc_from_the_copy_first(fake_root: Path, etc_copy: Path, tmp_path: Path) -> None:
     (fake_root / "etc").mkdir()  # the host's own /etc is never exported
     project = tmp_path / "project"
