@@ -70,9 +70,12 @@ def test_impossible_nesting_skips_l2_but_not_l1() -> None:
 
 
 def test_levels_deeper_than_a_user_image_are_skipped(image: Path) -> None:
-    l1 = settings(levels="2", l1_image=str(image))
-    assert skip_reason(1, l1, host()) is None
-    assert "L2 inside a --nested-l1-image is not supported yet" in (skip_reason(2, l1, host()) or "")
+    l1 = settings(levels="3", l1_image=str(image))
+    assert skip_reason(2, l1, host()) is None and skip_reason(3, l1, host()) is None
+    login = settings(levels="2", l1_image=str(image), login="tester:tester")
+    assert skip_reason(1, login, host()) is None
+    assert "L2 inside a --nested-l1-image reached by --nested-login is not supported" in (
+        skip_reason(2, login, host()) or "")
     l2 = settings(levels="3", l2_image=str(image))
     assert skip_reason(2, l2, host()) is None
     assert "L3 inside a --nested-l2-image is not supported yet" in (skip_reason(3, l2, host()) or "")
