@@ -710,7 +710,8 @@ OPTIONS: tuple[Option, ...] = (
            parse=str.strip),
     Option("qemu", "the QEMU for L1, L2, ... in that order: a qemu-system binary or a QEMU build directory "
            "(its firmware in pc-bios/ too); a level without an entry gets the one above it; a binary for L2 and "
-           "deeper is shared read-only with the guests (default: qemu-system-<arch> on PATH)", "PATH[,PATH...]",
+           "deeper is shared read-only with the guests (default: qemu-system-<arch> on PATH; inside a "
+           "--nested-l1-image, the image's own)", "PATH[,PATH...]",
            parse=_qemu_builds),
     Option("qemu_args", "extra arguments for L1's QEMU, split like a shell would (e.g. '-device virtio-rng-pci')",
            "ARGS", parse=_argv),
@@ -726,7 +727,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("smp", "guest vCPUs; a comma list sets L1,L2,... (default 2 for L1, 1 deeper; 1 for L1 where KVM "
            "itself runs on an emulated CPU)", "N[,N...]", parse=_int_list(1)),
     Option("l1_image", "disk image (qcow2/raw) to boot as L1 instead of the built-in guest, always with -snapshot; "
-           "reached over SSH with a key given through a generated cloud-init seed", "PATH",
+           "reached over SSH with a key given through a generated cloud-init seed; L2 and deeper run inside it as "
+           "the built-in guest, on the image's own QEMU", "PATH",
            parse=lambda raw: _disk_image(_existing_file(raw))),
     Option("login", "USER:PASSWORD for a serial-console login into a --nested-l1-image that lacks cloud-init "
            "(the command channel then runs on the serial console)", "USER:PASSWORD", parse=_login),
