@@ -31,8 +31,9 @@ REFUSALS = {
         "and L1's commands run as '{user}': let cloud-init authorize the session key for root",
     91: "the --nested-l1-image has no {qemu} to run L{level} with: install QEMU into the image "
         "(Debian/Ubuntu: apt-get install qemu-system-x86), or name one that is there with --nested-qemu's second entry",
-    92: "the --nested-l1-image has no /dev/kvm for L{level} (its kernel loaded no kvm_amd or kvm_intel on a CPU "
-        "with {flag}): boot the image on a kernel with KVM (CONFIG_KVM_AMD/CONFIG_KVM_INTEL as modules or built in)",
+    92: "the --nested-l1-image has no /dev/kvm for L{level}: it needs a kernel with KVM (kvm_amd or kvm_intel, "
+        "as modules or built in) and a CPU that shows {flag} (the plugin gives L1 one unless --nested-cpu or a "
+        "hook takes it away)",
 }
 
 
