@@ -198,8 +198,9 @@ def test_an_image_that_cannot_run_l2_skips_it_with_the_fix(
     pytester.makeconftest(f"import dataclasses\n\ndef pytest_nestedkvm_guest_spec(config, level, spec):\n"
                           f"    return {hook}\n")
     pytester.makepyfile(f"def test_l1(l1):\n    l1.succeed({in_l1!r})\n\n"
-                        "def test_l2(l2):\n    raise AssertionError('must not run')\n")
+                        "def test_l2(l2):\n    raise AssertionError('must not run')\n\n"
+                        "def test_l2_again(l2):\n    raise AssertionError('must not run either')\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", "--nested-levels=2",
                                            f"--nested-l1-image={debian_image}")
-    result.assert_outcomes(passed=1, skipped=1)
-    result.stdout.fnmatch_lines([f"SKIPPED*{fix}*"])
+    result.assert_outcomes(passed=1, skipped=2)
+    result.stdout.fnmatch_lines([f"SKIPPED*{fix}*"] * 2)
