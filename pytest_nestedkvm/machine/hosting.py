@@ -14,8 +14,9 @@ image's kernel, which cloud kernels (Debian's linux-image-cloud-amd64) leave out
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 from typing import Protocol
+
+import paramiko
 
 from ..base.deadline import Deadline
 from ..base.errors import HostError, LevelUnavailable
@@ -23,6 +24,7 @@ from ..base.host import KVM_MODULE_BY_FLAG
 from ..boot.layout import HOSTED_BOOT, HOSTED_ETC, PORT_DIR
 from ..boot.qemu import GuestSpec
 from ..boot.view import ETC_SECRETS
+from . import ssh
 from .channel import CommandResult
 
 # Exit statuses of the script for what the plugin cannot fix itself, and what the user does about it.
@@ -43,8 +45,9 @@ class ImageParent(Protocol):
     def run(self, command: str, timeout: float | None = None) -> CommandResult:
         """Run `command` in the guest's shell; any exit status."""
 
-    def put(self, local: str | Path, remote: str) -> None:
-        """Copy a file from L0 into the guest."""
+    @property
+    def ssh(self) -> paramiko.SSHClient:
+        """A connected SSH client of the image (its SFTP carries the boot files)."""
 
 
 def setup_script(spec: GuestSpec) -> str:
@@ -82,5 +85,5 @@ def prepare(parent: ImageParent, spec: GuestSpec, deadline: Deadline) -> None:
     if done.exit_status != 0:
         raise HostError(f"L{spec.level}: preparing L{spec.level - 1} to run it failed "
                         f"(status {done.exit_status}): {done.stderr.strip()[-500:]}")
-    for local, remote in spec.uploads:
-        parent.put(local, remote)
+    for local, remote in spec.uploads:  # within the same budget: L2's boot
+        ssh.put(parent.ssh, local, remote, deadline)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import cast
 
+import paramiko
 import pytest
 
 from pytest_nestedkvm.base.deadline import Deadline
@@ -31,8 +33,18 @@ class FakeImage:
             return CommandResult(command, 0, f"{self.user}\n", "", 0.0)
         return CommandResult(command, self.status, "", "cp: cannot stat\n" if self.status else "", 0.0)
 
-    def put(self, local: str | Path, remote: str) -> None:
-        self.put_files.append((str(local), remote))
+    @property
+    def ssh(self) -> paramiko.SSHClient:
+        return cast(paramiko.SSHClient, self)
+
+
+@pytest.fixture(autouse=True)
+def sftp(monkeypatch: pytest.MonkeyPatch) -> None:
+    def put(client: FakeImage, local: Path, remote: str, deadline: Deadline) -> None:
+        assert deadline.remaining() == pytest.approx(60, abs=1)  # the boot budget of L2, not a command's
+        client.put_files.append((str(local), remote))
+
+    monkeypatch.setattr(hosting.ssh, "put", put)
 
 
 def test_a_ready_image_gets_the_boot_files_copied_in() -> None:
