@@ -119,11 +119,14 @@ class Lab:
                                instance_id=self.run_root.name)
         formats = {image: image_format(image) for image in (self.settings.l1_image, self.settings.l2_image)
                    if image is not None}
-        if self.settings.l1_image is not None:  # a disk image boots its own kernel
+        if self.settings.l1_image is not None and self.settings.levels < 2:  # a disk image boots its own kernel
             return plan.BootFiles(kernel=None, initrd=None, firmware=None, seeds=seeds, image_formats=formats)
         kernel = self.kernel
-        files = plan.BootFiles(kernel=boot_image(kernel), initrd=build_initramfs(kernel),
-                               firmware=QBOOT if QBOOT.is_file() else None, seeds=seeds)
+        firmware = QBOOT if QBOOT.is_file() else None
+        if self.settings.l1_image is not None:  # the built-in guest at L2 boots from copies inside the image
+            return plan.in_image(boot_image(kernel), build_initramfs(kernel), firmware, seeds, formats)
+        files = plan.BootFiles(kernel=boot_image(kernel), initrd=build_initramfs(kernel), firmware=firmware,
+                               seeds=seeds)
         shared = [cache_dir(), *python_dirs(), *self.settings.share, *modules_share(kernel),
                   *self.settings.suite_dirs(), *self.settings.qemu_shares()]
         view = build_view(filtered_etc(cache_dir()), shared, project=self.rootdir)
@@ -186,8 +189,11 @@ class Lab:
             self.pool.stop_from(level)
 
     def qemu_of(self, level: int) -> QemuInfo | None:
-        """The QEMU that runs the guest at `level` (for L2 and deeper: inside its parent)."""
+        """The QEMU that runs the guest at `level` (for L2 and deeper: inside its parent); None where
+        that is a disk image's own, which the plugin knows nothing of before the image runs."""
         chosen = self.settings.qemu_for(level)
+        if chosen is None and level >= 2 and self.settings.l1_image is not None:
+            return None
         return self.report.qemu if chosen is None else chosen.info
 
     def plan_lines(self) -> list[str]:
@@ -196,6 +202,8 @@ class Lab:
         summary = [line.removeprefix("nestedkvm: ") for line in self.report.summary_lines()]
         inner = [f"L{level} QEMU {qemu.version} {qemu.binary}" for level in range(2, self.settings.levels + 1)
                  if (qemu := self.qemu_of(level)) is not None and qemu != self.report.qemu]
+        if self.settings.l1_image is not None and self.settings.levels >= 2 and self.settings.qemu_for(2) is None:
+            inner.insert(0, f"L2 QEMU the image's own (qemu-system-{self.report.arch} on its PATH)")
         return [*summary, *inner, f"levels {self.settings.levels}"]
 
     @functools.cached_property

@@ -42,6 +42,8 @@ PACKAGES = (
     "python3-cffi-backend",
     "iproute2",
     "sudo",
+    # L2 inside this image as L1 runs on the image's own QEMU (and on its KVM).
+    "qemu-system-x86",
 )
 # Units a throwaway test guest does not need; masked so nothing re-enables them.
 MASKED_UNITS = (

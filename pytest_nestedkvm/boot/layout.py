@@ -24,6 +24,10 @@ SOCKET_ROLES: tuple[Role, ...] = (CMD, CTL, QMP)
 SHELL_PORTS: dict[Role, str] = {CMD: "nestedkvm.cmd", CTL: "nestedkvm.ctl"}
 # Where the guest links each named virtio port as port.<name> (udev would use /dev/virtio-ports).
 PORT_DIR = "/run/nestedkvm"
+# In a parent that is a user's disk image (no built-in init): what the plugin brings for the built-in
+# guest inside it, the boot files (copied in over SFTP) and a copy of its /etc without secrets.
+HOSTED_BOOT = f"{PORT_DIR}/boot"
+HOSTED_ETC = f"{PORT_DIR}/etc"
 # Guest uptime at each phase of the built-in guest's boot, "name=seconds" (benchmarks read it).
 BOOT_MARKS = f"{PORT_DIR}/boot-marks"
 # Host directories a guest gets as they are (where they are directories, not /usr symlinks).

@@ -80,6 +80,9 @@ class GuestSpec:
     # inside their parent guest, whose kernel (maybe the user's) may lack seccomp.
     sandbox: bool = False
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    # Files the plugin copies into the parent before this QEMU starts there, (path on L0, path in the
+    # parent): the boot files of a built-in guest whose parent is a disk image (which sees nothing of L0).
+    uploads: tuple[tuple[Path, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -199,11 +202,10 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
     if spec.firmware is not None:
         argv += ["-bios", str(spec.firmware)]
     kind = CHANNEL_NEEDS[spec.channel]
-    ports = []
-    if kind.agent_ports:
-        ports = [(spec.level, role, name) for role, name in SHELL_PORTS.items()]
-        ports += [(level, role, passthrough_port(level, role))
-                  for level in range(spec.level + 1, spec.deepest + 1) for role in ROLES]
+    # The built-in init's shells, and the streams of every deeper level (a disk image carries them too).
+    ports = [(spec.level, role, name) for role, name in SHELL_PORTS.items()] if kind.agent_ports else []
+    ports += [(level, role, passthrough_port(level, role))
+              for level in range(spec.level + 1, spec.deepest + 1) for role in ROLES]
     if spec.kernel is not None:
         argv += ["-kernel", str(spec.kernel)]
         if spec.initrd is not None:

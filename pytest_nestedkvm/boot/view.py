@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base.errors import HostError
-from .layout import LOWER_DIR, SYSTEM_DIRS
+from .layout import HOSTED_BOOT, HOSTED_ETC, LOWER_DIR, SYSTEM_DIRS
 
 # Links every root has, whatever the host's: daemons (libvirtd, ...) keep their sockets and locks there.
 ROOT_LINKS = (("/var/run", "/run"), ("/var/lock", "/run/lock"))
@@ -93,6 +93,15 @@ def build_view(etc_copy: Path, shared: Iterable[Path], root: Path = Path("/"), p
         if not any(path.is_relative_to(e.target) for e in exports):
             exports.append(Export(path, path))
     return View(tuple(exports), (*links, *ROOT_LINKS))  # /var and /run are never shared (SECRET_ROOTS)
+
+
+def image_view() -> View:
+    """What the built-in guest sees of a user's disk image it runs in: the image's /usr, the copy of its
+    /etc without secrets that the plugin makes there (HOSTED_ETC), the boot files it brought (so a
+    guest inside this one boots from them too), and a merged /usr's links for /bin, /sbin, /lib, /lib64."""
+    hosted = Path(HOSTED_BOOT)
+    return View((Export(Path("/usr"), Path("/usr")), Export(Path(HOSTED_ETC), ETC), Export(hosted, hosted)),
+                (*((name, f"usr{name}") for name in ("/bin", "/sbin", "/lib", "/lib64")), *ROOT_LINKS))
 
 
 def python_dirs() -> list[Path]:

@@ -15,9 +15,9 @@ from typing import Literal
 
 from ..base.errors import ConfigError
 from ..base.host import Accel, HostReport
-from ..boot.layout import CHANNEL_NEEDS
+from ..boot.layout import CHANNEL_NEEDS, HOSTED_BOOT
 from ..boot.qemu import Disk, DiskFormat, GuestSpec
-from ..boot.view import View
+from ..boot.view import View, image_view
 from .settings import Settings
 
 # Every timeout scales the same way: seconds on hardware KVM at L1, times how much slower
@@ -57,8 +57,19 @@ class BootFiles:
     initrd: Path | None
     firmware: Path | None
     seeds: Mapping[int, Path]
-    view: View | None = None  # what L1 sees of L0; each deeper level sees what its parent sees
+    view: View | None = None  # what the first built-in level sees of its host; each deeper level what its parent sees
     image_formats: Mapping[Path, DiskFormat] = field(default_factory=dict)  # of the user's disk images
+    uploads: tuple[tuple[Path, str], ...] = ()  # copied into a --nested-l1-image for L2 (GuestSpec.uploads)
+
+
+def in_image(kernel: Path, initrd: Path, firmware: Path | None, seeds: Mapping[int, Path],
+             image_formats: Mapping[Path, DiskFormat]) -> BootFiles:
+    """The boot files of the built-in guest at L2 inside a --nested-l1-image: the files on L0 are
+    copied into the image before L2 starts (the image sees nothing of L0) and booted from there."""
+    uploads = tuple((path, f"{HOSTED_BOOT}/{path.name}") for path in (kernel, initrd, firmware) if path is not None)
+    inside = {path: Path(there) for path, there in uploads}
+    return BootFiles(kernel=inside[kernel], initrd=inside[initrd], firmware=inside.get(firmware) if firmware else None,
+                     seeds=seeds, view=image_view(), image_formats=image_formats, uploads=uploads)
 
 
 def skip_reason(level: int, settings: Settings, report: HostReport) -> str | None:
@@ -69,16 +80,14 @@ def skip_reason(level: int, settings: Settings, report: HostReport) -> str | Non
         return "QEMU not found: apt-get install qemu-system-x86"
     if level >= 2 and not report.nesting_possible:
         return f"L{level} needs nested virtualization, which this host cannot provide: {report.nesting_fix}"
-    image_level = image_level_of(settings)
-    if image_level is not None and level > image_level:
-        return (f"L{level} inside a --nested-l{image_level}-image is not supported yet: the plugin starts "
-                "deeper levels inside its built-in guests only")
+    if settings.l2_image is not None and level > 2:
+        return (f"L{level} inside a --nested-l2-image is not supported yet: the plugin starts deeper levels "
+                "inside its built-in guests and inside a --nested-l1-image only")
+    if settings.l1_image is not None and settings.login is not None and level > 1:
+        return (f"L{level} inside a --nested-l1-image reached by --nested-login is not supported: the plugin "
+                "copies L2's boot files into L1 over SFTP, which needs SSH (let the image take the session key "
+                "by cloud-init and drop --nested-login)")
     return None
-
-
-def image_level_of(settings: Settings) -> int | None:
-    """The level a user's disk image boots at, if any."""
-    return 1 if settings.l1_image else 2 if settings.l2_image else None
 
 
 def seed_levels(settings: Settings) -> tuple[int, ...]:
@@ -101,9 +110,11 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
     """The guest at `level` before hooks. L1 gets the host plan (accelerator, CPU model); deeper
     levels always run on their parent's KVM, with -cpu host unless --nested-l2-cpu says otherwise."""
     assert report.qemu is not None
-    chosen = settings.qemu_for(level)  # --nested-qemu; else L0's on PATH, at the same path inside guests
+    # --nested-qemu; else L0's on PATH, at the same path inside built-in guests; inside a disk image its own
+    chosen = settings.qemu_for(level)
+    default = f"qemu-system-{report.arch}" if settings.l1_image is not None and level >= 2 else report.qemu.binary
     common = GuestSpec(
-        level=level, qemu=report.qemu.binary if chosen is None else str(chosen.binary),
+        level=level, qemu=default if chosen is None else str(chosen.binary),
         accel=report.accel if level == 1 else "kvm",
         cpu=settings.cpu_for(level, report.cpu), memory_mib=settings.memory_for(level),
         smp=settings.smp_for(level, emulated=report.pace == "tcg"),
@@ -114,10 +125,12 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
         return _image(common, image, settings, files)
     l2_image_disks = ((_disk(settings.l2_image, files), Disk(files.seeds[2]))
                       if level == 1 and 2 in files.seeds and settings.l2_image is not None else ())
+    first = 2 if settings.l1_image is not None else 1  # the first level that boots the built-in guest
     return dataclasses.replace(
         common, kernel=files.kernel, initrd=files.initrd, append=settings.append,
-        view=files.view if level == 1 or files.view is None else files.view.one_level_down(),
+        view=files.view if level == first or files.view is None else files.view.one_level_down(),
         firmware=files.firmware, deepest=settings.levels, disks=l2_image_disks,
+        uploads=files.uploads if level == first else (),
     )
 
 
@@ -130,7 +143,9 @@ def _image(common: GuestSpec, image: Path, settings: Settings, files: BootFiles)
         disks = L2_IMAGE_DISKS  # L1 holds them (see builtin_spec)
     else:
         disks = (_disk(image, files),) if login else (_disk(image, files), Disk(files.seeds[1]))
-    return dataclasses.replace(common, disks=disks, channel="serial" if login else "ssh", login=login)
+    # L1 carries the streams of the built-in guests inside it (none inside an L2 image: skip_reason).
+    return dataclasses.replace(common, disks=disks, channel="serial" if login else "ssh", login=login,
+                               deepest=settings.levels if common.level == 1 and not login else common.level)
 
 
 def _disk(image: Path, files: BootFiles) -> Disk:

@@ -162,9 +162,11 @@ class Settings:
             _check_memory_floor(self, kernel, levels)
 
     def built_in_levels(self) -> range:
-        """The levels that boot the built-in guest: not a user's disk image, nor anything inside one."""
-        image_level = 1 if self.l1_image else 2 if self.l2_image else MAX_LEVELS + 1
-        return range(1, min(self.levels, image_level - 1) + 1)
+        """The levels that boot the built-in guest: not a user's disk image, nor anything inside an L2
+        image (inside a --nested-l1-image, L2 and deeper are the built-in guest)."""
+        if self.l1_image:
+            return range(2, self.levels + 1)
+        return range(1, min(self.levels, 1 if self.l2_image else MAX_LEVELS) + 1)
 
     def suite_dirs(self) -> tuple[Path, ...]:
         """The trees of --nested-kut and --nested-kselftests: the guests see them read-only at the same paths."""
@@ -193,12 +195,18 @@ class Settings:
         return (*firmware, *(self.qemu_args if level == 1 else self.l2_qemu_args))
 
     def qemu_for(self, level: int) -> QemuBuild | None:
-        """The user's QEMU for `level` (a level without an entry gets the one above it); None: L0's on PATH."""
-        return self.qemu[min(level, len(self.qemu)) - 1] if self.qemu else None
+        """The user's QEMU for `level` (a level without an entry gets the one above it); None: L0's on
+        PATH, and inside a --nested-l1-image the image's own (unless a second entry names one there)."""
+        if not self.qemu or (self.l1_image is not None and level >= 2 and len(self.qemu) < 2):
+            return None
+        return self.qemu[min(level, len(self.qemu)) - 1]
 
     def qemu_shares(self) -> tuple[Path, ...]:
         """The directories of the user's QEMUs that run inside a guest (L2 and deeper): the guests see
-        them read-only at the same paths (a binary under the system directories is there already)."""
+        them read-only at the same paths (a binary under the system directories is there already).
+        None for a --nested-l1-image: it sees nothing of L0, its own QEMU runs L2."""
+        if self.l1_image is not None:
+            return ()
         inner = {self.qemu_for(level) for level in range(2, self.levels + 1)}
         system = [Path(d) for d in SYSTEM_DIRS]
         return tuple(sorted({b.directory for b in inner if b is not None
@@ -262,9 +270,10 @@ def _check_idle_options(settings: Settings) -> None:
     """An option that would do nothing in the combination given is refused, not ignored."""
     idle = (
         ("l2_image", settings.l1_image is not None and settings.l2_image is not None,
-         "L2 runs inside L1, and a --nested-l1-image runs no deeper levels of the plugin's: drop one of them"),
-        ("kernel", settings.kernel is not None and settings.l1_image is not None,
-         "a --nested-l1-image boots its own kernel: drop --nested-kernel or the image"),
+         "L2 runs inside L1, and inside a --nested-l1-image L2 is the plugin's built-in guest: drop one of them"),
+        ("kernel", settings.kernel is not None and settings.l1_image is not None and settings.levels < 2,
+         "a --nested-l1-image boots its own kernel, and the built-in guest (L2 and deeper) is not asked for: "
+         "drop --nested-kernel or raise --nested-levels"),
         ("modules", settings.modules is not None and settings.kernel is None,
          "the modules are for a --nested-kernel, and none is set (the default kernel brings its own): "
          "pass --nested-kernel too, or drop --nested-modules"),
@@ -702,7 +711,8 @@ OPTIONS: tuple[Option, ...] = (
            parse=str.strip),
     Option("qemu", "the QEMU for L1, L2, ... in that order: a qemu-system binary or a QEMU build directory "
            "(its firmware in pc-bios/ too); a level without an entry gets the one above it; a binary for L2 and "
-           "deeper is shared read-only with the guests (default: qemu-system-<arch> on PATH)", "PATH[,PATH...]",
+           "deeper is shared read-only with the guests (default: qemu-system-<arch> on PATH; inside a "
+           "--nested-l1-image, the image's own)", "PATH[,PATH...]",
            parse=_qemu_builds),
     Option("qemu_args", "extra arguments for L1's QEMU, split like a shell would (e.g. '-device virtio-rng-pci')",
            "ARGS", parse=_argv),
@@ -718,7 +728,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("smp", "guest vCPUs; a comma list sets L1,L2,... (default 2 for L1, 1 deeper; 1 for L1 where KVM "
            "itself runs on an emulated CPU)", "N[,N...]", parse=_int_list(1)),
     Option("l1_image", "disk image (qcow2/raw) to boot as L1 instead of the built-in guest, always with -snapshot; "
-           "reached over SSH with a key given through a generated cloud-init seed", "PATH",
+           "reached over SSH with a key given through a generated cloud-init seed; L2 and deeper run inside it as "
+           "the built-in guest, on the image's own QEMU", "PATH",
            parse=lambda raw: _disk_image(_existing_file(raw))),
     Option("login", "USER:PASSWORD for a serial-console login into a --nested-l1-image that lacks cloud-init "
            "(the command channel then runs on the serial console)", "USER:PASSWORD", parse=_login),

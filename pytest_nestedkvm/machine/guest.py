@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,13 +27,14 @@ from ..base.errors import (
     GuestCrashed,
     GuestSilent,
     GuestWedged,
+    LevelUnavailable,
     LoginFailed,
     NestedKvmError,
     SshError,
 )
 from ..boot.layout import CHANNEL_NEEDS, CONSOLE, PORT_DIR
 from ..boot.qemu import SSH_GUEST_PORT, GuestSpec, build_argv, shell_line
-from . import forensics, ssh
+from . import forensics, hosting, ssh
 from .channel import DEFAULT_OUTPUT_LIMIT, ChannelSetup, CommandResult, channel_class
 from .commands import GuestApi
 from .console import Console
@@ -90,8 +92,8 @@ class Guest(GuestApi):
             self.link.after_start(deadline, self._check_alive)
             self.channel.open(deadline)
             self._monitor(deadline)  # from here on, crash events are kept
-        except (NestedKvmError, TimeoutError) as exc:
-            error = boot_error(self, exc, deadline)
+        except (NestedKvmError, TimeoutError) as exc:  # LevelUnavailable: the parent cannot run it at all (a skip)
+            error = exc if isinstance(exc, LevelUnavailable) else boot_error(self, exc, deadline)
             self.close(keep_files=True)
             raise error from None
         except BaseException:
@@ -260,7 +262,9 @@ def new_guest(
         process = HostProcess(run_root / "l1" / "qemu.log")
     else:
         link = ParentLink(parent.link, spec.level)
-        process = ProcessInGuest(parent, f"{PORT_DIR}/{spec.name}")
+        # A parent without the built-in init (a user's disk image) is made ready for this QEMU first.
+        hosted = None if CHANNEL_NEEDS[parent.spec.channel].agent_ports else partial(hosting.prepare, parent, spec)
+        process = ProcessInGuest(parent, f"{PORT_DIR}/{spec.name}", prepare=hosted)
     argv = build_argv(spec, link.ends)
     if edit_argv is not None:
         edit_argv(argv)

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..base.errors import BootError, HostError
+from ..base.errors import BootError, HostError, LevelUnavailable
 from ..base.host import KVM_MODULE_BY_FLAG, parse_nested
 from .guest import Guest
 
@@ -72,6 +72,9 @@ class GuestPool:
             guest.start()
         except BootError as exc:
             self.boot_failures.append((guest, exc))
+            raise
+        except LevelUnavailable:
+            del self.guests[guest.level]  # its parent cannot run it (never started): none to hand out later
             raise
 
     def ensure_running(self, level: int) -> None:

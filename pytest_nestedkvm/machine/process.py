@@ -259,14 +259,21 @@ class ProcessInGuest:
 
     parent_grace = QEMU_STOP_GRACE  # seconds QEMU gets to exit on SIGTERM before SIGKILL
 
-    def __init__(self, parent: ParentGuest, workdir: str) -> None:
+    def __init__(self, parent: ParentGuest, workdir: str, prepare: Callable[[Deadline], None] | None = None) -> None:
         self.parent = parent
         self.workdir = workdir
         self.started_in: int | None = None  # the parent's boot this QEMU was started in
+        # Once per boot of the parent, before its first QEMU: what a parent without the built-in init
+        # needs done (a disk image: hosting.prepare).
+        self.prepare = prepare
+        self.prepared_in: int | None = None
 
     def start(self, argv: list[str], env: Mapping[str, str] | None, deadline: Deadline) -> None:
         """Start `argv` in the parent; the command counts against this guest's `deadline` (its boot
         budget), not the parent's command timeout."""
+        if self.prepare is not None and self.prepared_in != self.parent.boots:
+            self.prepare(deadline)
+            self.prepared_in = self.parent.boots
         w = self.workdir
         prefix = "env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " " if env else ""
         self.parent.succeed(

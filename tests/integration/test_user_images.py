@@ -146,3 +146,65 @@ def test_an_l2_qemu_that_dies_after_its_qmp_greeting_is_an_error_not_a_hang(
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*BootError: l2 died while booting: l2 QEMU exited with status 1*",
                                  "*CPU model 'host' requires KVM*"])
+
+
+CRASH_AND_PRISTINE = '''
+def test_a_leaves_a_mark_in_l2(l2, l1):
+    l2.succeed("echo dirty > /tmp/mark")
+    l1.succeed("echo kept > /tmp/l1-mark")
+
+def test_b_crashes_l2(l2):
+    l2.crash()
+
+def test_c_l2_comes_back_pristine_in_the_same_l1(l2, l1):
+    l2.fail("test -e /tmp/mark")
+    assert l2.succeed("echo back") == "back\\n"
+    l1.succeed("test -e /tmp/l1-mark")  # the image kept running
+    assert l2.qmp().query_kvm() == {"enabled": True, "present": True}
+
+def test_d_ssh_into_l2_through_the_image(l2):
+    _, out, _ = l2.ssh.exec_command("id -u", timeout=120)
+    assert out.read() == b"0\\n"
+'''
+
+
+@pytest.mark.nested(level=2)
+def test_l2_and_l3_inside_the_debian_image_pass_the_tests_of_the_built_in_l1(
+    pytester: pytest.Pytester, debian_image: Path
+) -> None:
+    before = sha256(debian_image)
+    pytester.makepyfile(test_nested=(Path(__file__).parent / "test_nested.py").read_text(),
+                        test_z_crash=CRASH_AND_PRISTINE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", "--nested-levels=3",
+                                           f"--nested-l1-image={debian_image}")
+    result.assert_outcomes(passed=12, failed=1)  # the crash fails its test; L3 runs inside L2 inside the image
+    result.stdout.fnmatch_lines(["*L2 QEMU the image's own (qemu-system-x86_64 on its PATH)*",
+                                 "*L2 kernel panic during this test*"])
+    assert len([line for line in result.outlines if line.startswith("nestedkvm: L1 ready in")]) == 1
+    assert sha256(debian_image) == before, "the image file changed"
+
+
+# An image without QEMU: L2's QEMU named where the image has none. An image whose kernel has no KVM:
+# kvm_amd/kvm_intel unloaded in L1 and kept from loading again, before L2 is asked for.
+NO_KVM = ("for m in kvm_amd kvm_intel kvm; do modprobe -r $m 2>/dev/null; done; "
+          "printf 'install %s /bin/false\\n' kvm kvm_amd kvm_intel > /etc/modprobe.d/no-kvm.conf; test ! -e /dev/kvm")
+
+
+@pytest.mark.nested(level=2)
+@pytest.mark.parametrize(("hook", "in_l1", "fix"), [
+    ('dataclasses.replace(spec, qemu="/opt/no-such-qemu/qemu-system-x86_64") if level == 2 else None', "true",
+     "the --nested-l1-image has no /opt/no-such-qemu/qemu-system-x86_64 to run L2 with: install QEMU into the image"),
+    ("None", NO_KVM, "the --nested-l1-image has no /dev/kvm for L2: it needs a kernel with KVM"),
+], ids=["no-qemu", "no-kvm"])
+def test_an_image_that_cannot_run_l2_skips_it_with_the_fix(
+    pytester: pytest.Pytester, debian_image: Path, hook: str, in_l1: str, fix: str
+) -> None:
+    pytester.makeconftest(f"import dataclasses\n\ndef pytest_nestedkvm_guest_spec(config, level, spec):\n"
+                          f"    return {hook}\n")
+    pytester.makepyfile(f"def test_l1(l1):\n    l1.succeed({in_l1!r})\n\n"
+                        "def test_l2(l2):\n    raise AssertionError('must not run')\n\n"
+                        "def test_l2_again(l2):\n    raise AssertionError('must not run either')\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", "--nested-levels=2",
+                                           f"--nested-l1-image={debian_image}")
+    result.assert_outcomes(passed=1, skipped=2)
+    result.stdout.fnmatch_lines([f"SKIPPED [[]2[]] *{fix}*"])  # both L2 tests, each asked again

@@ -567,7 +567,7 @@ def test_options_that_would_do_nothing_together_are_refused(
     args, start = {
         "l2 image with l1 image": (
             (f"--nested-l1-image={image}", f"--nested-l2-image={image}", "--nested-levels=2"),
-            f"--nested-l2-image={image} (from command line): L2 runs inside L1, and a --nested-l1-image runs"),
+            f"--nested-l2-image={image} (from command line): L2 runs inside L1, and inside a --nested-l1-image L2 is"),
         "kernel with l1 image": (
             (f"--nested-l1-image={image}", f"--nested-kernel={kernel}"),
             f"--nested-kernel={kernel} (from command line): a --nested-l1-image boots its own kernel"),

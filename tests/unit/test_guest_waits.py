@@ -135,3 +135,15 @@ def test_a_nested_qemu_start_counts_against_the_childs_boot_budget(clock: FakeCl
     [(command, timeout)] = parent.asked
     assert "qemu-system-x86_64 -S" in command
     assert timeout == pytest.approx(200)
+
+
+def test_a_parent_without_the_built_in_init_is_prepared_once_per_boot(clock: FakeClock) -> None:
+    parent = RecordingParent()
+    prepared: list[float] = []
+    process = ProcessInGuest(parent, "/run/nk/l2", prepare=lambda deadline: prepared.append(deadline.remaining()))
+    boot = Deadline.after(300)
+    process.start(["qemu-system-x86_64"], QEMU_ENV, boot)  # type: ignore[arg-type]
+    process.start(["qemu-system-x86_64"], QEMU_ENV, boot)  # L2 again in the same boot of L1: nothing to redo
+    parent.boots = 2
+    process.start(["qemu-system-x86_64"], QEMU_ENV, boot)
+    assert prepared == [pytest.approx(300)] * 2

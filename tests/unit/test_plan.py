@@ -70,9 +70,12 @@ def test_impossible_nesting_skips_l2_but_not_l1() -> None:
 
 
 def test_levels_deeper_than_a_user_image_are_skipped(image: Path) -> None:
-    l1 = settings(levels="2", l1_image=str(image))
-    assert skip_reason(1, l1, host()) is None
-    assert "L2 inside a --nested-l1-image is not supported yet" in (skip_reason(2, l1, host()) or "")
+    l1 = settings(levels="3", l1_image=str(image))
+    assert skip_reason(2, l1, host()) is None and skip_reason(3, l1, host()) is None
+    login = settings(levels="2", l1_image=str(image), login="tester:tester")
+    assert skip_reason(1, login, host()) is None
+    assert "L2 inside a --nested-l1-image reached by --nested-login is not supported" in (
+        skip_reason(2, login, host()) or "")
     l2 = settings(levels="3", l2_image=str(image))
     assert skip_reason(2, l2, host()) is None
     assert "L3 inside a --nested-l2-image is not supported yet" in (skip_reason(3, l2, host()) or "")
@@ -246,3 +249,33 @@ def test_only_l1s_qemu_runs_in_the_sandbox_and_only_where_qemu_has_seccomp(secco
     report = host(accel="tcg", cpu="max", qemu=QemuInfo(QEMU.binary, QEMU.version, sandbox=seccomp))
     assert builtin_spec(1, per_level_settings(), report, FILES).sandbox is seccomp
     assert builtin_spec(2, per_level_settings(), report, FILES).sandbox is False  # inside L1: its kernel's business
+
+
+# -- the built-in guest inside a --nested-l1-image -------------------------------------------
+
+
+def test_l2_inside_an_l1_image_is_the_built_in_guest_booted_from_copies_in_it(image: Path, tmp_path: Path) -> None:
+    chosen = settings(levels="3", l1_image=str(image))
+    seed = tmp_path / "seed-l1.iso"
+    files = plan.in_image(KERNEL, INITRD, FIRMWARE, {1: seed}, {image: "qcow2"})
+    l1 = builtin_spec(1, chosen, host(), files)
+    assert (l1.channel, l1.deepest, l1.kernel, l1.exports, l1.uploads) == ("ssh", 3, None, (), ())
+    l2 = builtin_spec(2, chosen, host(), files)
+    inside = Path("/run/nestedkvm/boot")
+    assert (l2.channel, l2.kernel, l2.initrd, l2.firmware) == (
+        "agent", inside / KERNEL.name, inside / INITRD.name, inside / FIRMWARE.name)
+    assert l2.uploads == ((KERNEL, f"{inside}/{KERNEL.name}"), (INITRD, f"{inside}/{INITRD.name}"),
+                          (FIRMWARE, f"{inside}/{FIRMWARE.name}"))
+    assert l2.qemu == "qemu-system-x86_64"  # the image's own, from its PATH
+    assert l2.view is not None and Export(Path("/run/nestedkvm/etc"), Path("/etc")) in l2.view.exports
+    assert ("/bin", "usr/bin") in l2.view.links
+    l3 = builtin_spec(3, chosen, host(), files)
+    assert (l3.kernel, l3.uploads) == (l2.kernel, ())  # L2 shows L3 the boot files it got
+    assert l3.view is not None and Export(inside, inside) in l3.view.exports
+    assert Export(Path("/etc"), Path("/etc")) in l3.view.exports
+
+
+def test_an_l1_image_runs_deeper_levels_on_its_own_qemu_unless_a_second_entry_names_one(image: Path) -> None:
+    assert settings(levels="2", l1_image=str(image)).qemu_for(2) is None
+    assert settings(levels="2").qemu_for(2) is None
+    assert settings(levels="2", l1_image=str(image)).qemu_shares() == ()  # an image sees nothing of L0

@@ -8,7 +8,7 @@ from typing import cast
 
 import pytest
 
-from pytest_nestedkvm.base.errors import BootError
+from pytest_nestedkvm.base.errors import BootError, LevelUnavailable
 from pytest_nestedkvm.machine.guest import Guest
 from pytest_nestedkvm.machine.pool import GuestPool, LifecycleHooks
 
@@ -67,3 +67,28 @@ def test_a_teardown_hook_that_raises_still_stops_every_guest_and_is_raised_after
     with pytest.raises(RuntimeError, match="teardown of L2 failed"):  # the first, the deepest
         pool.close()
     assert [g.closes for g in guests.values()] == [1, 1] and pool.guests == {}
+
+
+class UnrunnableGuest(FakeGuest):
+    """An L2 whose parent cannot run it (a disk image without QEMU): never started, nothing says it ended."""
+
+    def start(self) -> None:
+        raise LevelUnavailable("no QEMU in the image", level=2)
+
+
+def test_a_level_its_parent_cannot_run_is_asked_for_again_by_each_user_never_handed_out() -> None:
+    made: list[UnrunnableGuest] = []
+
+    def new(level: int, parent: Guest | None) -> Guest:
+        made.append(UnrunnableGuest(failures=0))
+        made[-1].level, made[-1].parent, made[-1].alive = level, parent, True
+        return cast(Guest, made[-1])
+
+    l1 = FakeGuest(failures=0)
+    l1.alive = True
+    pool = GuestPool(new, [].append)
+    pool.guests[1] = cast(Guest, l1)
+    for _ in range(2):
+        with pytest.raises(LevelUnavailable):
+            pool.get(2)
+    assert len(made) == 2 and 2 not in pool.guests and pool.boot_failures == []

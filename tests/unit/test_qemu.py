@@ -442,3 +442,12 @@ def test_the_sandbox_is_one_option_right_after_the_machine() -> None:
     assert option_values(argv, "-sandbox") == [QEMU_SANDBOX]
     assert "obsolete=deny" in QEMU_SANDBOX and "spawn=deny" in QEMU_SANDBOX and "elevateprivileges=deny" in QEMU_SANDBOX
     assert "-sandbox" not in build_argv(MINIMAL, ENDS)
+
+
+def test_a_disk_image_carries_the_streams_of_the_guests_inside_it_without_agent_ports() -> None:
+    spec = GuestSpec(level=1, qemu="qemu-system-x86_64", accel="tcg", cpu="max", memory_mib=2048, smp=1,
+                     disks=(Disk(Path("/img/disk.qcow2"), "qcow2"),), channel="ssh", deepest=2)
+    argv = build_argv(spec, HostEnds(Path("/run/nk")))
+    names = [arg.rsplit("name=", 1)[1] for arg in argv if arg.startswith("virtserialport")]
+    assert names == ["nestedkvm.l2.cmd", "nestedkvm.l2.ctl", "nestedkvm.l2.console", "nestedkvm.l2.qmp"]
+    assert "virtio-serial-pci,id=vser" in argv and "-kernel" not in argv

@@ -52,6 +52,19 @@ def test_each_level_gets_its_entry_and_deeper_levels_the_last(tmp_path: Path) ->
     assert Settings.from_sources({}, env={}).qemu_for(2) is None  # L0's on PATH, at every level
 
 
+def test_inside_an_l1_image_only_a_second_entry_replaces_the_images_own_qemu(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    image.write_bytes(b"QFI\xfb" + bytes(508))
+    one, two = fake(tmp_path / "a" / NAME), fake(tmp_path / "b" / NAME)
+    (tmp_path / "a" / "pc-bios").mkdir()
+    alone = Settings.from_sources({"qemu": str(one), "levels": "3", "l1_image": str(image)}, env={})
+    assert [alone.qemu_for(level) for level in (2, 3)] == [None, None]  # L1's own build is not in the image
+    assert alone.qemu_args_for(2) == ()  # nor its firmware
+    both = Settings.from_sources({"qemu": f"{one},{two}", "levels": "3", "l1_image": str(image)}, env={})
+    assert [str(both.qemu_for(level)) for level in (2, 3)] == [str(two), str(two)]  # run at that path in the image
+    assert both.qemu_shares() == ()  # nothing of L0 is shared with an image
+
+
 def test_a_build_trees_firmware_goes_to_its_own_level_only(tmp_path: Path) -> None:
     plain, built = fake(tmp_path / "plain" / NAME), fake(tmp_path / "tree" / NAME)
     (tmp_path / "tree" / "pc-bios").mkdir()

@@ -176,6 +176,15 @@ def test_file_and_directory_options_resolve(tmp_path: Path) -> None:
 # -- rejections and their messages -----------------------------------------------------------
 
 
+def test_a_kernel_with_an_l1_image_is_the_kernel_of_the_built_in_guest_inside_it(tmp_path: Path) -> None:
+    kernel, image = tmp_path / "bzImage", tmp_path / "a.qcow2"
+    kernel.write_bytes(b"\0" * 0x202 + b"HdrS")
+    image.write_bytes(b"QFI\xfb\0\0\0\3" + b"\0" * 1000)
+    settings = build({"kernel": str(kernel), "l1_image": str(image), "levels": "2"})
+    assert (settings.kernel, list(settings.built_in_levels())) == (kernel.resolve(), [2])
+    assert "boots its own kernel" in config_error({"kernel": str(kernel), "l1_image": str(image)})
+
+
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
