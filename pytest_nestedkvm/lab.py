@@ -33,6 +33,7 @@ from .boot.initramfs import Kernel, boot_image, build_initramfs, cache_dir, gues
 from .boot.kernel_tree import boot_kernel, modules_share, with_modules
 from .boot.qemu import QBOOT, GuestSpec
 from .boot.view import build_view, filtered_etc, python_dirs
+from .boot.xen import TREE_HYPERVISOR, XenBoot, hypervisor_image, unpacked_packages
 from .config import plan
 from .config.settings import Settings, image_format
 from .machine.guest import Guest, new_guest
@@ -130,7 +131,17 @@ class Lab:
         view = with_modules(view, kernel)  # for modprobe in guests
         # /boot: the kernel the guests run, for a hypervisor (or this plugin) inside them to boot
         view = dataclasses.replace(view, links=(*view.links, ("/boot", str(guest_boot_dir(kernel)))))
-        return dataclasses.replace(files, view=view, image_formats=formats)
+        return dataclasses.replace(files, view=view, image_formats=formats, xen=self._xen_boot())
+
+    def _xen_boot(self) -> XenBoot | None:
+        """With --nested-hypervisor=xen: Debian's Xen packages unpacked in the cache (fetched on first
+        use), the hypervisor (the user's --nested-xen, else the packages'), dom0's kernel."""
+        if self.settings.hypervisor != "xen":
+            return None
+        tools = unpacked_packages(cache_dir())
+        chosen = self.settings.xen
+        hypervisor = tools / TREE_HYPERVISOR if chosen is None else hypervisor_image(chosen, cache_dir())
+        return XenBoot(hypervisor=hypervisor, tools=tools, dom0_kernel=self.kernel.path)
 
     @functools.cached_property
     def pool(self) -> GuestPool:
@@ -196,7 +207,9 @@ class Lab:
         summary = [line.removeprefix("nestedkvm: ") for line in self.report.summary_lines()]
         inner = [f"L{level} QEMU {qemu.version} {qemu.binary}" for level in range(2, self.settings.levels + 1)
                  if (qemu := self.qemu_of(level)) is not None and qemu != self.report.qemu]
-        return [*summary, *inner, f"levels {self.settings.levels}"]
+        xen = [f"L1 hypervisor xen {self.settings.xen or 'from Debian packages'}, the built-in guest as dom0"
+               ] if self.settings.hypervisor == "xen" else []
+        return [*summary, *xen, *inner, f"levels {self.settings.levels}"]
 
     @functools.cached_property
     def properties(self) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ from ..base.host import Accel, HostReport
 from ..boot.layout import CHANNEL_NEEDS
 from ..boot.qemu import Disk, DiskFormat, GuestSpec
 from ..boot.view import View
+from ..boot.xen import XenBoot
 from .settings import Settings
 
 # Every timeout scales the same way: seconds on hardware KVM at L1, times how much slower
@@ -59,6 +60,7 @@ class BootFiles:
     seeds: Mapping[int, Path]
     view: View | None = None  # what L1 sees of L0; each deeper level sees what its parent sees
     image_formats: Mapping[Path, DiskFormat] = field(default_factory=dict)  # of the user's disk images
+    xen: XenBoot | None = None  # --nested-hypervisor=xen: what L1 boots (its args are the plan's, xen_args)
 
 
 def skip_reason(level: int, settings: Settings, report: HostReport) -> str | None:
@@ -69,6 +71,9 @@ def skip_reason(level: int, settings: Settings, report: HostReport) -> str | Non
         return "QEMU not found: apt-get install qemu-system-x86"
     if level >= 2 and not report.nesting_possible:
         return f"L{level} needs nested virtualization, which this host cannot provide: {report.nesting_fix}"
+    if level >= 2 and settings.hypervisor == "xen":
+        return (f"L{level} inside a Xen L1 (a domU started with xl) is not supported yet: with "
+                "--nested-hypervisor=xen the session provides L1 (dom0) only")
     image_level = image_level_of(settings)
     if image_level is not None and level > image_level:
         return (f"L{level} inside a --nested-l{image_level}-image is not supported yet: the plugin starts "
@@ -114,11 +119,23 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
         return _image(common, image, settings, files)
     l2_image_disks = ((_disk(settings.l2_image, files), Disk(files.seeds[2]))
                       if level == 1 and 2 in files.seeds and settings.l2_image is not None else ())
+    xen = (dataclasses.replace(files.xen, args=xen_args(common, report))
+           if level == 1 and settings.hypervisor == "xen" and files.xen is not None else None)
     return dataclasses.replace(
         common, kernel=files.kernel, initrd=files.initrd, append=settings.append,
         view=files.view if level == 1 or files.view is None else files.view.one_level_down(),
-        firmware=files.firmware, deepest=settings.levels, disks=l2_image_disks,
+        firmware=files.firmware if xen is None else None, deepest=settings.levels, disks=l2_image_disks, xen=xen,
     )
+
+
+def xen_args(spec: GuestSpec, report: HostReport) -> str:
+    """Xen's command line for L1: its console on the serial port, half of L1's memory for dom0 (the
+    rest for domUs), and under TCG `smap=0`: QEMU 7.2's TCG with -cpu max makes Xen's SMAP fault on
+    a PV dom0's first exception (Xen's create_bounce_frame, "Hardware Dom0 crashed"); smep=0 alone
+    does not help, smap=0 alone does (measured 2026-12-05). On hardware KVM Xen keeps its defaults."""
+    dom0_mib = spec.memory_mib // 2
+    workaround = " smap=0" if report.accel == "tcg" else ""
+    return f"console=com1 dom0_mem={dom0_mib}M,max:{dom0_mib}M{workaround}"
 
 
 def _image(common: GuestSpec, image: Path, settings: Settings, files: BootFiles) -> GuestSpec:
