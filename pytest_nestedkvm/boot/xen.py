@@ -51,12 +51,11 @@ DOM0_MODULES = ("xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcm
 
 @dataclass(frozen=True)
 class XenBoot:
-    """What L1's QEMU boots when L1 is a Xen host: the hypervisor with its command line, dom0's
-    kernel, and the unpacked tree dom0 runs the toolstack from."""
+    """What L1's QEMU boots when L1 is a Xen host: the hypervisor with its command line, and the
+    unpacked tree dom0 runs the toolstack from (dom0 is the guest's own kernel and initramfs)."""
 
     hypervisor: Path  # a multiboot image, for -kernel
     tools: Path  # the root of the unpacked packages (usr/lib/xen-*/bin/xl, ...)
-    dom0_kernel: Path  # a bzImage or an ELF vmlinux, the first multiboot module
     args: str = ""  # Xen's own command line (plan.xen_args)
 
 

@@ -128,14 +128,20 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
     )
 
 
+# The oldest QEMU measured to run Xen's PV dom0 under TCG with Xen's SMAP on (see xen_args).
+XEN_SMAP_QEMU = (10, 0)
+
+
 def xen_args(spec: GuestSpec, report: HostReport) -> str:
-    """Xen's command line for L1: its console on the serial port, half of L1's memory for dom0 (the
-    rest for domUs), and under TCG `smap=0`: QEMU 7.2's TCG with -cpu max makes Xen's SMAP fault on
-    a PV dom0's first exception (Xen's create_bounce_frame, "Hardware Dom0 crashed"); smep=0 alone
-    does not help, smap=0 alone does (measured 2026-12-05). On hardware KVM Xen keeps its defaults."""
+    """Xen's command line for L1: its console on the serial port and half of L1's memory for dom0
+    (the rest for domUs). Under TCG with a QEMU older than XEN_SMAP_QEMU also `smap=0`: QEMU 7.2's
+    TCG with -cpu max made Xen's SMAP fault on the PV dom0's first exception (in Xen's
+    create_bounce_frame, then "Hardware Dom0 crashed"); smap=0 alone cures it, smep=0 alone does
+    not, and QEMU 10.0 boots the same dom0 with Xen's defaults (measured 2026-12-05). With KVM
+    on hardware Xen keeps its defaults."""
     dom0_mib = spec.memory_mib // 2
-    workaround = " smap=0" if report.accel == "tcg" else ""
-    return f"console=com1 dom0_mem={dom0_mib}M,max:{dom0_mib}M{workaround}"
+    old_tcg = report.accel == "tcg" and report.qemu is not None and report.qemu.release < XEN_SMAP_QEMU
+    return f"console=com1 dom0_mem={dom0_mib}M,max:{dom0_mib}M{' smap=0' if old_tcg else ''}"
 
 
 def _image(common: GuestSpec, image: Path, settings: Settings, files: BootFiles) -> GuestSpec:
