@@ -49,6 +49,11 @@ TREE_HYPERVISOR = "boot/xen"
 DOM0_MODULES = ("xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd")
 
 
+def dom0_mib(l1_mib: int) -> int:
+    """dom0's memory in a Xen L1 of `l1_mib` MiB: half of it; the rest is for domUs."""
+    return l1_mib // 2
+
+
 @dataclass(frozen=True)
 class XenBoot:
     """What L1's QEMU boots when L1 is a Xen host: the hypervisor with its command line, and the

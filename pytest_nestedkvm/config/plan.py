@@ -18,7 +18,7 @@ from ..base.host import Accel, HostReport
 from ..boot.layout import CHANNEL_NEEDS
 from ..boot.qemu import Disk, DiskFormat, GuestSpec
 from ..boot.view import View
-from ..boot.xen import XenBoot
+from ..boot.xen import XenBoot, dom0_mib
 from .settings import Settings
 
 # Every timeout scales the same way: seconds on hardware KVM at L1, times how much slower
@@ -139,9 +139,9 @@ def xen_args(spec: GuestSpec, report: HostReport) -> str:
     create_bounce_frame, then "Hardware Dom0 crashed"); smap=0 alone cures it, smep=0 alone does
     not, and QEMU 10.0 boots the same dom0 with Xen's defaults (measured 2026-12-05). With KVM
     on hardware Xen keeps its defaults."""
-    dom0_mib = spec.memory_mib // 2
+    dom0 = dom0_mib(spec.memory_mib)
     old_tcg = report.accel == "tcg" and report.qemu is not None and report.qemu.release < XEN_SMAP_QEMU
-    return f"console=com1 dom0_mem={dom0_mib}M,max:{dom0_mib}M{' smap=0' if old_tcg else ''}"
+    return f"console=com1 dom0_mem={dom0}M,max:{dom0}M{' smap=0' if old_tcg else ''}"
 
 
 def _image(common: GuestSpec, image: Path, settings: Settings, files: BootFiles) -> GuestSpec:

@@ -25,7 +25,7 @@ from ..base.errors import ConfigError
 from ..base.host import ACCELS, AccelChoice, QemuBuild, qemu_build
 from ..boot.kernel_tree import check_image, check_modules, is_tree, tree_image
 from ..boot.view import SYSTEM_DIRS, unshareable
-from ..boot.xen import HYPERVISORS, Hypervisor
+from ..boot.xen import HYPERVISORS, Hypervisor, dom0_mib
 from ..boot.xen import check_image as check_xen_image
 from ..suites import knownfail, kut
 from ..suites import kselftests as kselftests_suite
@@ -325,7 +325,8 @@ def _check_kernel_tree(settings: Settings) -> None:
 
 
 def _check_memory_floor(settings: Settings, kernel: Path, levels: range) -> None:
-    """Each built-in level gets enough memory to unpack and run `kernel` (deeper levels boot it too)."""
+    """Each built-in level gets enough memory to unpack and run `kernel` (deeper levels boot it too;
+    a Xen L1's dom0 gets only its share of L1's memory)."""
     try:
         size_mib = kernel.stat().st_size / (1 << 20)
     except OSError:
@@ -335,6 +336,11 @@ def _check_memory_floor(settings: Settings, kernel: Path, levels: range) -> None
            f"unpacked, + {KERNEL_BASE_MIB} MiB to run)")
     given = settings._given("memory") if settings.memory else (
         f"--nested-memory (default: {','.join(str(settings.memory_for(lv)) for lv in levels)})")
+    dom0 = dom0_mib(settings.memory_for(1))
+    if settings.hypervisor == "xen" and dom0 < floor:
+        raise ConfigError(f"{given}: with --nested-hypervisor=xen dom0 gets {dom0} MiB of L1's "
+                          f"{settings.memory_for(1)} MiB, below {why}: give L1 at least "
+                          f"{math.ceil(floor * settings.memory_for(1) / max(dom0, 1))} MiB", option="memory")
     for level in levels:
         mib = settings.memory_for(level)
         if mib >= floor:

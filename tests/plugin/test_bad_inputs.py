@@ -631,3 +631,13 @@ def test_an_unknown_hypervisor_from_ini_is_refused(pytester: pytest.Pytester, mo
     write_ini(pytester, {"hypervisor": "bhyve"})
     line = refused(pytester, monkeypatch, tmp_path)
     assert line == "ERROR: --nested-hypervisor='bhyve' (from ini nested_hypervisor): expected one of kvm, xen"
+
+
+def test_a_dom0_below_the_kernels_floor_is_refused(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    kernel = fake_bzimage(tmp_path / "bzImage", 8)  # floor 96: L1 boots, its half for dom0 does not
+    line = refused(pytester, monkeypatch, tmp_path, f"--nested-kernel={kernel}", "--nested-memory=150",
+                   "--nested-hypervisor=xen")
+    assert line == (f"ERROR: --nested-memory=150 (from command line): with --nested-hypervisor=xen dom0 gets 75 MiB "
+                    f"of L1's 150 MiB, below the 96 MiB kernel {kernel} needs (8.0 MiB, about 4x that unpacked, "
+                    "+ 64 MiB to run): give L1 at least 192 MiB")
