@@ -66,3 +66,13 @@ def test_a_dom0_panic_is_a_crash_and_the_next_guest_is_a_fresh_xen(xen_lab: Lab)
     assert not guest.alive
     fresh = xen_lab.guest(1)
     assert fresh.succeed("xl list | grep -c Domain-0") == "1\n"
+
+
+def test_nested_xen_boots_a_gzipped_xen_of_ones_own(xen_lab: Lab) -> None:
+    assert xen_lab.boot_files.xen is not None
+    packed = next((xen_lab.boot_files.xen.tools / "boot").glob("xen-*.gz"))  # as a build's xen.gz
+    with Lab(Settings.from_sources({"hypervisor": "xen", "xen": str(packed)}, env={})) as lab:
+        guest = lab.guest(1)
+        kernel = guest.qemu_argv[guest.qemu_argv.index("-kernel") + 1]
+        assert kernel != str(packed) and Path(kernel).name.startswith("xen-image-")  # decompressed in the cache
+        assert "xen_version            : 4.17" in guest.succeed("xl info")
