@@ -46,6 +46,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 # Where the tree that dom0 runs the toolstack from keeps the decompressed hypervisor.
 TREE_HYPERVISOR = "boot/xen"
 # The drivers a dom0 needs for xenstored and xl (modules in Debian's kernel; built in elsewhere).
+# Where dom0's xenconsoled logs each domU's console (a tmpfs of dom0's: /var/log).
+DOMU_CONSOLE_DIR = "/var/log/xen/console"
 DOM0_MODULES = ("xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd")
 
 
@@ -212,12 +214,14 @@ def dom0_script() -> str:
   mount -t overlay -o "ro,lowerdir=$x/usr/lib:/usr/lib" overlay /usr/lib || return 1
   mkdir -p /etc/xen && cp -a "$x/etc/xen/." /etc/xen/ || return 1
   [ -e /var/run ] || ln -s /run /var/run
-  mkdir -p /var/lib/xen /var/lib/xenstored /run/xen /run/xenstored /var/log/xen
+  [ -e /var/lock ] || ln -s /run/lock /var/lock  # xl console locks there
+  mkdir -p /var/lib/xen /var/lib/xenstored /run/xen /run/xenstored /run/lock {DOMU_CONSOLE_DIR}
   for d in /usr/lib/xen-[0-9]*/bin; do PATH=$d:$PATH; done
   PATH=$PATH:$x/usr/bin; export PATH
   xenstored --pid-file /run/xenstored.pid || return 1
   xen-init-dom0 >/dev/null || return 1
-  xenconsoled --pid-file=/run/xenconsoled.pid || return 1
+  # Each domU's console is also written to {DOMU_CONSOLE_DIR}/guest-NAME.log, without `xl console`.
+  xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir={DOMU_CONSOLE_DIR} || return 1
 }}
 read -r cmdline < /proc/cmdline
 for arg in $cmdline; do
