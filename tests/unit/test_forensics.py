@@ -133,7 +133,9 @@ def marked(*guests: FakeGuest) -> tuple[dict[int, Any], dict[int, ConsoleMark]]:
     [(PANIC, "kernel panic"), ("Oops: 0002 [#1] PREEMPT SMP", "kernel oops"),
      ("BUG: kernel NULL pointer dereference, address: 0", "kernel BUG"),
      ("general protection fault, probably for non-canonical address", "kernel oops"),
-     (WARN, "kernel WARN"), ("something odd", "kernel problem")],
+     (WARN, "kernel WARN"), ("something odd", "kernel problem"),
+     ("(XEN) Panic on CPU 0:", "hypervisor panic"),
+     ("(XEN) Hardware Dom0 crashed: rebooting machine in 5 seconds.", "hypervisor panic")],
 )
 def test_problem_kind_of_each_console_line(line: str, kind: str) -> None:
     assert problem_kind(line) == kind
