@@ -321,6 +321,14 @@ def test_exit_error_settles_the_console_first(make: Any) -> None:
     assert str(error).endswith(f"last console lines:\nbooting\n{PANIC}")
 
 
+def test_exit_error_of_a_xen_l1_whose_dom0_crashed_is_a_hypervisor_panic(make: Any) -> None:
+    """Xen reboots after dom0 crashed under it: QEMU exits 0 with no kernel panic line, not a reset."""
+    line = "(XEN) Hardware Dom0 crashed: rebooting machine in 5 seconds."
+    error = exit_error(make(1, line, process=FakeProcess(status=0)))
+    assert error.panicked
+    assert str(error).splitlines()[0] == f"l1 QEMU exited with status 0 (hypervisor panic: {line})"
+
+
 def test_exit_error_sees_a_panic_after_an_earlier_warning(make: Any) -> None:
     """Every L2 boots with an xstate WARN under nested TCG SVM: a panic after it still counts."""
     guest = make(1, f"{WARN}\n{PANIC}", process=FakeProcess(status=0))
