@@ -26,7 +26,7 @@ from .layout import (
     Role,
 )
 from .view import Export, View
-from .xen import Hypervisor, XenBoot
+from .xen import Hypervisor, XenBoot, check_dom0_cmdline
 
 # Kernel arguments of the built-in guest. panic=-1 + -no-reboot: a panic ends QEMU.
 # The i8042 ones skip probing a keyboard controller nobody uses; pci=noearly skips the
@@ -251,7 +251,7 @@ def kernel_args(spec: GuestSpec, append: str) -> list[str]:
     if spec.xen is None:
         initrd = ["-initrd", str(spec.initrd)] if spec.initrd is not None else []
         return ["-kernel", str(spec.kernel), *initrd, "-append", append]
-    dom0 = f"{append} nestedkvm.xen={spec.xen.tools}"
+    dom0 = check_dom0_cmdline(f"{append} nestedkvm.xen={spec.xen.tools}")
     modules = [f"{spec.kernel} {dom0}", *([str(spec.initrd)] if spec.initrd is not None else [])]
     return ["-kernel", str(spec.xen.hypervisor), "-append", spec.xen.args,
             "-initrd", ",".join(module.replace(",", ",,") for module in modules)]

@@ -46,6 +46,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 # Where the tree that dom0 runs the toolstack from keeps the decompressed hypervisor.
 TREE_HYPERVISOR = "boot/xen"
 # The drivers a dom0 needs for xenstored and xl (modules in Debian's kernel; built in elsewhere).
+# A PV dom0's command line travels in Xen's start_info, MAX_GUEST_CMDLINE (1024) bytes with its NUL.
+DOM0_CMDLINE_MAX = 1023
 # Where dom0's xenconsoled logs each domU's console (a tmpfs of dom0's: /var/log).
 DOMU_CONSOLE_DIR = "/var/log/xen/console"
 DOM0_MODULES = ("xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd")
@@ -64,6 +66,17 @@ class XenBoot:
     hypervisor: Path  # a multiboot image, for -kernel
     tools: Path  # the root of the unpacked packages (usr/lib/xen-*/bin/xl, ...)
     args: str = ""  # Xen's own command line (plan.xen_args)
+
+
+def check_dom0_cmdline(cmdline: str) -> str:
+    """`cmdline` if Xen hands all of it to a PV dom0; else HostError (Xen would cut it silently,
+    and with it the exports and `nestedkvm.xen=` at its end)."""
+    size = len(cmdline.encode())
+    if size > DOM0_CMDLINE_MAX:
+        raise HostError(f"dom0's kernel command line is {size} bytes, and Xen passes at most {DOM0_CMDLINE_MAX} "
+                        "to a PV dom0: it names every export's path; use shorter paths (the project, "
+                        "--nested-share, the cache: XDG_CACHE_HOME) or fewer shares")
+    return cmdline
 
 
 def has_multiboot_header(head: bytes) -> bool:

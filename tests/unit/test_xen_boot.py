@@ -198,3 +198,10 @@ def test_kvm_l1_keeps_its_kernel_and_deeper_levels_of_a_xen_l1_are_skipped() -> 
     assert skip_reason(2, settings(hypervisor="xen", levels="2"), host()) == (
         "L2 inside a Xen L1 (a domU started with xl) is not supported yet: with --nested-hypervisor=xen the "
         "session provides L1 (dom0) only")
+
+
+def test_a_dom0_command_line_xen_would_cut_is_refused() -> None:
+    spec = builtin_spec(1, settings(hypervisor="xen", append="x" * 700), host(), XEN_FILES)
+    with pytest.raises(HostError, match=r"^dom0's kernel command line is \d+ bytes, and Xen passes at most 1023 to a "
+                                        r"PV dom0: it names every export's path; use shorter paths"):
+        build_argv(spec, HostEnds(Path("/run/nk")))
