@@ -147,6 +147,17 @@ def offline_hint(debs_dir: Path) -> str:
             f"copy the .deb files into {debs_dir} and run again, or pass --nested-xen with your own Xen")
 
 
+def packages_line(cache: Path) -> str:
+    """Where a Xen L1's packages come from, for the host check: nothing is fetched here."""
+    debs_dir = cache / DEBS_DIR
+    missing = [name for name in XEN_PACKAGES if name not in _debs(debs_dir)]
+    if not missing:
+        return f"Debian's Xen packages in {debs_dir}"
+    if shutil.which("apt-get") is None:
+        return f"{len(missing)} of Debian's Xen packages missing and no apt-get: {offline_hint(debs_dir)}"
+    return f"{len(missing)} of Debian's Xen packages fetched with apt-get download on first use, into {debs_dir}"
+
+
 def download(debs_dir: Path, missing: list[str]) -> None:
     """Fetch `missing` with apt-get download into `debs_dir`; HostError naming what did not come."""
     apt = shutil.which("apt-get")
