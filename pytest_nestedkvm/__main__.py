@@ -12,9 +12,10 @@ import platform
 import sys
 from collections.abc import Sequence
 
-from pytest_nestedkvm.base.errors import HostError, NestedKvmError
+from pytest_nestedkvm.base.errors import ConfigError, HostError, NestedKvmError
 from pytest_nestedkvm.base.host import HostReport, find_qemu, probe
-from pytest_nestedkvm.boot.initramfs import find_kernel
+from pytest_nestedkvm.boot.initramfs import cache_dir, find_kernel
+from pytest_nestedkvm.boot.xen import HYPERVISORS, packages_line
 
 PROG = "python -m pytest_nestedkvm"
 
@@ -38,7 +39,7 @@ def kernel_line() -> str:
     return f"{kernel.release} {kernel.path}"
 
 
-def format_report(report: HostReport, kernel: str = "-") -> str:
+def format_report(report: HostReport, kernel: str = "-", extra: dict[str, str] | None = None) -> str:
     """Human form: one ``key: value`` line per fact, then the reasons as bullets."""
     lines: list[str] = []
     for key, value in report.as_dict().items():
@@ -52,6 +53,7 @@ def format_report(report: HostReport, kernel: str = "-") -> str:
             )
         lines.append(f"{key}: {_format_value(value)}")
     lines.append(f"kernel: {kernel}")
+    lines.extend(f"{key}: {value}" for key, value in (extra or {}).items())
     lines.append("reasons:")
     lines.extend(f"  - {reason}" for reason in report.reasons)
     return "\n".join(lines)
@@ -60,10 +62,15 @@ def format_report(report: HostReport, kernel: str = "-") -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     arch = platform.machine()
     report = probe(accel=args.accel, cpu=args.cpu, qemu=find_qemu(arch), arch=arch)
+    if args.hypervisor not in HYPERVISORS:
+        raise ConfigError(f"--hypervisor={args.hypervisor!r}: expected one of {', '.join(HYPERVISORS)}")
+    extra = {"hypervisor": args.hypervisor}
+    if args.hypervisor == "xen":
+        extra["xen"] = packages_line(cache_dir())
     if args.json:
-        print(json.dumps({**report.as_dict(), "kernel": kernel_line()}, indent=2))
+        print(json.dumps({**report.as_dict(), "kernel": kernel_line(), **extra}, indent=2))
     else:
-        print(format_report(report, kernel_line()))
+        print(format_report(report, kernel_line(), extra))
     return 0 if report.nesting_possible else 1
 
 
@@ -89,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MODEL",
         help="-cpu value for L1 (default: host for kvm, max for tcg)",
+    )
+    check.add_argument(
+        "--hypervisor",
+        default="kvm",
+        metavar="{kvm,xen}",
+        help="what L1 hosts its guests with (default: kvm); xen also says where Xen's packages come from",
     )
     check.set_defaults(func=cmd_check)
     return parser

@@ -33,6 +33,7 @@ from .boot.initramfs import Kernel, boot_image, build_initramfs, cache_dir, gues
 from .boot.kernel_tree import boot_kernel, modules_share, with_modules
 from .boot.qemu import QBOOT, GuestSpec
 from .boot.view import build_view, filtered_etc, python_dirs
+from .boot.xen import TREE_HYPERVISOR, XenBoot, hypervisor_image, unpacked_packages
 from .config import plan
 from .config.settings import Settings, image_format
 from .machine.guest import Guest, new_guest
@@ -133,7 +134,17 @@ class Lab:
         view = with_modules(view, kernel)  # for modprobe in guests
         # /boot: the kernel the guests run, for a hypervisor (or this plugin) inside them to boot
         view = dataclasses.replace(view, links=(*view.links, ("/boot", str(guest_boot_dir(kernel)))))
-        return dataclasses.replace(files, view=view, image_formats=formats)
+        return dataclasses.replace(files, view=view, image_formats=formats, xen=self._xen_boot())
+
+    def _xen_boot(self) -> XenBoot | None:
+        """With --nested-hypervisor=xen: Debian's Xen packages unpacked in the cache (fetched on first
+        use) and the hypervisor (the user's --nested-xen, else the packages')."""
+        if self.settings.hypervisor != "xen":
+            return None
+        tools = unpacked_packages(cache_dir())
+        chosen = self.settings.xen
+        hypervisor = tools / TREE_HYPERVISOR if chosen is None else hypervisor_image(chosen, cache_dir())
+        return XenBoot(hypervisor=hypervisor, tools=tools)
 
     @functools.cached_property
     def pool(self) -> GuestPool:
@@ -204,13 +215,15 @@ class Lab:
                  if (qemu := self.qemu_of(level)) is not None and qemu != self.report.qemu]
         if self.settings.l1_image is not None and self.settings.levels >= 2 and self.settings.qemu_for(2) is None:
             inner.insert(0, f"L2 QEMU the image's own (qemu-system-{self.report.arch} on its PATH)")
-        return [*summary, *inner, f"levels {self.settings.levels}"]
+        xen = [f"L1 hypervisor xen {self.settings.xen or 'from Debian packages'}, the built-in guest as dom0"
+               ] if self.settings.hypervisor == "xen" else []
+        return [*summary, *xen, *inner, f"levels {self.settings.levels}"]
 
     @functools.cached_property
     def properties(self) -> list[tuple[str, str]]:
         """The plan and versions: which accelerator, CPU, QEMU and kernel ran the tests."""
         props = [("nestedkvm_accel", self.report.accel), ("nestedkvm_cpu", self.report.cpu),
-                 ("nestedkvm_levels", str(self.settings.levels))]
+                 ("nestedkvm_levels", str(self.settings.levels)), ("nestedkvm_hypervisor", self.settings.hypervisor)]
         if self.report.qemu is not None:
             props.append(("nestedkvm_qemu", self.report.qemu.version))
         for level in range(1, self.settings.levels + 1):  # which QEMU ran each level

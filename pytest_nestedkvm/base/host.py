@@ -59,6 +59,11 @@ class QemuInfo:
     version: str  # e.g. "7.2.22"
     sandbox: bool = False  # built with seccomp: takes -sandbox QEMU_SANDBOX
 
+    @property
+    def release(self) -> tuple[int, ...]:
+        """(major, minor) of `version`, to compare: (7, 2) for "7.2.22"."""
+        return tuple(int(part) for part in self.version.split(".")[:2])
+
 
 # The oldest QEMU whose options the plugin uses (-action panic=exit-failure came with 6.0).
 QEMU_MIN_VERSION = (6, 0)
@@ -95,8 +100,7 @@ def qemu_build(path: Path, arch: str | None = None) -> QemuBuild:
         info = qemu_facts(str(binary.resolve()))
     except HostError as exc:
         raise ValueError(f"{binary} is not a QEMU that works here: {exc}") from None
-    found = tuple(int(part) for part in info.version.split(".")[:2])
-    if found < QEMU_MIN_VERSION:
+    if info.release < QEMU_MIN_VERSION:
         need = ".".join(map(str, QEMU_MIN_VERSION))
         raise ValueError(f"{binary} is QEMU {info.version}; the plugin needs {need} or newer")
     firmware = binary.parent / "pc-bios"

@@ -28,6 +28,7 @@ from filelock import FileLock
 from ..base.errors import HostError
 from ..base.host import HARDWARE_BACKENDS, KVM_MODULE_BY_FLAG
 from .layout import BOOT_MARKS, LOWER_DIR, PORT_DIR, SHELL_PORTS, WRITABLE_EXPORTS
+from .xen import dom0_script
 
 FORMAT_VERSION = "1"
 # Drivers the guest cannot boot without, and ones it uses when the kernel has them.
@@ -402,7 +403,8 @@ mount -t debugfs debugfs /sys/kernel/debug  # KVM's own statistics live there to
 # with EEVDF (6.6+) have no such file.
 g=/sys/kernel/debug/sched/wakeup_granularity_ns
 [ -w $g ] && echo {WAKEUP_GRANULARITY_NS} > $g
-cd /
+# A Xen dom0 (nestedkvm.xen=TREE) starts its host's services before the first command.
+{dom0_script()}cd /
 for port in {' '.join(SHELL_PORTS.values())}; do
   dev={PORT_DIR}/port.$port
   [ -e $dev ] || {{ echo "nestedkvm: no virtio port $port" > /dev/console; continue; }}

@@ -18,6 +18,7 @@ from ..base.host import Accel, HostReport
 from ..boot.layout import CHANNEL_NEEDS, HOSTED_BOOT
 from ..boot.qemu import Disk, DiskFormat, GuestSpec
 from ..boot.view import View, image_view
+from ..boot.xen import XenBoot, dom0_mib
 from .settings import Settings
 
 # Every timeout scales the same way: seconds on hardware KVM at L1, times how much slower
@@ -60,6 +61,7 @@ class BootFiles:
     view: View | None = None  # what the first built-in level sees of its host; each deeper level what its parent sees
     image_formats: Mapping[Path, DiskFormat] = field(default_factory=dict)  # of the user's disk images
     uploads: tuple[tuple[Path, str], ...] = ()  # copied into a --nested-l1-image for L2 (GuestSpec.uploads)
+    xen: XenBoot | None = None  # --nested-hypervisor=xen: what L1 boots (its args are the plan's, xen_args)
 
 
 def in_image(kernel: Path, initrd: Path, firmware: Path | None, seeds: Mapping[int, Path],
@@ -80,6 +82,9 @@ def skip_reason(level: int, settings: Settings, report: HostReport) -> str | Non
         return "QEMU not found: apt-get install qemu-system-x86"
     if level >= 2 and not report.nesting_possible:
         return f"L{level} needs nested virtualization, which this host cannot provide: {report.nesting_fix}"
+    if level >= 2 and settings.hypervisor == "xen":
+        return (f"L{level} inside a Xen L1 (a domU started with xl) is not supported yet: with "
+                "--nested-hypervisor=xen the session provides L1 (dom0) only")
     if settings.l2_image is not None and level > 2:
         return (f"L{level} inside a --nested-l2-image is not supported yet: the plugin starts deeper levels "
                 "inside its built-in guests and inside a --nested-l1-image only")
@@ -126,12 +131,30 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
     l2_image_disks = ((_disk(settings.l2_image, files), Disk(files.seeds[2]))
                       if level == 1 and 2 in files.seeds and settings.l2_image is not None else ())
     first = 2 if settings.l1_image is not None else 1  # the first level that boots the built-in guest
+    xen = (dataclasses.replace(files.xen, args=xen_args(common, report))
+           if level == 1 and settings.hypervisor == "xen" and files.xen is not None else None)
     return dataclasses.replace(
         common, kernel=files.kernel, initrd=files.initrd, append=settings.append,
         view=files.view if level == first or files.view is None else files.view.one_level_down(),
-        firmware=files.firmware, deepest=settings.levels, disks=l2_image_disks,
+        firmware=files.firmware if xen is None else None, deepest=settings.levels, disks=l2_image_disks, xen=xen,
         uploads=files.uploads if level == first else (),
     )
+
+
+# The oldest QEMU measured to run Xen's PV dom0 under TCG with Xen's SMAP on (see xen_args).
+XEN_SMAP_QEMU = (10, 0)
+
+
+def xen_args(spec: GuestSpec, report: HostReport) -> str:
+    """Xen's command line for L1: its console on the serial port and half of L1's memory for dom0
+    (the rest for domUs). Under TCG with a QEMU older than XEN_SMAP_QEMU also `smap=0`: QEMU 7.2's
+    TCG with -cpu max made Xen's SMAP fault on the PV dom0's first exception (in Xen's
+    create_bounce_frame, then "Hardware Dom0 crashed"); smap=0 alone cures it, smep=0 alone does
+    not, and QEMU 10.0 boots the same dom0 with Xen's defaults (measured 2026-12-05). With KVM
+    on hardware Xen keeps its defaults."""
+    dom0 = dom0_mib(spec.memory_mib)
+    old_tcg = report.accel == "tcg" and report.qemu is not None and report.qemu.release < XEN_SMAP_QEMU
+    return f"console=com1 dom0_mem={dom0}M,max:{dom0}M{' smap=0' if old_tcg else ''}"
 
 
 def _image(common: GuestSpec, image: Path, settings: Settings, files: BootFiles) -> GuestSpec:

@@ -26,6 +26,8 @@ from ..base.host import ACCELS, AccelChoice, QemuBuild, qemu_build
 from ..boot.kernel_tree import check_image, check_modules, is_tree, tree_image
 from ..boot.layout import SYSTEM_DIRS
 from ..boot.view import unshareable
+from ..boot.xen import HYPERVISORS, Hypervisor, dom0_mib
+from ..boot.xen import check_image as check_xen_image
 from ..suites import knownfail, kut
 from ..suites import kselftests as kselftests_suite
 from ..suites.knownfail import KnownFailures
@@ -100,6 +102,8 @@ class Settings:
     kselftests_level: int = 1
     known_failures: KnownFailures | None = None
     emulator_reruns: int | None = None  # None: by the host, see reruns_allowed
+    hypervisor: Hypervisor = "kvm"  # what L1 hosts its guests with
+    xen: Path | None = None  # --nested-xen: the user's Xen image; None: Debian's, from the packages
     l1_smp_default: int = 2  # see from_sources: fewer when xdist workers share the host's cores
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -141,6 +145,7 @@ class Settings:
         _check_memory(settings, host_memory_mib)
         _check_smp_nesting(settings)
         _check_login(settings)
+        _check_xen(settings)
         _check_idle_options(settings)
         _check_kernel_tree(settings)
         _check_images(settings)
@@ -266,6 +271,13 @@ def _check_login(settings: Settings) -> None:
             "or drop --nested-login", option="login")
 
 
+def _check_xen(settings: Settings) -> None:
+    if settings.hypervisor == "xen" and settings.l1_image is not None:
+        raise ConfigError(f"{settings._given('hypervisor')}: L1 boots Xen with the built-in guest as dom0, and a "
+                          f"--nested-l1-image boots its own system: drop --nested-l1-image or use "
+                          "--nested-hypervisor=kvm", option="hypervisor")
+
+
 def _check_idle_options(settings: Settings) -> None:
     """An option that would do nothing in the combination given is refused, not ignored."""
     idle = (
@@ -277,6 +289,8 @@ def _check_idle_options(settings: Settings) -> None:
         ("modules", settings.modules is not None and settings.kernel is None,
          "the modules are for a --nested-kernel, and none is set (the default kernel brings its own): "
          "pass --nested-kernel too, or drop --nested-modules"),
+        ("xen", settings.xen is not None and settings.hypervisor != "xen",
+         "a Xen image is booted only with --nested-hypervisor=xen: pass it too, or drop --nested-xen"),
         ("known_failures", settings.known_failures is not None and settings.kut is None and settings.kselftests is None,
          "known failures are of --nested-kut and --nested-kselftests, and neither is set: pass one of them, "
          "or drop --nested-known-failures"),
@@ -321,7 +335,8 @@ def _check_kernel_tree(settings: Settings) -> None:
 
 
 def _check_memory_floor(settings: Settings, kernel: Path, levels: range) -> None:
-    """Each built-in level gets enough memory to unpack and run `kernel` (deeper levels boot it too)."""
+    """Each built-in level gets enough memory to unpack and run `kernel` (deeper levels boot it too;
+    a Xen L1's dom0 gets only its share of L1's memory)."""
     try:
         size_mib = kernel.stat().st_size / (1 << 20)
     except OSError:
@@ -331,6 +346,11 @@ def _check_memory_floor(settings: Settings, kernel: Path, levels: range) -> None
            f"unpacked, + {KERNEL_BASE_MIB} MiB to run)")
     given = settings._given("memory") if settings.memory else (
         f"--nested-memory (default: {','.join(str(settings.memory_for(lv)) for lv in levels)})")
+    dom0 = dom0_mib(settings.memory_for(1))
+    if settings.hypervisor == "xen" and dom0 < floor:
+        raise ConfigError(f"{given}: with --nested-hypervisor=xen dom0 gets {dom0} MiB of L1's "
+                          f"{settings.memory_for(1)} MiB, below {why}: give L1 at least "
+                          f"{math.ceil(floor * settings.memory_for(1) / max(dom0, 1))} MiB", option="memory")
     for level in levels:
         mib = settings.memory_for(level)
         if mib >= floor:
@@ -765,6 +785,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("known_failures", "known failures of --nested-kut and --nested-kselftests, one '<suite>:<test> <reason>' "
            "line each (suite kut or kselftests): a listed test that fails is an xfail with that reason", "FILE",
            parse=_known_failures),
+    Option("hypervisor", "what L1 hosts its guests with: kvm (L1 is Linux with KVM) or xen (L1 boots Xen, the "
+           "built-in guest is its dom0) (default kvm)", "kvm|xen", parse=_choice(HYPERVISORS)),
+    Option("xen", "the Xen that L1 boots with --nested-hypervisor=xen: xen/xen or xen.gz of a Xen build, a "
+           "multiboot image (default: Debian's xen-hypervisor-4.17-amd64, unpacked in the plugin's cache)", "PATH",
+           parse=lambda raw: check_xen_image(_existing_file(raw))),
     Option("emulator_reruns", "times a test runs again on fresh guests when emulated virtualization wedged or reset "
            "a guest (default 1 where the host's virtualization is emulated, 0 on hardware KVM, where no rerun "
            "happens)", "N", parse=_int_in(0, 10)),

@@ -20,14 +20,27 @@ from ..base.errors import printable
 
 # Lines that mean the kernel under test is in trouble, each with the kind it names (the first
 # fragment a line holds decides): the one place console lines are classified.
-ProblemKind = Literal["kernel panic", "kernel oops", "kernel BUG", "kernel WARN", "kernel problem"]
+# A Xen L1 (--nested-hypervisor=xen) prints its own end: Xen's panic, or dom0 crashed under Xen
+# (Xen then reboots, and QEMU exits without a kernel panic line): the hypervisor under test, not an
+# emulator's reset.
+ProblemKind = Literal["kernel panic", "kernel oops", "kernel BUG", "kernel WARN", "hypervisor panic",
+                      "kernel problem"]
+PANICS: tuple[tuple[str, ProblemKind], ...] = (
+    ("Kernel panic - not syncing", "kernel panic"), ("(XEN) Panic on CPU", "hypervisor panic"),
+    ("(XEN) Hardware Dom0 crashed", "hypervisor panic"),
+)
 PROBLEMS: tuple[tuple[str, ProblemKind], ...] = (
-    ("Kernel panic - not syncing", "kernel panic"), ("Oops: ", "kernel oops"), ("BUG: ", "kernel BUG"),
+    *PANICS, ("Oops: ", "kernel oops"), ("BUG: ", "kernel BUG"),
     ("general protection fault", "kernel oops"), ("WARNING: CPU: ", "kernel WARN"),
 )
-PROBLEM = re.compile(rb"^.*(" + b"|".join(re.escape(f.encode()) for f, _ in PROBLEMS) + rb").*$", re.MULTILINE)
 
-PANIC = re.compile(rb"^.*Kernel panic - not syncing.*$", re.MULTILINE)
+
+def _any_line(fragments: tuple[tuple[str, ProblemKind], ...]) -> re.Pattern[bytes]:
+    return re.compile(rb"^.*(" + b"|".join(re.escape(f.encode()) for f, _ in fragments) + rb").*$", re.MULTILINE)
+
+
+PROBLEM = _any_line(PROBLEMS)
+PANIC = _any_line(PANICS)
 
 # Lines of a kernel whose CPUs or tasks stopped making progress (its own watchdogs speak), and
 # the name of each kind. Under emulated virtualization these mean the emulator wedged the guest.
@@ -83,7 +96,7 @@ class Console:
         return next((line.decode("utf-8", "replace").strip() for line in lines), None)
 
     def first_panic(self, start: int = 0) -> str | None:
-        """The first kernel panic line at or after byte `start` (a WARN may come before it)."""
+        """The first kernel (or Xen) panic line at or after byte `start` (a WARN may come before it)."""
         return self._first(PANIC, start)
 
     def first_stall(self, start: int = 0) -> str | None:

@@ -190,7 +190,8 @@ def exit_error(guest: Evidence) -> GuestCrashed:
         return GuestCrashed(f"{guest.name} went down with its parent: {why}", level=guest.level, parent_down=True)
     status = guest.exit_status
     problem = guest.console.first_problem(guest.console_start)
-    what = f"kernel problem: {problem}" if problem else "no kernel panic on the console"
+    kind = "kernel problem" if problem is None or problem_kind(problem) != "hypervisor panic" else "hypervisor panic"
+    what = f"{kind}: {problem}" if problem else "no kernel panic on the console"
     qemu_said = _qemu_said(guest)
     return GuestCrashed(
         f"{guest.name} QEMU exited with status {status} ({what})"

@@ -56,7 +56,7 @@ class Guest(GuestApi):
         self.spec, self.level, self.name, self.parent = spec, spec.level, spec.name, parent
         self.link, self.process, self.qemu_argv = link, process, argv
         self.boot_timeout, self.command_timeout = boot_timeout, command_timeout
-        self.ssh_key = ssh_key
+        self.ssh_key, self.hypervisor = ssh_key, spec.hypervisor  # "xen": a Xen L1, this guest its dom0
         self.console = Console(link.console_path)
         # Its virtualization is emulated (TCG, or KVM on TCG's SVM): a stall on its console is then
         # the emulator wedging it, and ends the wait at once instead of at the command's timeout;

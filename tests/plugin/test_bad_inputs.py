@@ -602,3 +602,42 @@ def test_a_qemu_too_old_for_the_plugin_is_refused(pytester: pytest.Pytester, mon
     line = refused(pytester, monkeypatch, tmp_path, f"--nested-qemu={old}")
     assert line == (f"ERROR: --nested-qemu='{old}' (from command line): {old} is QEMU 5.2.0; the plugin needs 6.0 "
                     "or newer")
+
+
+# --- Xen as L1 (issue 22) -----------------------------------------------------------------
+
+
+def test_xen_with_an_l1_image_is_refused(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
+    image = qcow2(tmp_path / "disk.qcow2")
+    line = refused(pytester, monkeypatch, tmp_path, "--nested-hypervisor=xen", f"--nested-l1-image={image}")
+    assert line == ("ERROR: --nested-hypervisor=xen (from command line): L1 boots Xen with the built-in guest as "
+                    "dom0, and a --nested-l1-image boots its own system: drop --nested-l1-image or use "
+                    "--nested-hypervisor=kvm")
+
+
+def test_a_xen_that_is_not_a_xen_image_is_refused(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    not_xen = fake_bzimage(tmp_path / "bzImage", 1)
+    monkeypatch.setenv("NESTEDKVM_HYPERVISOR", "xen")
+    line = refused(pytester, monkeypatch, tmp_path, f"--nested-xen={not_xen}")
+    assert line == (f"ERROR: --nested-xen='{not_xen}' (from command line): {not_xen} is not a Xen image: it has no "
+                    "multiboot header in its first 8 KiB; pass xen/xen or xen.gz of a Xen build (not xen-syms nor "
+                    "xen.efi)")
+
+
+def test_an_unknown_hypervisor_from_ini_is_refused(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    write_ini(pytester, {"hypervisor": "bhyve"})
+    line = refused(pytester, monkeypatch, tmp_path)
+    assert line == "ERROR: --nested-hypervisor='bhyve' (from ini nested_hypervisor): expected one of kvm, xen"
+
+
+def test_a_dom0_below_the_kernels_floor_is_refused(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    kernel = fake_bzimage(tmp_path / "bzImage", 8)  # floor 96: L1 boots, its half for dom0 does not
+    line = refused(pytester, monkeypatch, tmp_path, f"--nested-kernel={kernel}", "--nested-memory=150",
+                   "--nested-hypervisor=xen")
+    assert line == (f"ERROR: --nested-memory=150 (from command line): with --nested-hypervisor=xen dom0 gets 75 MiB "
+                    f"of L1's 150 MiB, below the 96 MiB kernel {kernel} needs (8.0 MiB, about 4x that unpacked, "
+                    "+ 64 MiB to run): give L1 at least 192 MiB")

@@ -176,6 +176,12 @@ def make_values(base: Path) -> ValueTable:
         binary.chmod(0o755)
         return Case(str(binary.parent), (qemu_build(binary.parent),))
 
+    def xen(name: str) -> Case:
+        path = base / name  # a multiboot header: magic, flags 0, checksum
+        header = b"".join(n.to_bytes(4, "little") for n in (0x1BADB002, 0, 0xE4524FFE))
+        path.write_bytes(b"\x7fELF" + bytes(12) + header)
+        return Case(str(path), path.resolve())
+
     def share(name: str) -> Case:
         path = base / name
         path.mkdir(exist_ok=True)
@@ -219,6 +225,8 @@ def make_values(base: Path) -> ValueTable:
         "kselftests_level": (Case("1", 1), Case("2", 2), Case("1", 1)),
         "known_failures": (known("kf-cli"), known("kf-env"), known("kf-ini")),
         "emulator_reruns": (Case("0", 0), Case("2", 2), Case(" 10 ", 10)),
+        "hypervisor": (Case("xen", "xen"), Case("kvm", "kvm"), Case(" XEN ", "xen")),
+        "xen": (xen("xen-cli"), xen("xen-env.gz"), xen("xen-ini")),
     }
 
 
@@ -235,7 +243,7 @@ def levels_args(name: str) -> list[str]:
 
 def companion_args(name: str, base: Path) -> list[str]:
     """What an option needs beside it to be accepted: --nested-login only goes with an L1 disk image,
-    --nested-modules with a --nested-kernel, known failures with a suite."""
+    --nested-modules with a --nested-kernel, known failures with a suite, --nested-xen with Xen as the hypervisor."""
     if name in ("kut_level", "known_failures"):
         return [f"--nested-kut={kut_tree(base / 'companion-kut')}"]
     if name == "modules":
@@ -244,6 +252,8 @@ def companion_args(name: str, base: Path) -> list[str]:
         return [f"--nested-kernel={kernel}"]
     if name == "kselftests_level":
         return [f"--nested-kselftests={selftests_tree(base / 'companion-ksft')}"]
+    if name == "xen":
+        return ["--nested-hypervisor=xen"]
     if name != "login":
         return []
     image = base / "login-l1.qcow2"

@@ -34,7 +34,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_json_matches_exit_code() -> None:
     proc = run_cli("check", "--json")
     data = json.loads(proc.stdout)
-    assert set(data) == {*HostReport.__dataclass_fields__, "kernel"}
+    assert set(data) == {*HostReport.__dataclass_fields__, "kernel", "hypervisor"}
     assert data["accel"] in ("kvm", "tcg")
     assert isinstance(data["reasons"], list) and data["reasons"]
     assert proc.returncode == (0 if data["nesting_possible"] else 1), proc.stderr
@@ -75,6 +75,21 @@ def test_bogus_accel_exits_2_with_one_line() -> None:
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "bogus" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_check_names_the_hypervisor_and_where_xen_comes_from() -> None:
+    data = json.loads(run_cli("check", "--json").stdout)
+    assert data["hypervisor"] == "kvm" and "xen" not in data
+    data = json.loads(run_cli("check", "--json", "--hypervisor", "xen").stdout)
+    assert data["hypervisor"] == "xen"
+    assert "Debian's Xen packages" in data["xen"]  # in the cache, or fetched on first use: nothing is fetched here
+
+
+def test_bogus_hypervisor_exits_2_with_one_line() -> None:
+    proc = run_cli("check", "--hypervisor", "bhyve")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.strip() == ("python -m pytest_nestedkvm check: error: --hypervisor='bhyve': expected one of "
+                                   "kvm, xen")
 
 
 @pytest.mark.skipif(

@@ -341,3 +341,14 @@ def test_scan_stall_resumes_after_the_last_whole_line(tmp_path: Path) -> None:
     line, after = console.scan_stall(resume)
     assert line == "[ 24.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:"
     assert console.read(after).startswith("\n") and console.scan_stall(after) == (None, console.size())
+
+
+def test_xens_own_end_is_a_panic_not_a_reset(tmp_path: Path) -> None:
+    """A Xen L1 whose dom0 crashed under Xen: Xen reboots, QEMU exits with no kernel panic line."""
+    log = tmp_path / "console.log"
+    log.write_bytes(b"(XEN) d0v0 Unhandled: vec 14, #PF[0001]\n(XEN) Domain 0 (vcpu#0) crashed on cpu#0:\n"
+                    b"(XEN) Hardware Dom0 crashed: rebooting machine in 5 seconds.\n")
+    assert Console(log).first_panic() == "(XEN) Hardware Dom0 crashed: rebooting machine in 5 seconds."
+    assert Console(log).first_problem() == "(XEN) Hardware Dom0 crashed: rebooting machine in 5 seconds."
+    log.write_bytes(b"(XEN) ****************************************\n(XEN) Panic on CPU 0:\n(XEN) FATAL TRAP\n")
+    assert Console(log).first_panic() == "(XEN) Panic on CPU 0:"

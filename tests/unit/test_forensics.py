@@ -133,7 +133,9 @@ def marked(*guests: FakeGuest) -> tuple[dict[int, Any], dict[int, ConsoleMark]]:
     [(PANIC, "kernel panic"), ("Oops: 0002 [#1] PREEMPT SMP", "kernel oops"),
      ("BUG: kernel NULL pointer dereference, address: 0", "kernel BUG"),
      ("general protection fault, probably for non-canonical address", "kernel oops"),
-     (WARN, "kernel WARN"), ("something odd", "kernel problem")],
+     (WARN, "kernel WARN"), ("something odd", "kernel problem"),
+     ("(XEN) Panic on CPU 0:", "hypervisor panic"),
+     ("(XEN) Hardware Dom0 crashed: rebooting machine in 5 seconds.", "hypervisor panic")],
 )
 def test_problem_kind_of_each_console_line(line: str, kind: str) -> None:
     assert problem_kind(line) == kind
@@ -317,6 +319,14 @@ def test_exit_error_settles_the_console_first(make: Any) -> None:
     assert guest.link.settled == [1]
     assert error.panicked
     assert str(error).endswith(f"last console lines:\nbooting\n{PANIC}")
+
+
+def test_exit_error_of_a_xen_l1_whose_dom0_crashed_is_a_hypervisor_panic(make: Any) -> None:
+    """Xen reboots after dom0 crashed under it: QEMU exits 0 with no kernel panic line, not a reset."""
+    line = "(XEN) Hardware Dom0 crashed: rebooting machine in 5 seconds."
+    error = exit_error(make(1, line, process=FakeProcess(status=0)))
+    assert error.panicked
+    assert str(error).splitlines()[0] == f"l1 QEMU exited with status 0 (hypervisor panic: {line})"
 
 
 def test_exit_error_sees_a_panic_after_an_earlier_warning(make: Any) -> None:
