@@ -26,6 +26,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from ..base.errors import HostError
+from ..base.files import write_atomically
 from ..base.host import HARDWARE_BACKENDS, KVM_MODULE_BY_FLAG
 from .layout import BOOT_MARKS, LOWER_DIR, PORT_DIR, SHELL_PORTS, WRITABLE_EXPORTS
 from .xen import dom0_script
@@ -133,7 +134,7 @@ def boot_image(kernel: Kernel, cache: Path | None = None) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not target.exists():
-            _write_atomically(target, vmlinux if pvh and vmlinux is not None else data)
+            write_atomically(target, vmlinux if pvh and vmlinux is not None else data)
     return target
 
 
@@ -194,13 +195,6 @@ def zlib_decompress_stream(data: bytes) -> bytes:
     """gunzip one member, ignoring what trails it (a bzImage carries more after the payload)."""
     return zlib.decompressobj(wbits=31).decompress(data)
 
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # deeper levels read it through the cache's export
-    os.replace(tmp, target)
 
 
 def module_closure(modules_dir: Path, wanted: tuple[str, ...], required: tuple[str, ...] = ()) -> list[Path]:
@@ -466,5 +460,5 @@ def build_initramfs(kernel: Kernel, busybox: Path | None = None, cache: Path | N
         if target.exists():
             return target
         dirs = [_Entry(d, 0o040755) for d in ("bin", "dev", "proc", "sys", "newroot", "modules")]
-        _write_atomically(target, _cpio_newc([*dirs, _Entry("dev/console", 0o020600, rdev=(5, 1)), *files]))
+        write_atomically(target, _cpio_newc([*dirs, _Entry("dev/console", 0o020600, rdev=(5, 1)), *files]))
     return target

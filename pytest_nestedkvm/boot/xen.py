@@ -25,6 +25,7 @@ from typing import Literal
 from filelock import FileLock
 
 from ..base.errors import HostError
+from ..base.files import write_atomically
 
 Hypervisor = Literal["kvm", "xen"]  # what L1 hosts its guests with
 HYPERVISORS: tuple[Hypervisor, ...] = ("kvm", "xen")
@@ -119,16 +120,9 @@ def hypervisor_image(path: Path, cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not target.exists():
-            _write_atomically(target, gzip.decompress(data))
+            write_atomically(target, gzip.decompress(data))
     return target
 
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # guests read the cache through its export
-    os.replace(tmp, target)
 
 
 def _debs(directory: Path) -> dict[str, Path]:
@@ -219,7 +213,7 @@ def _unpack(debs: list[Path], target: Path) -> None:
         packed = sorted(staging.glob("boot/xen-*.gz"))
         if not packed:
             raise HostError(f"{HYPERVISOR_PACKAGE} holds no boot/xen-*.gz: delete {debs[0].parent} and run again")
-        _write_atomically(staging / TREE_HYPERVISOR, gzip.decompress(packed[0].read_bytes()))
+        write_atomically(staging / TREE_HYPERVISOR, gzip.decompress(packed[0].read_bytes()))
         staging.chmod(0o755)
         os.replace(staging, target)
     finally:
