@@ -18,7 +18,7 @@ T = TypeVar("T")
 #
 # Shares: a step takes deadline.share(NAME), at most NAME seconds and never more than what is left
 # of the boot or command budget it runs in.
-CONNECT_STEP = 10.0  # ssh.connect: one attempt (through the parent, TCP, banner, auth), so another still fits
+CONNECT_STEP = 10.0  # ssh.connect: one attempt to reach sshd (through the parent, TCP, banner), so another still fits
 # link: QMP negotiation once QEMU greeted. It takes milliseconds, but a QEMU inside a guest that dies
 # right after its greeting never closes the stream (the parent's port stays open).
 QMP_NEGOTIATION = 10.0

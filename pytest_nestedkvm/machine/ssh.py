@@ -32,6 +32,8 @@ from ..boot.layout import PORT_DIR
 logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 SSHD = Path("/usr/sbin/sshd")
+# What paramiko's AuthenticationException says when auth_timeout ran out (auth_handler.py).
+AUTH_TIMEOUT = "Authentication timeout."
 # The built-in guest's sshd keeps everything in its tmpfs, under the plugin's run directory.
 SSHD_DIR = f"{PORT_DIR}/ssh"
 
@@ -127,7 +129,7 @@ def connect(
         if check is not None:
             check()
         try:
-            return _connect_once(what, port, key, user, host_key, via, deadline.share(CONNECT_STEP))
+            return _connect_once(what, port, key, user, host_key, via, deadline.share(CONNECT_STEP), deadline)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             last[0] = f"{type(exc).__name__}: {exc}"
             return None
@@ -141,8 +143,11 @@ def connect(
 
 def _connect_once(
     what: str, port: int, key: SessionKey, user: str, host_key: str | None, via: paramiko.SSHClient | None,
-    step: Deadline,
+    step: Deadline, deadline: Deadline,
 ) -> paramiko.SSHClient:
+    """One try: reaching sshd and its banner within `step`; once its banner came, sshd runs, and
+    authenticating may take what is left of `deadline` (a fresh L2's sshd under TCG took more
+    than 10 s for its first login in CI, 2026-12-05: a try per step never got in)."""
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(_PinnedHostKey(host_key))
     wait = max(step.remaining(), MIN_WAIT)
@@ -154,10 +159,13 @@ def _connect_once(
                 raise SshError(f"{what}: the SSH connection to its parent is closed")
             sock = transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), timeout=wait)
         client.connect("127.0.0.1", port, username=user, pkey=key.pkey, sock=sock, timeout=wait,
-                       banner_timeout=wait, auth_timeout=wait, allow_agent=False, look_for_keys=False)
+                       banner_timeout=wait, auth_timeout=max(deadline.remaining(), MIN_WAIT),
+                       allow_agent=False, look_for_keys=False)
         return client
     except paramiko.AuthenticationException as exc:
         client.close()
+        if str(exc) == AUTH_TIMEOUT:  # a slow guest, not a refusal: tried again while time is left
+            raise TimeoutError("sshd did not finish authenticating in time") from None
         raise SshError(f"{what}: the guest rejected the session key for {user!r} ({exc}): its sshd does not "
                        f"authorize {key.path}.pub (for a disk image: does it run cloud-init?)",
                        rejected_key=True) from None

@@ -10,7 +10,7 @@ import pytest
 
 from pytest_nestedkvm.base import deadline as deadline_module
 from pytest_nestedkvm.base.deadline import Deadline
-from pytest_nestedkvm.base.errors import CommandFailed, CommandTimeout
+from pytest_nestedkvm.base.errors import CommandFailed, CommandTimeout, GuestWedged
 from pytest_nestedkvm.boot.qemu import GuestSpec
 from pytest_nestedkvm.machine.channel import CommandResult
 from pytest_nestedkvm.machine.guest import Guest
@@ -147,3 +147,36 @@ def test_a_parent_without_the_built_in_init_is_prepared_once_per_boot(clock: Fak
     parent.boots = 2
     process.start(["qemu-system-x86_64"], QEMU_ENV, boot)
     assert prepared == [pytest.approx(300)] * 2
+
+
+class AnsweringChannel:
+    """A channel whose control shell is idle and answers every question."""
+
+    broken = None
+    control = type("Control", (), {"busy": False})()
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def answers(self, limit: float) -> bool:
+        self.asked += 1
+        return True
+
+
+@pytest.mark.parametrize(("accel", "wedged"), [("tcg", False), ("kvm", True)])
+def test_a_stall_line_is_forgiven_only_on_tcg(tmp_path: Path, accel: str, wedged: bool) -> None:
+    """TCG's lost timer interrupt comes back with the next interrupt, so a TCG guest that still
+    answers goes on; a KVM guest on emulated SVM kept its timer lost while answering (CI, 2026-12-05)."""
+    spec = GuestSpec(level=2, qemu="qemu-system-x86_64", accel=accel, cpu="host", memory_mib=256, smp=1)
+    console = tmp_path / "console.log"
+    console.write_text("[   52.865547] watchdog: BUG: soft lockup - CPU#0 stuck for 49s! [swapper/0:0]\n")
+    guest = Guest(spec, FakeLink(console), None, [], boot_timeout=60, command_timeout=600,  # type: ignore[arg-type]
+                  emulated=True)
+    guest.channel = channel = AnsweringChannel()  # type: ignore[assignment]
+    if wedged:
+        with pytest.raises(GuestWedged, match="soft lockup"):
+            guest.watch_stalls()
+        assert channel.asked == 0 and not guest.alive
+    else:
+        guest.watch_stalls()
+        assert channel.asked == 1 and guest.wedged is None

@@ -60,3 +60,19 @@ def test_connect_to_a_closed_port_gives_up_with_the_last_error(tmp_path: Path) -
     expected = rf"l9: SSH on port {port} did not answer within 0.5 s \(last: .*Unable to connect"
     with pytest.raises(ssh.SshError, match=expected):
         ssh.connect("l9", port, ssh.make_session_key(tmp_path / "k"), deadline=Deadline.after(0.5))
+
+
+@pytest.mark.parametrize(("said", "rejected"), [("Authentication timeout.", False), ("Authentication failed.", True)])
+def test_an_authentication_timeout_is_a_slow_guest_not_a_rejected_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, said: str, rejected: bool,
+) -> None:
+    """paramiko raises the same exception class for both; a stalled guest's sshd is only slow (CI, 2026-12-05)."""
+    def connect(self: paramiko.SSHClient, *args: object, **kwargs: object) -> None:
+        raise paramiko.AuthenticationException(said)
+
+    monkeypatch.setattr(paramiko.SSHClient, "connect", connect)
+    with pytest.raises(ssh.SshError) as caught:
+        ssh.connect("l2", 22, ssh.make_session_key(tmp_path / "k"), deadline=Deadline.after(0.5))
+    assert caught.value.rejected_key is rejected
+    assert ("rejected the session key" in str(caught.value)) is rejected
+    assert ("did not finish authenticating" in str(caught.value)) is not rejected
