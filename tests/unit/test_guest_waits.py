@@ -13,7 +13,7 @@ from pytest_nestedkvm.base.deadline import Deadline
 from pytest_nestedkvm.base.errors import CommandFailed, CommandTimeout, GuestWedged
 from pytest_nestedkvm.boot.qemu import GuestSpec
 from pytest_nestedkvm.machine.channel import CommandResult
-from pytest_nestedkvm.machine.guest import Guest
+from pytest_nestedkvm.machine.guest import Guest, check_timer
 from pytest_nestedkvm.machine.process import QEMU_ENV, ProcessInGuest
 
 EPSILON = 0.01  # the fake clock is exact; this only absorbs float rounding
@@ -180,3 +180,22 @@ def test_a_stall_line_is_forgiven_only_on_tcg(tmp_path: Path, accel: str, wedged
     else:
         guest.watch_stalls()
         assert channel.asked == 1 and guest.wedged is None
+
+
+@pytest.mark.parametrize(("seconds", "wedged"), [(0.2, False), (3600.0, True)])
+def test_a_kvm_guest_on_emulated_svm_that_cannot_sleep_is_wedged(
+    tmp_path: Path, clock: FakeClock, seconds: float, wedged: bool,
+) -> None:
+    """Its commands come with interrupts of their own, so only a sleep shows a lost timer."""
+    channel = SlowChannel(clock, seconds, 0)
+    guest = guest_with(tmp_path, channel)  # a KVM guest...
+    guest.emulated = True  # ...on emulated SVM
+    (tmp_path / "console.log").write_bytes(b"")
+    deadline = Deadline.after(60)
+    if wedged:
+        with pytest.raises(GuestWedged, match=r"L1 wedged: lost timer .*`sleep 0.1` did not return within 15 s"):
+            check_timer(guest, deadline)
+        assert not guest.alive and clock.now == pytest.approx(1015.0)
+    else:
+        check_timer(guest, deadline)
+        assert guest.wedged is None and channel.tries == [1000.0]
