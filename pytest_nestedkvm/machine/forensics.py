@@ -189,9 +189,10 @@ def exit_error(guest: Evidence) -> GuestCrashed:
                else parent.channel_trouble or f"{parent.name} was restarted (boot {parent.boots})")
         return GuestCrashed(f"{guest.name} went down with its parent: {why}", level=guest.level, parent_down=True)
     status = guest.exit_status
-    problem = guest.console.first_problem(guest.console_start)
-    kind = "kernel problem" if problem is None or problem_kind(problem) != "hypervisor panic" else "hypervisor panic"
-    what = f"{kind}: {problem}" if problem else "no kernel panic on the console"
+    # The panic that ended it, else the first problem line: a WARN while booting named "kernel WARN",
+    # not taken for the reason QEMU exited (it was "kernel problem" either way).
+    problem = guest.console.first_panic(guest.console_start) or guest.console.first_problem(guest.console_start)
+    what = f"{problem_kind(problem)}: {problem}" if problem else "no kernel panic on the console"
     qemu_said = _qemu_said(guest)
     return GuestCrashed(
         f"{guest.name} QEMU exited with status {status} ({what})"

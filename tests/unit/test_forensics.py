@@ -302,12 +302,15 @@ def test_trouble_of_an_item_reads_its_stash(request: pytest.FixtureRequest) -> N
 # -- exit_error --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("line", "panicked"), [(PANIC, True), (WARN, False), ("clean", False)])
-def test_exit_error_fields(make: Any, line: str, panicked: bool) -> None:
+@pytest.mark.parametrize(("line", "panicked", "what"), [
+    (PANIC, True, f"kernel panic: {PANIC}"), (WARN, False, f"kernel WARN: {WARN}"),
+    ("clean", False, "no kernel panic on the console"),
+])
+def test_exit_error_fields(make: Any, line: str, panicked: bool, what: str) -> None:
     guest = make(1, line, process=FakeProcess(status=137, said="qemu-system-x86_64: terminating on signal 9"))
     error = exit_error(guest)
     assert (error.level, error.exit_status, error.panicked, error.parent_down) == (1, 137, panicked, False)
-    assert str(error).startswith("l1 QEMU exited with status 137 (")
+    assert str(error).startswith(f"l1 QEMU exited with status 137 ({what})")
     assert "QEMU said:\nqemu-system-x86_64: terminating on signal 9" in str(error)
     assert str(error).endswith(f"last console lines:\nbooting\n{line}")
 
@@ -330,11 +333,11 @@ def test_exit_error_of_a_xen_l1_whose_dom0_crashed_is_a_hypervisor_panic(make: A
 
 
 def test_exit_error_sees_a_panic_after_an_earlier_warning(make: Any) -> None:
-    """Every L2 boots with an xstate WARN under nested TCG SVM: a panic after it still counts."""
+    """Every L2 boots with an xstate WARN under nested TCG SVM: the panic after it is what ended it."""
     guest = make(1, f"{WARN}\n{PANIC}", process=FakeProcess(status=0))
     error = exit_error(guest)
     assert error.panicked
-    assert "WARNING" in str(error).splitlines()[0]
+    assert str(error).splitlines()[0] == f"l1 QEMU exited with status 0 (kernel panic: {PANIC})"
 
 
 def test_exit_error_ignores_problems_of_an_earlier_boot(make: Any) -> None:
