@@ -7,10 +7,11 @@ the guest, port read over QMP, L2 through L1), and `put`/`get` of a --mib file c
 byte for byte. With --image (e.g. the one `python tests/images.py` builds): that image
 as L1, QEMU start to first command over its SSH channel, and the command round trip; with
 --image-levels 2 (the image needs QEMU, as the test image has), L2 inside it: image ready ->
-first L2 command result (the image readied and L2's boot files copied in over SFTP, L2 booted,
+first L2 command result (the image readied and L2's boot files copied in through a port, L2 booted,
 KVM checked), that preparation alone, the L2 command round trip, and a panic of L2 -> a fresh
 L2 answering (nothing copied again). --image-l2-kernel FILE boots that L2 from FILE instead
 (e.g. /boot/vmlinuz-*: an eighth of the PVH vmlinux to copy, but it unpacks itself, emulated).
+--image-login USER:PASSWORD reaches the image by a serial console login instead of SSH.
 Each run boots fresh guests through the plugin's pool. Medians over runs.
 """
 
@@ -63,8 +64,10 @@ def builtin_run(levels: int, mib: int) -> dict[str, float]:
     return figures
 
 
-def image_run(image: Path, commands: int, levels: int, l2_kernel: Path | None = None) -> dict[str, float]:
-    session = session_for(levels=str(levels), l1_image=str(image))
+def image_run(
+    image: Path, commands: int, levels: int, l2_kernel: Path | None = None, login: str | None = None,
+) -> dict[str, float]:
+    session = session_for(levels=str(levels), l1_image=str(image), **({"login": login} if login else {}))
     if l2_kernel is not None:
         session.hooks = LabHooks(guest_spec=partial(_l2_kernel, l2_kernel))
     try:
@@ -102,7 +105,7 @@ def image_l2(session: Lab, commands: int) -> dict[str, float]:
     try:
         started = time.monotonic()
         guest = session.guest(2)
-        figures = {"image L2 ready s": time.monotonic() - started, "image L2 preparation + SFTP s": sum(prepared)}
+        figures = {"image L2 ready s": time.monotonic() - started, "image L2 preparation + copy s": sum(prepared)}
     finally:
         hosting.prepare = prepare
     figures["image L2 'true' median ms"] = latency(guest, "true", commands)["median_ms"]
@@ -121,13 +124,15 @@ def main() -> None:
     parser.add_argument("--image", type=Path)
     parser.add_argument("--image-levels", type=int, default=1, choices=(1, 2))
     parser.add_argument("--image-l2-kernel", type=Path)
+    parser.add_argument("--image-login")
     parser.add_argument("--commands", type=int, default=100)
     args = parser.parse_args()
     runs = []
     for _ in range(args.runs):
         figures = builtin_run(args.levels, args.mib) if args.levels else {}
         if args.image is not None:
-            figures |= image_run(args.image, args.commands, args.image_levels, args.image_l2_kernel)
+            figures |= image_run(args.image, args.commands, args.image_levels, args.image_l2_kernel,
+                                 args.image_login)
         runs.append(figures)
     print(f"pytest-nestedkvm SSH and images, {args.runs} runs ({os.cpu_count()} cores, {platform.node()})")
     width = max(len(key) for key in runs[0])

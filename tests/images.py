@@ -74,6 +74,9 @@ ROOT_UUID = "6e657374-6564-4b56-4d00-000000000001"  # fixed, so grub.cfg and fst
 # and WARNs still show; dmesg has everything) and no systemd status lines unless a unit fails.
 KERNEL_ARGS = "ro console=ttyS0,115200n8 loglevel=5 systemd.show_status=error"
 TESTER = "tester"  # user and password
+# root's password, for --nested-login root:... (a serial console login that may start L2); sshd keeps
+# refusing passwords for root (Debian: PermitRootLogin prohibit-password).
+ROOT_PASSWORD = "root-on-the-console"
 
 FILES = {
     "etc/hostname": "debian\n",
@@ -216,7 +219,7 @@ def configure(root: Path) -> None:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     chroot(root, "useradd", "--create-home", "--shell", "/bin/bash", TESTER)
-    chroot(root, "chpasswd", stdin=f"{TESTER}:{TESTER}\n")
+    chroot(root, "chpasswd", stdin=f"{TESTER}:{TESTER}\nroot:{ROOT_PASSWORD}\n")
     chroot(root, "systemctl", "enable", "systemd-networkd.service")
     chroot(root, "systemctl", "mask", *MASKED_UNITS)
     chroot(root, "update-initramfs", "-u", "-k", "all")

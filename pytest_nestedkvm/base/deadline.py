@@ -41,6 +41,7 @@ EXIT_EVENTS = 0.5  # forensics, after a test: QMP events that say why QEMU ended
 CONSOLE_SETTLE = 1.0
 CONSOLE_QUIET = 0.1
 RECORDER_JOIN = 1.0  # HostLink.close: a console recorder thread ending once its socket was shut down
+SENDER_JOIN = 1.0  # hosting.put_through_port: the thread that wrote a file into a port, once the image read it
 MIN_WAIT = 0.1  # ssh: a step or a copy started with nothing left gets this (a socket timeout of 0: "never block")
 # Seconds x level: on emulated virtualization, while a command runs the control shell must answer
 # `true` within this long (else GuestWedged). Fixed, not a share: near the command's end a share

@@ -88,10 +88,6 @@ def skip_reason(level: int, settings: Settings, report: HostReport) -> str | Non
     if settings.l2_image is not None and level > 2:
         return (f"L{level} inside a --nested-l2-image is not supported yet: the plugin starts deeper levels "
                 "inside its built-in guests and inside a --nested-l1-image only")
-    if settings.l1_image is not None and settings.login is not None and level > 1:
-        return (f"L{level} inside a --nested-l1-image reached by --nested-login is not supported: the plugin "
-                "copies L2's boot files into L1 over SFTP, which needs SSH (let the image take the session key "
-                "by cloud-init and drop --nested-login)")
     return None
 
 
@@ -168,7 +164,7 @@ def _image(common: GuestSpec, image: Path, settings: Settings, files: BootFiles)
         disks = (_disk(image, files),) if login else (_disk(image, files), Disk(files.seeds[1]))
     # L1 carries the streams of the built-in guests inside it (none inside an L2 image: skip_reason).
     return dataclasses.replace(common, disks=disks, channel="serial" if login else "ssh", login=login,
-                               deepest=settings.levels if common.level == 1 and not login else common.level)
+                               deepest=settings.levels if common.level == 1 else common.level)
 
 
 def _disk(image: Path, files: BootFiles) -> Disk:

@@ -7,30 +7,34 @@ inside it starts, one shell script checks what the plugin cannot bring (root, th
 /dev/kvm: a refusal names the fix and the level is skipped, not failed), loads the KVM module,
 links the ports by name as the built-in init does (so the argv, the link and the channel are the
 ones of any deeper guest), and copies its /etc without secrets for the guest's view (view.image_view);
-the boot files follow over SFTP (GuestSpec.uploads). A 9p export of them would need 9p in the
-image's kernel, which cloud kernels (Debian's linux-image-cloud-amd64) leave out.
+the boot files follow through the virtio port that will carry the guest's QMP (GuestSpec.uploads,
+put_through_port). A 9p export of them would need 9p in the image's kernel, which cloud kernels
+(Debian's linux-image-cloud-amd64) leave out; SFTP would need SSH, which a --nested-login image
+does not give, and was slower.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shlex
+import threading
+from pathlib import Path
 from typing import Protocol
 
-import paramiko
-
-from ..base.deadline import Deadline
+from ..base.deadline import MIN_WAIT, SENDER_JOIN, Deadline
 from ..base.errors import HostError, LevelUnavailable
 from ..base.host import KVM_MODULE_BY_FLAG
-from ..boot.layout import HOSTED_BOOT, HOSTED_ETC, PORT_DIR
-from ..boot.qemu import GuestSpec
+from ..boot.layout import HOSTED_BOOT, HOSTED_ETC, PORT_DIR, QMP, Role
+from ..boot.qemu import GuestSpec, passthrough_port
 from ..boot.view import ETC_SECRETS
-from . import ssh
 from .channel import CommandResult
+from .link import Link
 
 # Exit statuses of the script for what the plugin cannot fix itself, and what the user does about it.
 REFUSALS = {
     90: "L{level} inside the --nested-l1-image needs root there to run QEMU on /dev/kvm and its virtio ports, "
-        "and L1's commands run as '{user}': let cloud-init authorize the session key for root",
+        "and L1's commands run as '{user}': let cloud-init authorize the session key for root, or log in as root "
+        "(--nested-login root:PASSWORD)",
     91: "the --nested-l1-image has no {qemu} to run L{level} with: install QEMU into the image "
         "(Debian/Ubuntu: apt-get install qemu-system-x86), or name one that is there with --nested-qemu's second entry",
     92: "the --nested-l1-image has no /dev/kvm for L{level}: it needs a kernel with KVM (kvm_amd or kvm_intel, "
@@ -39,15 +43,21 @@ REFUSALS = {
 }
 
 
+# The boot files travel on the port of the guest's QMP: its QEMU is not running yet, and a byte
+# that a failed copy left there would reach a QMP monitor that refuses it, never a shell.
+UPLOAD_ROLE: Role = QMP
+
+
 class ImageParent(Protocol):
     """What the setup needs of the image's guest."""
+
+    link: Link  # its QEMU's sockets on L0, the deeper guests' ports among them
 
     def run(self, command: str, timeout: float | None = None) -> CommandResult:
         """Run `command` in the guest's shell; any exit status."""
 
-    @property
-    def ssh(self) -> paramiko.SSHClient:
-        """A connected SSH client of the image (its SFTP carries the boot files)."""
+    def close(self, keep_files: bool = False) -> None:
+        """Stop the guest (its next user gets a fresh one)."""
 
 
 def setup_script(spec: GuestSpec) -> str:
@@ -86,4 +96,40 @@ def prepare(parent: ImageParent, spec: GuestSpec, deadline: Deadline) -> None:
         raise HostError(f"L{spec.level}: preparing L{spec.level - 1} to run it failed "
                         f"(status {done.exit_status}): {done.stderr.strip()[-500:]}")
     for local, remote in spec.uploads:  # within the same budget: L2's boot
-        ssh.put(parent.ssh, local, remote, deadline)
+        put_through_port(parent, spec.level, local, remote, deadline)
+
+
+def put_through_port(parent: ImageParent, level: int, local: Path, remote: str, deadline: Deadline) -> None:
+    """Copy `local` to `remote` in the image through the virtio port of L`level`'s QMP, whose
+    socket on L0 is open since the image booted: `head` in the image reads exactly the file's
+    size while L0 writes it, then the image checks its SHA-256. Any SSH or serial shell will do.
+    A copy that fails may leave bytes in the port, so the image is stopped (booted afresh next)."""
+    data = local.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    port, part = f"{PORT_DIR}/port.{passthrough_port(level, UPLOAD_ROLE)}", shlex.quote(f"{remote}.part")
+    sock = parent.link.carried(level, UPLOAD_ROLE)
+    failed: list[OSError] = []
+
+    def send() -> None:
+        try:
+            sock.settimeout(max(deadline.remaining(), MIN_WAIT))
+            sock.sendall(data)
+        except OSError as exc:
+            failed.append(exc)
+
+    sender = threading.Thread(target=send, name=f"upload {local.name}", daemon=True)
+    sender.start()
+    command = (f"head -c {len(data)} {port} > {part} && [ \"$(sha256sum < {part})\" = '{digest}  -' ] "
+               f"&& mv {part} {shlex.quote(remote)}")
+    done: CommandResult | None = None
+    try:
+        done = parent.run(command, timeout=deadline.remaining())
+    finally:
+        sender.join(SENDER_JOIN)  # done once `head` read it all; after a failure it waits for nothing
+        sock.settimeout(None)  # blocking again, as the link keeps it
+        if done is None or done.exit_status != 0 or failed or sender.is_alive():
+            parent.close(keep_files=True)
+    if done.exit_status != 0 or failed or sender.is_alive():
+        why = failed[0] if failed else done.stderr.strip()[-300:] or f"status {done.exit_status}"
+        raise HostError(f"L{level}: copying {local} into L{level - 1} at {remote} failed ({why}); "
+                        f"L{level - 1} is stopped, since its port to L{level}'s QMP may hold part of the file")

@@ -162,6 +162,8 @@ def test_c_l2_comes_back_pristine_in_the_same_l1(l2, l1):
     l1.succeed("test -e /tmp/l1-mark")  # the image kept running
     assert l2.qmp().query_kvm() == {"enabled": True, "present": True}
 
+'''
+SSH_INTO_L2 = '''
 def test_d_ssh_into_l2_through_the_image(l2):
     _, out, _ = l2.ssh.exec_command("id -u", timeout=120)
     assert out.read() == b"0\\n"
@@ -174,12 +176,26 @@ def test_l2_and_l3_inside_the_debian_image_pass_the_tests_of_the_built_in_l1(
 ) -> None:
     before = sha256(debian_image)
     pytester.makepyfile(test_nested=(Path(__file__).parent / "test_nested.py").read_text(),
-                        test_z_crash=CRASH_AND_PRISTINE)
+                        test_z_crash=CRASH_AND_PRISTINE + SSH_INTO_L2)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", "--nested-levels=3",
                                            f"--nested-l1-image={debian_image}")
     result.assert_outcomes(passed=12, failed=1)  # the crash fails its test; L3 runs inside L2 inside the image
     result.stdout.fnmatch_lines(["*L2 QEMU the image's own (qemu-system-x86_64 on its PATH)*",
                                  "*L2 kernel panic during this test*"])
+    assert len([line for line in result.outlines if line.startswith("nestedkvm: L1 ready in")]) == 1
+    assert sha256(debian_image) == before, "the image file changed"
+
+
+@pytest.mark.nested(level=2)
+def test_l2_inside_an_image_reached_by_a_serial_console_login(pytester: pytest.Pytester, debian_image: Path) -> None:
+    """No cloud-init, so no SSH: L2's boot files travel on a virtio port, its streams as with SSH."""
+    before = sha256(debian_image)
+    pytester.makepyfile(test_z_crash=CRASH_AND_PRISTINE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", "--nested-levels=2",
+                                           f"--nested-l1-image={debian_image}",
+                                           f"--nested-login=root:{images.ROOT_PASSWORD}")
+    result.assert_outcomes(passed=2, failed=1)  # the crash fails its test
+    result.stdout.fnmatch_lines(["*L2 kernel panic during this test*"])
     assert len([line for line in result.outlines if line.startswith("nestedkvm: L1 ready in")]) == 1
     assert sha256(debian_image) == before, "the image file changed"
 

@@ -626,10 +626,7 @@ def test_guest_fixtures_under_levels_0_are_skipped_not_errored(
 @pytest.mark.parametrize(("options", "deeper", "reason"), [
     (("--nested-l2-image={image}",), 3, "L3 inside a --nested-l2-image is not supported yet: the plugin starts "
      "deeper levels inside its built-in guests and inside a --nested-l1-image only"),
-    (("--nested-l1-image={image}", "--nested-login=tester:tester"), 2, "L2 inside a --nested-l1-image reached by "
-     "--nested-login is not supported: the plugin copies L2's boot files into L1 over SFTP, which needs SSH (let the "
-     "image take the session key by cloud-init and drop --nested-login)"),
-], ids=["l2-image", "l1-image-login"])
+], ids=["l2-image"])
 def test_levels_inside_a_disk_image_are_skipped_with_the_reason(
     pytester: pytest.Pytester, options: tuple[str, ...], deeper: int, reason: str
 ) -> None:

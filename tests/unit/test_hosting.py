@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
 
-import paramiko
 import pytest
 
 from pytest_nestedkvm.base.deadline import Deadline
@@ -33,18 +35,14 @@ class FakeImage:
             return CommandResult(command, 0, f"{self.user}\n", "", 0.0)
         return CommandResult(command, self.status, "", "cp: cannot stat\n" if self.status else "", 0.0)
 
-    @property
-    def ssh(self) -> paramiko.SSHClient:
-        return cast(paramiko.SSHClient, self)
-
 
 @pytest.fixture(autouse=True)
-def sftp(monkeypatch: pytest.MonkeyPatch) -> None:
-    def put(client: FakeImage, local: Path, remote: str, deadline: Deadline) -> None:
+def copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    def put(parent: FakeImage, level: int, local: Path, remote: str, deadline: Deadline) -> None:
         assert deadline.remaining() == pytest.approx(60, abs=1)  # the boot budget of L2, not a command's
-        client.put_files.append((str(local), remote))
+        parent.put_files.append((str(local), remote))
 
-    monkeypatch.setattr(hosting.ssh, "put", put)
+    monkeypatch.setattr(hosting, "put_through_port", put)
 
 
 def test_a_ready_image_gets_the_boot_files_copied_in() -> None:
@@ -80,3 +78,70 @@ def test_the_setup_script_is_valid_sh_and_refuses_before_it_changes_anything() -
     assert lines[0] == '[ "$(id -u)" = 0 ] || exit 90'
     assert lines.index("[ -c /dev/kvm ] || exit 92") < next(i for i, line in enumerate(lines) if "mkdir" in line)
     assert f"rm -rf {' '.join(ETC_SECRETS)} &&" in script  # the guest's /etc holds none of the image's secrets
+
+
+# -- the boot files through a port: a real sh in the image's place, the port a socket pair --------
+
+
+class ShellImage:
+    """The image: each command runs in a local sh. Its port is a FIFO under a stand-in PORT_DIR,
+    fed by a relay from the far end of a socket pair whose near end is L0's."""
+
+    def __init__(self, near: socket.socket) -> None:
+        self.near, self.closed = near, False
+        self.link = self  # the link: carried() hands out L0's end of the port
+
+    def carried(self, level: int, role: str) -> socket.socket:
+        assert (level, role) == (2, "qmp")
+        return self.near
+
+    def run(self, command: str, timeout: float | None = None) -> CommandResult:
+        done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=timeout, check=False)
+        return CommandResult(command, done.returncode, done.stdout, done.stderr, 0.0)
+
+    def close(self, keep_files: bool = False) -> None:
+        self.closed = True
+
+
+def relay(far: socket.socket, fifo: Path) -> None:
+    with fifo.open("wb") as port:  # opens once head does
+        while data := far.recv(1 << 16):
+            port.write(data)
+            port.flush()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Iterator[ShellImage]:
+    ports = tmp_path / "ports"
+    ports.mkdir()
+    os.mkfifo(ports / "port.nestedkvm.l2.qmp")
+    near, far = socket.socketpair()
+    threading.Thread(target=relay, args=(far, ports / "port.nestedkvm.l2.qmp"), daemon=True).start()
+    yield ShellImage(near)
+    near.close()
+    far.close()
+
+
+def test_a_file_goes_through_the_port_exact(
+    monkeypatch: pytest.MonkeyPatch, image: ShellImage, tmp_path: Path,
+) -> None:
+    monkeypatch.undo()  # the real put_through_port (the autouse fixture replaced it)...
+    monkeypatch.setattr(hosting, "PORT_DIR", str(tmp_path / "ports"))  # ...and the port again
+    local = tmp_path / "vmlinuz"
+    local.write_bytes(os.urandom(3 << 20))  # bigger than a socket's buffers: the writer must wait for head
+    hosting.put_through_port(image, 2, local, str(tmp_path / "in-image"), Deadline.after(60))
+    assert (tmp_path / "in-image").read_bytes() == local.read_bytes()
+    assert not (tmp_path / "in-image.part").exists() and not image.closed
+
+
+def test_a_copy_that_fails_stops_the_image_and_says_where(
+    monkeypatch: pytest.MonkeyPatch, image: ShellImage, tmp_path: Path,
+) -> None:
+    monkeypatch.undo()
+    monkeypatch.setattr(hosting, "PORT_DIR", str(tmp_path / "ports"))
+    local = tmp_path / "initrd"
+    local.write_bytes(b"x" * 1000)
+    remote = tmp_path / "no-such-dir" / "initrd"
+    with pytest.raises(HostError, match=rf"L2: copying {local} into L1 at {remote} failed \(.*Directory nonexistent"):
+        hosting.put_through_port(image, 2, local, str(remote), Deadline.after(60))
+    assert image.closed  # the port may hold part of the file: L1 boots afresh for the next L2

@@ -72,10 +72,8 @@ def test_impossible_nesting_skips_l2_but_not_l1() -> None:
 def test_levels_deeper_than_a_user_image_are_skipped(image: Path) -> None:
     l1 = settings(levels="3", l1_image=str(image))
     assert skip_reason(2, l1, host()) is None and skip_reason(3, l1, host()) is None
-    login = settings(levels="2", l1_image=str(image), login="tester:tester")
-    assert skip_reason(1, login, host()) is None
-    assert "L2 inside a --nested-l1-image reached by --nested-login is not supported" in (
-        skip_reason(2, login, host()) or "")
+    login = settings(levels="3", l1_image=str(image), login="root:secret")
+    assert skip_reason(1, login, host()) is None and skip_reason(3, login, host()) is None
     l2 = settings(levels="3", l2_image=str(image))
     assert skip_reason(2, l2, host()) is None
     assert "L3 inside a --nested-l2-image is not supported yet" in (skip_reason(3, l2, host()) or "")
@@ -273,6 +271,16 @@ def test_l2_inside_an_l1_image_is_the_built_in_guest_booted_from_copies_in_it(im
     assert (l3.kernel, l3.uploads) == (l2.kernel, ())  # L2 shows L3 the boot files it got
     assert l3.view is not None and Export(inside, inside) in l3.view.exports
     assert Export(Path("/etc"), Path("/etc")) in l3.view.exports
+
+
+def test_an_l1_image_reached_by_login_carries_the_deeper_levels_too(image: Path, tmp_path: Path) -> None:
+    """Its boot files travel on a port, not over SFTP: a serial console login is enough."""
+    chosen = settings(levels="3", l1_image=str(image), login="root:secret")
+    files = plan.in_image(KERNEL, INITRD, FIRMWARE, {}, {image: "qcow2"})
+    l1 = builtin_spec(1, chosen, host(), files)
+    assert (l1.channel, l1.login, l1.deepest, l1.disks) == ("serial", ("root", "secret"), 3, (Disk(image, "qcow2"),))
+    assert builtin_spec(2, chosen, host(), files).uploads == builtin_spec(2, settings(
+        levels="3", l1_image=str(image)), host(), files).uploads
 
 
 def test_an_l1_image_runs_deeper_levels_on_its_own_qemu_unless_a_second_entry_names_one(image: Path) -> None:
