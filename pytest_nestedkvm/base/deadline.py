@@ -51,7 +51,7 @@ MIN_WAIT = 0.1  # ssh: a step or a copy started with nothing left gets this (a s
 # 30 s, 12 runs stalled 30 s; every 5 s, none (median 9.0 s); every 2 s, none (median 7.3 s).
 HEARTBEAT = 30.0
 POKE = 2.0
-# Guest.start: a KVM guest on TCG's emulated SVM, once it answers, sleeps 0.1 s (an L2 lost its
+# guest.check_timer: a KVM guest on TCG's emulated SVM, once it answers, sleeps 0.1 s (an L2 lost its
 # timer while booting and still answered its commands; nothing that waits on a timer ran on it).
 TIMER_CHECK = 15.0
 QEMU_VERSION_PROBE = 10.0  # base/host.py: `qemu-system-* --version` while probing the host, before any budget

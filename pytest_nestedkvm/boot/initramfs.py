@@ -196,7 +196,6 @@ def zlib_decompress_stream(data: bytes) -> bytes:
     return zlib.decompressobj(wbits=31).decompress(data)
 
 
-
 def module_closure(modules_dir: Path, wanted: tuple[str, ...], required: tuple[str, ...] = ()) -> list[Path]:
     """Module files for `wanted` plus their dependencies, each after what it needs.
 

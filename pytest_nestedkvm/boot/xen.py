@@ -124,7 +124,6 @@ def hypervisor_image(path: Path, cache: Path) -> Path:
     return target
 
 
-
 def _debs(directory: Path) -> dict[str, Path]:
     """The .deb files in `directory` by package name (apt-get download names them NAME_VERSION_ARCH.deb)."""
     if not directory.is_dir():

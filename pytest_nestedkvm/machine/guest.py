@@ -280,12 +280,17 @@ def new_guest(
 # Functions over the guest's public attributes, not methods, so that tests can hand in fakes.
 
 
+def _on_emulated_svm(guest: Guest) -> bool:
+    """A KVM guest whose SVM TCG emulates (L2 and deeper on such a host): a timer it loses stays lost."""
+    return guest.emulated and guest.spec.accel != "tcg"
+
+
 def check_timer(guest: Guest, deadline: Deadline) -> None:
     """Raise GuestWedged unless `guest` wakes from a short sleep. A KVM guest on TCG's emulated
     SVM can lose its timer interrupt while it boots and still answer commands (they come with
     interrupts of their own): in two CI runs such an L2 then stalled for minutes and L3 never
     booted in it. Found here, that costs seconds and the test reruns on fresh guests."""
-    if not guest.emulated or guest.spec.accel == "tcg":
+    if not _on_emulated_svm(guest):
         return  # TCG's own lost timer comes back with the next interrupt (_runs_on_after)
     seconds = min(TIMER_CHECK, deadline.remaining())
     try:
@@ -303,7 +308,7 @@ def _runs_on_after(guest: Guest, line: str) -> bool | None:
     guest on TCG's emulated SVM does not: its timer stayed lost for minutes while it answered
     every command (README, The emulated path), so a stall line is its wedge at once."""
     control = guest.channel.control
-    if control is None or guest.spec.accel != "tcg":
+    if control is None or _on_emulated_svm(guest):
         return False  # nothing to ask on (while booting), or no second chance: a wedge
     if guest._asking or control.busy:
         return None

@@ -122,14 +122,16 @@ def put_through_port(parent: ImageParent, level: int, local: Path, remote: str, 
     command = (f"head -c {len(data)} {port} > {part} && [ \"$(sha256sum < {part})\" = '{digest}  -' ] "
                f"&& mv {part} {shlex.quote(remote)}")
     done: CommandResult | None = None
+    copied = False
     try:
         done = parent.run(command, timeout=deadline.remaining())
     finally:
         sender.join(SENDER_JOIN)  # done once `head` read it all; after a failure it waits for nothing
         sock.settimeout(None)  # blocking again, as the link keeps it
-        if done is None or done.exit_status != 0 or failed or sender.is_alive():
+        copied = done is not None and done.exit_status == 0 and not failed and not sender.is_alive()
+        if not copied:
             parent.close(keep_files=True)
-    if done.exit_status != 0 or failed or sender.is_alive():
+    if not copied:
         why = failed[0] if failed else done.stderr.strip()[-300:] or f"status {done.exit_status}"
         raise HostError(f"L{level}: copying {local} into L{level - 1} at {remote} failed ({why}); "
                         f"L{level - 1} is stopped, since its port to L{level}'s QMP may hold part of the file")
