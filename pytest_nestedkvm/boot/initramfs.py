@@ -296,9 +296,25 @@ vendor_ok() {{
     *) true ;;
   esac
 }}
+# KVM takes the host's TSC rate once, when kvm_amd/kvm_intel loads. Under TCG the kernel's first
+# TSC estimate can be 0.1 % off its refined one (a second later); 6.1's KVM then gives each vCPU
+# no TSC multiplier at all ("user requested TSC rate below hardware speed"), and the guests'
+# TSC-deadline timers drift out of reach: L2 loses its timer while it boots. So the vendor
+# module waits (at most 5 s) until tsc-early is gone: refined, given up, or never needed.
+tsc_settled() {{
+  n=0
+  while [ $n -lt 100 ]; do
+    case " $(cat /sys/devices/system/clocksource/clocksource0/available_clocksource) " in
+      *" tsc-early "*) sleep 0.05; n=$((n + 1)) ;;
+      *) return ;;
+    esac
+  done
+  say "the TSC calibration did not settle within 5 s: KVM loads with the first estimate"
+}}
 load() {{
   name=$1; shift
   vendor_ok $name || return 0
+  case $name in {"|".join(HARDWARE_BACKENDS)}) tsc_settled ;; esac
   insmod /modules/$name.ko "$@" || say "insmod $name failed"
 }}
 ( {loads(kvm)} ) &

@@ -65,8 +65,8 @@ class FakeLink:
     console_path: Path
 
 
-def guest_with(tmp_path: Path, channel: SlowChannel) -> Guest:
-    spec = GuestSpec(level=1, qemu="qemu-system-x86_64", accel="kvm", cpu="host", memory_mib=256, smp=1)
+def guest_with(tmp_path: Path, channel: SlowChannel, level: int = 1) -> Guest:
+    spec = GuestSpec(level=level, qemu="qemu-system-x86_64", accel="kvm", cpu="host", memory_mib=256, smp=1)
     guest = Guest(spec, FakeLink(tmp_path / "console.log"), None, [],  # type: ignore[arg-type]
                   boot_timeout=60, command_timeout=600)
     guest.channel = channel  # type: ignore[assignment]
@@ -199,3 +199,14 @@ def test_a_kvm_guest_on_emulated_svm_that_cannot_sleep_is_wedged(
     else:
         check_timer(guest, deadline)
         assert guest.wedged is None and channel.tries == [1000.0]
+
+
+def test_a_lost_timer_names_the_parents_kvm_when_its_console_shows_why(tmp_path: Path, clock: FakeClock) -> None:
+    parent = guest_with(tmp_path / "l1", SlowChannel(clock, 0.1, 0))
+    (tmp_path / "l1").mkdir()
+    (tmp_path / "l1" / "console.log").write_text("[    3.06] user requested TSC rate below hardware speed\n")
+    guest = guest_with(tmp_path, SlowChannel(clock, 3600.0, 0), level=2)
+    guest.emulated, guest.parent = True, parent
+    with pytest.raises(GuestWedged, match=r"^L2 wedged: lost timer .*within 15 s of its boot; L1's KVM gave it no "
+                                          r"TSC rate \(`user requested TSC rate below hardware speed` on L1's"):
+        check_timer(guest, Deadline.after(60))

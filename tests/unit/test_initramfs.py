@@ -717,3 +717,42 @@ def test_a_build_trees_boot_directory_takes_its_config_and_system_map(tmp_path: 
     made = guest_boot_dir(Kernel(image, RELEASE, tmp_path), cache=tmp_path / "cache")
     assert (made / f"config-{RELEASE}").read_text() == "CONFIG_KVM_AMD=m\n"
     assert (made / f"System.map-{RELEASE}").read_text().endswith("_text\n")
+
+
+# Stand-ins for what the init's module loader touches: `cat` (run in a subshell, so it counts in
+# a file) answers the clock sources of a kernel whose TSC refinement ends at read REFINED (never,
+# when REFINED is empty).
+LOADER_STUBS = """
+reads() { echo $(($(wc -c < "$COUNT"))); }
+cat() {
+  printf x >> "$COUNT"
+  if [ -n "$REFINED" ] && [ $(reads) -ge "$REFINED" ]; then echo "tsc hpet"; else echo "tsc-early hpet"; fi
+}
+sleep() { :; }
+insmod() { echo "insmod ${1##*/} after $(reads) reads"; }
+vendor_ok() { true; }
+say() { echo "say $*"; }
+"""
+
+
+def run_loader(refined: str, tmp_path: Path) -> list[str]:
+    script = init_script(["virtio"], ["kvm"])
+    part = script[script.index("tsc_settled() {"):script.index("( load kvm )")]
+    count = tmp_path / "reads"
+    count.write_text("")
+    shell = [busybox, "sh"] if (busybox := shutil.which("busybox")) else ["sh"]
+    result = subprocess.run([*shell, "-c", LOADER_STUBS + part + "load kvm; load kvm_amd nested=1"],
+                            env={"REFINED": refined, "COUNT": str(count), "PATH": os.defpath},
+                            capture_output=True, text=True, check=True, timeout=30)
+    return result.stdout.splitlines()
+
+
+def test_the_kvm_vendor_module_loads_after_the_tsc_refinement(tmp_path: Path) -> None:
+    # kvm.ko takes no TSC rate and loads at once; kvm_amd waits until tsc-early is gone.
+    assert run_loader("3", tmp_path) == ["insmod kvm.ko after 0 reads", "insmod kvm_amd.ko after 3 reads"]
+
+
+def test_a_tsc_that_never_settles_delays_kvm_by_five_seconds_at_most(tmp_path: Path) -> None:
+    assert run_loader("", tmp_path) == ["insmod kvm.ko after 0 reads",
+                              "say the TSC calibration did not settle within 5 s: KVM loads with the first estimate",
+                              "insmod kvm_amd.ko after 100 reads"]
