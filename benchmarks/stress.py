@@ -226,8 +226,9 @@ def kut_l2(session: Lab, budget: Budget, ctx: Context) -> None:
         step(f"{test.name}: {verdict.verdict} in {result.duration:.1f} s")
         if result.exit_status == 124:  # L2 answers, but the test's VM (L3) made no progress
             raise NoAnswer(f"{verdict.message}: the kvm-unit-tests VM inside L2 did not end", level=level)
-        if verdict.verdict == "failed":
-            raise GuestTestFailed(verdict.message, level=level)
+        if verdict.verdict == "failed":  # the last lines of each stream say how the test's QEMU ended
+            said = [line for stream in (result.stdout, result.stderr) for line in stream.strip().splitlines()[-4:]]
+            raise GuestTestFailed(" | ".join([verdict.message, *said]), level=level)
 
 
 def kvm_hello_l2(session: Lab, budget: Budget, ctx: Context) -> None:

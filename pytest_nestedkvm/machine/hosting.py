@@ -63,14 +63,19 @@ class ImageParent(Protocol):
 def setup_script(spec: GuestSpec) -> str:
     """The shell script that makes the image ready to run `spec`'s QEMU (idempotent)."""
     flags = "|".join(KVM_MODULE_BY_FLAG)
-    loads = " ".join(f"{flag}) modprobe {module} nested=1 2>/dev/null ;;" for flag, module in
-                     KVM_MODULE_BY_FLAG.items())
+    modules = " ".join(f"{flag}) m={module} ;;" for flag, module in KVM_MODULE_BY_FLAG.items())
     secrets = " ".join(ETC_SECRETS)
     return "\n".join((
         '[ "$(id -u)" = 0 ] || exit 90',
         f"command -v {shlex.quote(spec.qemu)} >/dev/null 2>&1 || exit 91",
         f"flag=$(grep -m1 -w -o -E '{flags}' /proc/cpuinfo)",
-        f'[ -c /dev/kvm ] || case "$flag" in {loads} esac',
+        f'm=; case "$flag" in {modules} esac',
+        # Loaded before the kernel refined its TSC rate (udev may, under TCG), the vendor module
+        # keeps the first estimate and its guests lose their timers (initramfs.py, tsc_settled):
+        # load it again while no VM holds it.
+        'r=; [ -n "$m" ] && [ "$(cat /sys/module/$m/refcnt 2>/dev/null)" = 0 ] &&',
+        "  dmesg 2>/dev/null | grep -q 'Refined TSC clocksource calibration' && modprobe -r $m 2>/dev/null && r=1",
+        '{ [ -n "$r" ] || [ ! -c /dev/kvm ]; } && [ -n "$m" ] && modprobe $m nested=1 2>/dev/null',
         "[ -c /dev/kvm ] || exit 92",
         f"mkdir -p {PORT_DIR} {HOSTED_BOOT}",
         "for p in /sys/class/virtio-ports/*; do",

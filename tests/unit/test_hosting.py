@@ -145,3 +145,34 @@ def test_a_copy_that_fails_stops_the_image_and_says_where(
     with pytest.raises(HostError, match=rf"L2: copying {local} into L1 at {remote} failed \(.*Directory nonexistent"):
         hosting.put_through_port(image, 2, local, str(remote), Deadline.after(60))
     assert image.closed  # the port may hold part of the file: L1 boots afresh for the next L2
+
+
+# The setup script's KVM lines with stand-ins: `cat` answers the vendor module's refcnt (REFCNT;
+# empty: not loaded), `dmesg` the kernel log (DMESG), `modprobe` says what it was asked.
+KVM_STUBS = """
+cat() { [ -n "$REFCNT" ] && echo "$REFCNT"; }
+dmesg() { echo "$DMESG"; }
+modprobe() { echo "modprobe $*"; }
+flag=svm
+"""
+REFINED = "[    1.79] tsc: Refined TSC clocksource calibration: 2599.980 MHz"
+
+
+@pytest.mark.parametrize(("refcnt", "dmesg", "kvm", "asked"), [
+    ("0", REFINED, True, ["modprobe -r kvm_amd", "modprobe kvm_amd nested=1"]),  # loaded before the refinement, maybe
+    ("1", REFINED, True, []),  # a VM holds it: left alone
+    ("0", "[    0.00] tsc: Detected 2600.000 MHz processor", True, []),  # a KVM guest: its TSC rate was known
+    ("", REFINED, False, ["modprobe kvm_amd nested=1"]),  # not loaded yet
+], ids=["refined-after-load", "in-use", "known-rate", "not-loaded"])
+def test_the_image_loads_kvm_again_where_it_may_hold_a_first_tsc_estimate(
+    tmp_path: Path, refcnt: str, dmesg: str, kvm: bool, asked: list[str],
+) -> None:
+    script = hosting.setup_script(SPEC)
+    part = script[script.index("m=;"):script.index("[ -c /dev/kvm ] || exit 92")]
+    device = tmp_path / "kvm"
+    if kvm:
+        os.mkfifo(device)  # a FIFO stands in for the device node (making one needs root): -c becomes -p
+    part = part.replace("-c /dev/kvm", f"-p {device}")
+    done = subprocess.run(["sh", "-c", KVM_STUBS + part], env={"REFCNT": refcnt, "DMESG": dmesg, "PATH": os.defpath},
+                          capture_output=True, text=True, timeout=30)
+    assert done.stdout.splitlines() == asked
