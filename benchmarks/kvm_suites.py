@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Run the FULL kvm-unit-tests x86 list and the FULL KVM selftests list inside L1 (and L2 with
 --levels 1,2) and print, per suite and level: passed, skipped (by reason), failed, xfailed, wall time.
+`--suites xtf` runs every XTF instance as a domU of a Xen L1 (dom0 is L1: levels do not apply)
+and also prints each instance's verdict.
 
 Each (suite, level) is one pytest session of the plugin's own items, with a JUnit report that
 this script reads. Trees come from scripts/build_suites.sh (cached). Under TCG it takes long
@@ -23,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "scripts" / "build_suites.sh"
 KUT_TARBALL = REPO.parent / "shared" / "kvm-unit-tests-1da1819e.tar.xz"
+XTF_TARBALL = REPO.parent / "shared" / "xtf-453490d.tar.xz"
 
 
 def build(*args: str) -> Path | None:
@@ -37,16 +40,17 @@ def run(option: str, tree: Path, level: int, extra: list[str]) -> tuple[float, P
     work = Path(tempfile.mkdtemp(prefix="kvm-suites-bench-"))
     junit = work / "junit.xml"
     suite = option.removeprefix("--nested-")
+    where = ["--nested-hypervisor=xen"] if suite == "xtf" else [f"--nested-{suite}-level={level}"]
     start = time.monotonic()
     subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"{option}={tree}",
-                    f"--nested-{suite}-level={level}", f"--junitxml={junit}", *extra], cwd=work)
+                    *where, f"--junitxml={junit}", *extra], cwd=work)
     return time.monotonic() - start, junit
 
 
-def table(junit: Path) -> tuple[collections.Counter[str], collections.Counter[str], list[str]]:
+def table(junit: Path) -> tuple[collections.Counter[str], collections.Counter[str], list[str], list[str]]:
     counts: collections.Counter[str] = collections.Counter()
     skips: collections.Counter[str] = collections.Counter()
-    failed = []
+    failed, verdicts = [], []
     for case in ET.parse(junit).getroot().iter("testcase"):
         outcome = "passed"
         for tag in ("failure", "error", "skipped"):
@@ -58,8 +62,11 @@ def table(junit: Path) -> tuple[collections.Counter[str], collections.Counter[st
                     skips[_reason(message)] += 1
                 elif outcome in ("failure", "error"):
                     failed.append(f"{case.get('name')}: {message[:140]}")
+                verdicts.append(f"| {case.get('name')} | {outcome} | {message[:140]} |")
+        if outcome == "passed":
+            verdicts.append(f"| {case.get('name')} | passed | |")
         counts[outcome] += 1
-    return counts, skips, failed
+    return counts, skips, failed, verdicts
 
 
 def _reason(message: str) -> str:
@@ -83,13 +90,16 @@ def main() -> int:
         trees["--nested-kut"] = build("kut", str(KUT_TARBALL)) if KUT_TARBALL.is_file() else None
     if "kselftests" in args.suites:
         trees["--nested-kselftests"] = build("kselftests")
+    if "xtf" in args.suites:
+        trees["--nested-xtf"] = build("xtf", str(XTF_TARBALL)) if XTF_TARBALL.is_file() else None
     for option, tree in trees.items():
         if tree is None:
             print(f"{option}: no tree, skipped")
             continue
-        for level in (int(x) for x in args.levels.split(",")):
-            wall, junit = run(option, tree, level, [*extra, *args.pytest_args])
-            counts, skips, failed = table(junit)
+        xtf = option == "--nested-xtf"  # dom0 runs Debian's kernel: the built one has no Xen dom0 support
+        for level in [1] if xtf else (int(x) for x in args.levels.split(",")):
+            wall, junit = run(option, tree, level, [*([] if xtf else extra), *args.pytest_args])
+            counts, skips, failed, verdicts = table(junit)
             print(f"\n## {option.removeprefix('--nested-')} at L{level}: wall {wall:.0f} s")
             print("| outcome | count |\n|---|---|")
             for outcome in ("passed", "skipped", "xfailed", "failure", "error"):
@@ -100,6 +110,8 @@ def main() -> int:
             print("failed:")
             for line in failed:
                 print(f"  {line}")
+            if xtf:
+                print("\n| instance | verdict | message |\n|---|---|---|", *verdicts, sep="\n")
             sys.stdout.flush()
     return 0
 

@@ -1,6 +1,6 @@
-"""kvm-unit-tests and KVM selftests as pytest items that run inside a guest.
+"""kvm-unit-tests, KVM selftests and XTF tests as pytest items that run inside a guest.
 
-Each test of `--nested-kut` / `--nested-kselftests` is an item carrying the marker
+Each test of `--nested-kut` / `--nested-kselftests` / `--nested-xtf` is an item carrying the marker
 `nested(level=N)`, so the session treats it like any test that uses a guest: skipped when
 the level cannot be had, the guest booted again when an earlier test crashed it, a crash
 during the test blamed on it. The item runs the suite's own runner step for its test in
@@ -23,7 +23,7 @@ from .config.plan import scaled_timeout, timeout_note
 from .config.settings import Settings
 from .machine.guest import Guest
 from .session import SESSION_KEY, NestedSession, reported
-from .suites import kselftests, kut
+from .suites import kselftests, kut, xtf
 from .suites.knownfail import SuiteName
 
 SUITES_PLUGIN = "nestedkvm-suites"
@@ -148,6 +148,29 @@ class KselftestItem(SuiteItem):
         self.conclude(verdict.verdict, verdict.message, f" ({self.scaling_note(base)})" if status is None else "")
 
 
+class XtfItem(SuiteItem):
+    """An XTF test instance, run by XTF's runner as a domU of the Xen L1 (dom0 runs the runner)."""
+
+    suite: SuiteName = "xtf"
+
+    def __init__(self, *, instance: xtf.Instance, tree: Path, **kwargs: Any) -> None:
+        self.instance, self.tree = instance, tree
+        super().__init__(**kwargs)
+        self.add_marker(instance.marker)
+
+    def run_in(self, guest: Guest) -> None:
+        timeout = self.timeout_for(xtf.TIMEOUT)
+        try:
+            result = guest.run(xtf.guest_command(self.tree, self.name), timeout=timeout)
+        except CommandTimeout as exc:
+            self.keep_log(_text(exc.stdout) + _text(exc.stderr))
+            raise SuiteFailure(f"FAIL {self.name} (did not end within {timeout:g} s and was killed; timeout "
+                               f"{self.scaling_note(xtf.TIMEOUT)})") from None
+        self.keep_log(result.stdout + (f"\n--- stderr ---\n{result.stderr}" if result.stderr.strip() else ""))
+        verdict = xtf.outcome(self.name, result.exit_status, result.stdout + result.stderr)
+        self.conclude(verdict.verdict, verdict.message)
+
+
 class SuiteCollector(pytest.Collector):
     """The tests of one suite, children of the session (they live outside the test paths)."""
 
@@ -167,9 +190,13 @@ class SuitesPlugin:
         self.settings = settings
         config.addinivalue_line("markers", "kut: a kvm-unit-tests test (--nested-kut)")
         config.addinivalue_line("markers", "kselftests: a KVM selftest (--nested-kselftests)")
+        config.addinivalue_line("markers", "xtf: an XTF test instance (--nested-xtf)")
         self.kut_tests = kut.load(settings.kut) if settings.kut is not None else []
         for group in sorted({g for test in self.kut_tests for g in test.groups}):
             config.addinivalue_line("markers", f"{group}: kvm-unit-tests group {group} (unittests.cfg groups)")
+        self.xtf_tests = xtf.discover(settings.xtf) if settings.xtf is not None else []
+        for marker in sorted({(i.marker, i.category) for i in self.xtf_tests}):
+            config.addinivalue_line("markers", f"{marker[0]}: XTF category {marker[1]} (info.json)")
 
     def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
         """Without test paths on the command line or in `testpaths`, run the suites only: pytest would
@@ -207,6 +234,11 @@ class SuitesPlugin:
             collectors.append(SuiteCollector.from_parent(session, name="kselftests", nodeid="kselftests",
                                                          path=settings.kselftests, items=specs,
                                                          item_class=KselftestItem))
+        if settings.xtf is not None:
+            specs = [dict(name=i.name, level=1, location=(i.info, 0), instance=i, tree=settings.xtf)
+                     for i in self.xtf_tests]
+            collectors.append(SuiteCollector.from_parent(session, name="xtf", nodeid="xtf", path=settings.xtf,
+                                                         items=specs, item_class=XtfItem))
         return collectors
 
     def _mark_known_failures(self, items: list[pytest.Item]) -> None:

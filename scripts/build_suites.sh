@@ -4,6 +4,7 @@
 #                                     + scripts/kernel/nestedkvm.config (bzImage and modules, in tree)
 #   build_suites.sh kselftests        tools/testing/selftests/kvm of that same tree
 #   build_suites.sh kut TARBALL       kvm-unit-tests from a source tarball (configured and built)
+#   build_suites.sh xtf TARBALL       the Xen Test Framework from a source tarball (built in place)
 # A build is keyed by its inputs (source version, config fragment, tarball), so a changed fragment
 # builds anew and an unchanged one costs nothing. Builds happen in DIR.partial and are renamed to
 # DIR when they succeed: an interrupted build never looks finished.
@@ -99,6 +100,22 @@ build_kut() {
   echo "$dir"
 }
 
+build_xtf() {
+  local tarball=${1:?usage: build_suites.sh xtf TARBALL} dir start
+  [ -f "$tarball" ] || { log "no such tarball: $tarball"; exit 2; }
+  dir="$cache/xtf-$(sha256sum "$tarball" | cut -c1-12)"
+  if [ -f "$dir/tests/example/test-pv64-example" ]; then echo "$dir"; return; fi
+  need_packages build-essential python3
+  start=$SECONDS
+  rm -rf "$dir.partial" && mkdir -p "$dir.partial"
+  tar -xf "$tarball" -C "$dir.partial" --strip-components=1
+  # xtfdir: the tests' xl configs name their binaries by absolute path, the final one.
+  make -s -C "$dir.partial" -j"$jobs" xtfdir="$dir" >&2
+  mv "$dir.partial" "$dir"
+  log "XTF built in $((SECONDS - start)) s"
+  echo "$dir"
+}
+
 # One build at a time per cache: a second caller waits, then finds the result built.
 mkdir -p "$cache"
 exec 9>"$cache/.lock"
@@ -108,5 +125,6 @@ case "${1:-}" in
   kernel) build_kernel ;;
   kselftests) build_kselftests ;;
   kut) build_kut "${2:-}" ;;
-  *) echo "usage: $0 kernel | kselftests | kut TARBALL" >&2; exit 2 ;;
+  xtf) build_xtf "${2:-}" ;;
+  *) echo "usage: $0 kernel | kselftests | kut TARBALL | xtf TARBALL" >&2; exit 2 ;;
 esac

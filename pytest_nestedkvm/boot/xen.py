@@ -29,10 +29,11 @@ from ..base.files import write_atomically
 
 Hypervisor = Literal["kvm", "xen"]  # what L1 hosts its guests with
 HYPERVISORS: tuple[Hypervisor, ...] = ("kvm", "xen")
-# Debian 12's Xen: the hypervisor, xl and the daemons, and the libraries they load that a
-# Debian host may lack (libc, ncurses and the like every Debian has).
+# Debian 12's Xen: the hypervisor, xl and the daemons, the device model an HVM domU needs
+# (qemu-system-xen: /usr/libexec/xen-qemu-system-i386, its other libraries are qemu-system-x86's),
+# and the libraries they load that a Debian host may lack (libc, ncurses and the like every Debian has).
 XEN_PACKAGES = (
-    "xen-hypervisor-4.17-amd64", "xen-utils-4.17", "xen-utils-common", "xenstore-utils",
+    "xen-hypervisor-4.17-amd64", "xen-utils-4.17", "xen-utils-common", "xenstore-utils", "qemu-system-xen",
     "libxencall1", "libxendevicemodel1", "libxenevtchn1", "libxenforeignmemory1", "libxengnttab1",
     "libxenhypfs1", "libxenmisc4.17", "libxenstore4", "libxentoolcore1", "libxentoollog1", "libyajl2",
 )
@@ -226,9 +227,11 @@ def dom0_script() -> str:
   x=$1
   modprobe -a {' '.join(DOM0_MODULES)} 2>/dev/null  # built in elsewhere
   mountpoint -q /proc/xen || mount -t xenfs xenfs /proc/xen || return 1
-  # The tree's libraries and helpers where the toolstack was built to find them: its usr/lib
-  # over the host's, read-only (nothing of it reaches L0).
-  mount -t overlay -o "ro,lowerdir=$x/usr/lib:/usr/lib" overlay /usr/lib || return 1
+  # The tree's libraries, helpers and device model where the toolstack was built to find them:
+  # its usr/lib and usr/libexec over the host's, read-only (nothing of it reaches L0).
+  for d in lib libexec; do
+    mount -t overlay -o "ro,lowerdir=$x/usr/$d:/usr/$d" overlay /usr/$d || return 1
+  done
   mkdir -p /etc/xen && cp -a "$x/etc/xen/." /etc/xen/ || return 1
   [ -e /var/run ] || ln -s /run /var/run
   [ -e /var/lock ] || ln -s /run/lock /var/lock  # xl console locks there

@@ -28,7 +28,7 @@ from ..boot.layout import SYSTEM_DIRS
 from ..boot.view import unshareable
 from ..boot.xen import HYPERVISORS, Hypervisor, dom0_mib
 from ..boot.xen import check_image as check_xen_image
-from ..suites import knownfail, kut
+from ..suites import knownfail, kut, xtf
 from ..suites import kselftests as kselftests_suite
 from ..suites.knownfail import KnownFailures
 
@@ -100,6 +100,7 @@ class Settings:
     kut_level: int = 1
     kselftests: Path | None = None
     kselftests_level: int = 1
+    xtf: Path | None = None
     known_failures: KnownFailures | None = None
     emulator_reruns: int | None = None  # None: by the host, see reruns_allowed
     hypervisor: Hypervisor = "kvm"  # what L1 hosts its guests with
@@ -174,8 +175,9 @@ class Settings:
         return range(1, min(self.levels, 1 if self.l2_image else MAX_LEVELS) + 1)
 
     def suite_dirs(self) -> tuple[Path, ...]:
-        """The trees of --nested-kut and --nested-kselftests: the guests see them read-only at the same paths."""
-        return tuple(p for p in (self.kut, self.kselftests) if p is not None)
+        """The trees of --nested-kut, --nested-kselftests and --nested-xtf: the guests see them read-only at
+        the same paths."""
+        return tuple(p for p in (self.kut, self.kselftests, self.xtf) if p is not None)
 
     def describe_source(self, name: str) -> str:
         return self.sources.get(name, "default")
@@ -291,9 +293,11 @@ def _check_idle_options(settings: Settings) -> None:
          "pass --nested-kernel too, or drop --nested-modules"),
         ("xen", settings.xen is not None and settings.hypervisor != "xen",
          "a Xen image is booted only with --nested-hypervisor=xen: pass it too, or drop --nested-xen"),
-        ("known_failures", settings.known_failures is not None and settings.kut is None and settings.kselftests is None,
-         "known failures are of --nested-kut and --nested-kselftests, and neither is set: pass one of them, "
-         "or drop --nested-known-failures"),
+        ("known_failures", settings.known_failures is not None and not settings.suite_dirs(),
+         "known failures are of --nested-kut, --nested-kselftests and --nested-xtf, and none is set: pass one "
+         "of them, or drop --nested-known-failures"),
+        ("xtf", settings.xtf is not None and settings.hypervisor != "xen",
+         "XTF's tests are domUs of a Xen L1: pass --nested-hypervisor=xen too, or drop --nested-xtf"),
     )
     for name, idle_here, why in idle:
         if idle_here:
@@ -701,6 +705,10 @@ def _kut_tree(raw: str) -> Path:
     return kut.validate_tree(shareable_dir(raw))
 
 
+def _xtf_tree(raw: str) -> Path:
+    return xtf.validate_tree(shareable_dir(raw))
+
+
 def _kselftests_dir(raw: str) -> Path:
     path = shareable_dir(raw)
     kselftests_suite.discover(path)
@@ -782,8 +790,12 @@ OPTIONS: tuple[Option, ...] = (
            parse=_kselftests_dir),
     Option("kselftests_level", "the guest level the KVM selftests run in (default 1)", "N",
            parse=_int_in(1, MAX_LEVELS)),
-    Option("known_failures", "known failures of --nested-kut and --nested-kselftests, one '<suite>:<test> <reason>' "
-           "line each (suite kut or kselftests): a listed test that fails is an xfail with that reason", "FILE",
+    Option("xtf", "a built Xen Test Framework tree (with --nested-hypervisor=xen): each test instance "
+           "(test-hvm64-example, ...) becomes a test item that XTF's runner runs as a domU of the Xen L1, its "
+           "category a marker (xtf_functional, ...)", "DIR", parse=_xtf_tree),
+    Option("known_failures", "known failures of --nested-kut, --nested-kselftests and --nested-xtf, one "
+           "'<suite>:<test> <reason>' line each (suite kut, kselftests or xtf): a listed test that fails is an "
+           "xfail with that reason", "FILE",
            parse=_known_failures),
     Option("hypervisor", "what L1 hosts its guests with: kvm (L1 is Linux with KVM) or xen (L1 boots Xen, the "
            "built-in guest is its dom0) (default kvm)", "kvm|xen", parse=_choice(HYPERVISORS)),

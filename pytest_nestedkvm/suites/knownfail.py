@@ -3,6 +3,7 @@
     # comments and blank lines are ignored
     kut:msr                  Expected #GP on WRMSR(MSR_FS_BASE, non-canonical) is not raised under TCG
     kselftests:x86_64/amx_test   TCG has no AMX
+    xtf:test-hvm64-lbr-tsx-vmentry   no LBR under TCG
 
 Each entry is `<suite>:<test name>`, whitespace, then the reason (required). A listed test
 that fails or times out is an xfail with that reason; one that passes is an XPASS. A listed
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-SuiteName = Literal["kut", "kselftests"]
-SUITES: tuple[SuiteName, ...] = ("kut", "kselftests")
+SuiteName = Literal["kut", "kselftests", "xtf"]
+SUITES: tuple[SuiteName, ...] = ("kut", "kselftests", "xtf")
 
 
 @dataclass(frozen=True)

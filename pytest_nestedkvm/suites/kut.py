@@ -300,8 +300,8 @@ def parse_probe(test: UnitTest, level: int, output: str) -> GuestFacts:
 
 
 @dataclass(frozen=True)
-class KutResult:
-    """One kvm-unit-test's verdict and the line run_tests.sh would print for it."""
+class SuiteResult:
+    """A suite test's verdict and the line its runner would print for it (PASS/SKIP/FAIL, SUCCESS ...)."""
 
     verdict: Verdict
     message: str  # PASS/SKIP/FAIL line as the runner prints it, without colours
@@ -315,7 +315,7 @@ def summary(log: str) -> str:
     return ""
 
 
-def outcome(test: UnitTest, status: int, stdout: str, stderr: str, timeout: float) -> KutResult:
+def outcome(test: UnitTest, status: int, stdout: str, stderr: str, timeout: float) -> SuiteResult:
     """What the runner makes of x86/run's exit status (runtime.bash `run`), given its output.
 
     x86/run already fixed QEMU's status (vmm.bash `qemu_fixup_return_code`). One addition of
@@ -326,20 +326,20 @@ def outcome(test: UnitTest, status: int, stdout: str, stderr: str, timeout: floa
     name, found = test.name, summary(stdout)
     said = [line for line in stdout.splitlines()[1:] if line.strip()]  # the first line echoes the command
     if status == 1 and not said and stderr.strip():
-        return KutResult("skipped", f"SKIP {name} ({stderr.strip().splitlines()[-1]})")
+        return SuiteResult("skipped", f"SKIP {name} ({stderr.strip().splitlines()[-1]})")
     if status == 0:
-        return KutResult("passed", f"PASS {name} {found}".rstrip())
+        return SuiteResult("passed", f"PASS {name} {found}".rstrip())
     if status == 77:
         why = next((line.strip() for line in said if line.startswith(("WARNING:", "SKIP:"))), "")
-        return KutResult("skipped", f"SKIP {name} {found}".rstrip() + (f": {why}" if why else ""))
+        return SuiteResult("skipped", f"SKIP {name} {found}".rstrip() + (f": {why}" if why else ""))
     if status == 124:
-        return KutResult("failed", f"FAIL {name} (timeout; duration={timeout:g}s)")
+        return SuiteResult("failed", f"FAIL {name} (timeout; duration={timeout:g}s)")
     if status > 127:
-        return KutResult("failed", f"FAIL {name} (terminated on {_signal_name(status - 128)})")
+        return SuiteResult("failed", f"FAIL {name} (terminated on {_signal_name(status - 128)})")
     failures = [line.strip() for line in said if line.startswith("FAIL")]
     detail = f"; first failure: {failures[0]}" if failures else ""
     meaning = f", {STATUS_MEANING[status]}" if status in STATUS_MEANING else ""
-    return KutResult("failed", f"FAIL {name} {found}".rstrip() + f" (exit status {status}{meaning}){detail}")
+    return SuiteResult("failed", f"FAIL {name} {found}".rstrip() + f" (exit status {status}{meaning}){detail}")
 
 
 # vmm.bash's table of x86/run's statuses, for a failure's message.

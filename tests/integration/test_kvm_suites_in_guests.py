@@ -166,3 +166,27 @@ def test_kselftests_at_l1(pytester: pytest.Pytester, kselftests_dir: Path, kerne
     # status), so there are no `ktap` properties here: tests/unit/test_kvm_suites.py covers those.
     junit = (pytester.path / "junit.xml").read_text()
     assert junit.count('name="timeout_s" value="600"') == len(SELFTESTS_PASSING) + 1  # 120 s x 5 (TCG) x L1
+
+
+XTF_TARBALL = REPO.parent / "shared" / "xtf-453490d.tar.xz"
+# XTF's checks of itself and its example, each in a PV and an HVM environment, and its nested-SVM test.
+XTF_SET = "pv64-selftest or hvm64-selftest or pv64-example or hvm64-example or hvm64-nested-svm"
+
+
+@pytest.fixture(scope="session")
+def xtf_tree() -> Path:
+    if not XTF_TARBALL.is_file():
+        pytest.skip(f"no {XTF_TARBALL} (Xen Test Framework source, test data only)")
+    return build("xtf", str(XTF_TARBALL))
+
+
+def test_xtf_instances_run_as_domus_of_a_xen_l1(pytester: pytest.Pytester, xtf_tree: Path) -> None:
+    """PV domUs and HVM domUs (on the SVM that QEMU emulates for Xen), XTF's verdicts as the items'."""
+    result, cases = run_inner(pytester, "--nested-hypervisor=xen", f"--nested-xtf={xtf_tree}",
+                              f"--nested-known-failures={KNOWN_TCG}", "-k", XTF_SET)
+    for name in ("test-hvm64-selftest", "test-pv64-example", "test-hvm64-example", "test-hvm64-nested-svm"):
+        assert cases[name] == ("passed", ""), (name, cases[name])
+    result.assert_outcomes(passed=4, xfailed=1)
+    assert cases["test-pv64-selftest"][0] == "skipped" and "known failure" in cases["test-pv64-selftest"][1]
+    log = sections(pytester)["xtf::test-pv64-selftest"]["xtf test-pv64-selftest log (L1)"]
+    assert "Test: Userspace execution" in log and "Combined test results:" in log  # XTF's console, kept

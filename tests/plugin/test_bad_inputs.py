@@ -576,7 +576,8 @@ def test_options_that_would_do_nothing_together_are_refused(
             f"--nested-modules={modules} (from command line): the modules are for a --nested-kernel, and none"),
         "known failures without a suite": (
             (f"--nested-known-failures={known}",),
-            f"--nested-known-failures={known} (from command line): known failures are of --nested-kut and"),
+            f"--nested-known-failures={known} (from command line): known failures are of --nested-kut, "
+            "--nested-kselftests and --nested-xtf, and none is set"),
     }[case]
     line = refused(pytester, monkeypatch, tmp_path, *args)
     assert line.startswith(f"ERROR: {start}"), line

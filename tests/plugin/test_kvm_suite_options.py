@@ -4,6 +4,7 @@ and collection: node ids, groups as markers under --strict-markers, -k, -m, know
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -187,3 +188,60 @@ def test_a_known_failure_whose_guest_never_boots_is_an_error_not_an_xfail(
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     outcomes = result.parseoutcomes()
     assert "xfailed" not in outcomes and outcomes.get("errors", 0) + outcomes.get("failed", 0) == 1, outcomes
+
+
+# --- XTF -----------------------------------------------------------------------------------------
+
+
+def xtf_tree(path: Path, tests: dict[str, tuple[str, list[str], list[str]]] | None = None,
+             built: bool = True) -> Path:
+    """A built XTF tree: its runner, and per test an info.json, binaries and xl configs."""
+    tests = tests if tests is not None else {"example": ("special", ["pv64", "hvm64"], []),
+                                             "nested-svm": ("in-development", ["hvm64"], []),
+                                             "invlpg": ("functional", ["hvm64"], ["hap", "shadow"])}
+    path.mkdir(parents=True)
+    (path / "xtf-runner").write_text("#!/usr/bin/env python3\n")
+    for name, (category, envs, variations) in tests.items():
+        test = path / "tests" / name
+        test.mkdir(parents=True)
+        (test / "info.json").write_text(json.dumps(
+            {"name": name, "category": category, "environments": envs, "variations": variations}))
+        for env in envs if built else ():
+            (test / f"test-{env}-{name}").write_bytes(b"\0")
+            for variation in variations or [None]:
+                (test / f"test-{env}-{name}{'~' + variation if variation else ''}.cfg").write_text("")
+    return path
+
+
+def test_xtf_instances_collect_as_items_with_categories_as_markers(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    tree = xtf_tree(tmp_path / "xtf")
+    args = ["-p", "no:cacheprovider", "--strict-markers", "--nested-hypervisor=xen", f"--nested-xtf={tree}",
+            "--collect-only", "-q"]
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == 0, result.outlines
+    assert result.outlines[:6] == ["xtf::test-pv64-example", "xtf::test-hvm64-example", "xtf::test-hvm64-invlpg~hap",
+                                   "xtf::test-hvm64-invlpg~shadow", "xtf::test-hvm64-nested-svm", ""]
+    assert pytester.runpytest_subprocess(*args, "-m", "xtf_in_development").outlines[0] == "xtf::test-hvm64-nested-svm"
+    assert pytester.runpytest_subprocess(*args, "-k", "pv64").outlines[:2] == ["xtf::test-pv64-example", ""]
+
+
+def test_xtf_without_a_xen_l1(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    tree = xtf_tree(tmp_path / "xtf")
+    line = refused(pytester, monkeypatch, tmp_path, f"--nested-xtf={tree}")
+    assert line == (f"ERROR: --nested-xtf={tree} (from command line): XTF's tests are domUs of a Xen L1: "
+                    "pass --nested-hypervisor=xen too, or drop --nested-xtf")
+
+
+@pytest.mark.parametrize(("built", "runner", "words"), [
+    (True, False, "is not an XTF tree (no xtf-runner, no tests/*/info.json): point it at the top of a "
+                  "xen-test-framework checkout"),
+    (False, True, "has no built XTF test: run `make xtfdir="),
+], ids=["no-tree", "not-built"])
+def test_xtf_directory_that_is_no_built_xtf_tree(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, built: bool, runner: bool, words: str,
+) -> None:
+    tree = xtf_tree(tmp_path / "xtf", built=built)
+    if not runner:
+        (tree / "xtf-runner").unlink()
+    line = refused(pytester, monkeypatch, tmp_path, "--nested-hypervisor=xen", f"--nested-xtf={tree}")
+    assert line.startswith(f"ERROR: --nested-xtf='{tree}' (from command line): {tree} ") and words in line

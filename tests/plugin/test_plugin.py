@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from fakes import fake_qemu
-from test_kvm_suite_options import kut_tree, selftests_tree
+from test_kvm_suite_options import kut_tree, selftests_tree, xtf_tree
 
 from pytest_nestedkvm.base.host import QEMU_SANDBOX, probe, qemu_build
 from pytest_nestedkvm.config.settings import OPTION_BY_NAME, OPTIONS, Option
@@ -163,6 +163,9 @@ def make_values(base: Path) -> ValueTable:
     def selftests(name: str) -> Case:
         return Case(str(selftests_tree(base / name)), (base / name).resolve())
 
+    def xtf(name: str) -> Case:
+        return Case(str(xtf_tree(base / name)), (base / name).resolve())
+
     def directory(name: str, create: bool = True) -> Case:
         path = base / name
         if create:
@@ -227,12 +230,13 @@ def make_values(base: Path) -> ValueTable:
         "emulator_reruns": (Case("0", 0), Case("2", 2), Case(" 10 ", 10)),
         "hypervisor": (Case("xen", "xen"), Case("kvm", "kvm"), Case(" XEN ", "xen")),
         "xen": (xen("xen-cli"), xen("xen-env.gz"), xen("xen-ini")),
+        "xtf": (xtf("xtf-cli"), xtf("xtf-env"), xtf("xtf-ini")),
     }
 
 
 # The suite options put guest tests of their own beside test_dump.py: they need guests up to
 # their level (2 at most here), and -k keeps them out of the run.
-SUITE_OPTIONS = ("kut", "kut_level", "kselftests", "kselftests_level", "known_failures")
+SUITE_OPTIONS = ("kut", "kut_level", "kselftests", "kselftests_level", "known_failures", "xtf")
 
 
 def levels_args(name: str) -> list[str]:
@@ -252,7 +256,7 @@ def companion_args(name: str, base: Path) -> list[str]:
         return [f"--nested-kernel={kernel}"]
     if name == "kselftests_level":
         return [f"--nested-kselftests={selftests_tree(base / 'companion-ksft')}"]
-    if name == "xen":
+    if name in ("xen", "xtf"):
         return ["--nested-hypervisor=xen"]
     if name != "login":
         return []

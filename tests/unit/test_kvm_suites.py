@@ -380,10 +380,12 @@ def test_subtests_become_junit_properties() -> None:
 
 
 def test_known_failure_file(tmp_path: Path) -> None:
-    text = "# TCG\n\nkut:msr  ends early under TCG\nkselftests:x86_64/amx_test\tno AMX in TCG\n"
+    text = ("# TCG\n\nkut:msr  ends early under TCG\nkselftests:x86_64/amx_test\tno AMX in TCG\n"
+            "xtf:test-hvm64-lbr-tsx-vmentry  no LBR in TCG\n")
     known = knownfail.parse(text, tmp_path / "known.txt")
     assert known.lookup("kut", "msr") == knownfail.Entry("ends early under TCG", 3)
     assert known.lookup("kselftests", "x86_64/amx_test") == knownfail.Entry("no AMX in TCG", 4)
+    assert known.lookup("xtf", "test-hvm64-lbr-tsx-vmentry") == knownfail.Entry("no LBR in TCG", 5)
     assert known.lookup("kut", "amx_test") is None
 
 
