@@ -80,31 +80,3 @@ def test_l2_that_never_boots_reports_its_console_and_l1_survives(l1: Guest, l2: 
     assert (caught.value.level, caught.value.why, caught.value.panicked) == (2, "crashed", True)
     assert l1.succeed("echo L1 still answers") == "L1 still answers\n"
 
-
-SKEWED_TSC = """
-import dataclasses
-
-def pytest_nestedkvm_guest_spec(config, level, spec):
-    if level == 1:
-        return dataclasses.replace(spec, append=(spec.append + " tsc_early_khz=2590000").strip())
-    return None
-"""
-
-L2_SLEEPS = """
-def test_l2_keeps_its_timer(l1, l2):
-    l2.succeed("sleep 0.1", timeout=30)
-    log = l1.console_log.read_text(errors="replace")
-    assert "Refined TSC clocksource calibration" in log
-    assert "user requested TSC rate below hardware speed" not in log
-"""
-
-
-@pytest.mark.usefixtures("no_qemu_left")
-def test_l2_keeps_its_timer_when_l1s_first_tsc_estimate_is_off(pytester: pytest.Pytester) -> None:
-    """Under TCG, L1's first TSC estimate is sometimes 0.1 % below the refined one; a kvm_amd loaded
-    before the refinement gave L2 a TSC-deadline timer that never fired (1 in ~20 L2 boots).
-    tsc_early_khz makes that estimate 0.4 % low on every boot: the init must wait for the refinement."""
-    pytester.makeconftest(SKEWED_TSC)
-    pytester.makepyfile(L2_SLEEPS)
-    result = pytester.runpytest_subprocess("--nested-levels=2", "--nested-emulator-reruns=0", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1)
