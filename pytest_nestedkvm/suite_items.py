@@ -61,6 +61,10 @@ class SuiteItem(pytest.Item):
     def keep_log(self, text: str) -> None:
         self.log = text if len(text) <= SECTION_LIMIT else "...\n" + text[-SECTION_LIMIT:]
 
+    def keep_output(self, stdout: str, stderr: str) -> None:
+        """The runner's output as the log, its stderr (when any) after a separator line."""
+        self.keep_log(stdout + (f"\n--- stderr ---\n{stderr}" if stderr.strip() else ""))
+
     def timeout_for(self, seconds: float) -> float:
         """The suite's own timeout scaled to this host's pace and the level, kept as a JUnit property."""
         timeout = scaled_timeout(seconds, self.pace, self.level)
@@ -120,7 +124,7 @@ class KutItem(SuiteItem):
             self.keep_log(_text(exc.stdout) + _text(exc.stderr))
             raise SuiteFailure(f"FAIL {test.name} (did not end within {backstop:g} s and was killed; "
                                f"timeout {self.scaling_note(base)})") from None
-        self.keep_log(result.stdout + (f"\n--- stderr ---\n{result.stderr}" if result.stderr.strip() else ""))
+        self.keep_output(result.stdout, result.stderr)
         verdict = kut.outcome(test, result.exit_status, result.stdout, result.stderr, timeout)
         self.conclude(verdict.verdict, verdict.message,
                       f"; timeout {self.scaling_note(base)}" if result.exit_status == 124 else "")
@@ -166,7 +170,7 @@ class XtfItem(SuiteItem):
             self.keep_log(_text(exc.stdout) + _text(exc.stderr))
             raise SuiteFailure(f"FAIL {self.name} (did not end within {timeout:g} s and was killed; timeout "
                                f"{self.scaling_note(xtf.TIMEOUT)})") from None
-        self.keep_log(result.stdout + (f"\n--- stderr ---\n{result.stderr}" if result.stderr.strip() else ""))
+        self.keep_output(result.stdout, result.stderr)
         verdict = xtf.outcome(self.name, result.exit_status, result.stdout + result.stderr)
         self.conclude(verdict.verdict, verdict.message)
 
