@@ -83,7 +83,7 @@ def test_a_kvm_domain_boots_l1s_kernel(l1: Guest, virsh: Callable[[str], str],
         # libvirt's own line to the domain's QEMU: its accelerator is KVM, not TCG.
         kvm = json.loads(virsh("""qemu-monitor-command nk-boot '{"execute": "query-kvm"}'"""))["return"]
         assert kvm == {"enabled": True, "present": True}
-        console = _wait_for(l1, f"grep -A1 '{MARKER}' {console_log}", console_log)
+        console = _wait_for(l1, f"grep -q '{MARKER}' {console_log} && cat {console_log}", console_log)
         assert "clocksource kvm-clock" in console
         assert "Hypervisor detected: KVM" in console
         virsh("destroy nk-boot")

@@ -5,7 +5,8 @@ Runs inside L1 (Python standard library only). The archive is the kernel's "newc
 format, written by hand so that no cpio tool and no root (for /dev/console) is needed.
 The domain's /init mounts /proc and /sys, loads the given modules in order (pvpanic, so a
 panic reaches QEMU and libvirt sees the domain crash), prints one line that shows what it
-runs on, panics at once when its command line holds `nestedkvm.crash`, and else sleeps.
+runs on and then the marker, panics at once when its command line holds `nestedkvm.crash`,
+and else sleeps.
 
 Usage: python3 tiny_initramfs.py OUTPUT BUSYBOX [MODULE.ko ...]
 """
@@ -21,8 +22,11 @@ INIT = f"""#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
 for module in /modules/*.ko; do [ -e "$module" ] && /bin/busybox insmod "$module"; done
-echo "{MARKER}, clocksource $(/bin/busybox cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
-/bin/busybox dmesg | /bin/busybox grep -m1 'Hypervisor detected'
+# What it runs on first, the marker last: once a reader sees the whole marker, the line before it
+# is whole too (the serial console reaches the log a byte at a time, and two echoes raced the reader).
+echo "clocksource $(/bin/busybox cat /sys/devices/system/clocksource/clocksource0/current_clocksource)\
+, $(/bin/busybox dmesg | /bin/busybox grep -m1 -o 'Hypervisor detected.*')"
+echo "{MARKER}"
 case " $(/bin/busybox cat /proc/cmdline) " in *" nestedkvm.crash "*) echo c > /proc/sysrq-trigger ;; esac
 while :; do /bin/busybox sleep 3600; done
 """
