@@ -28,7 +28,7 @@ from filelock import FileLock
 from ..base.errors import HostError
 from ..base.files import write_atomically
 from ..base.host import HARDWARE_BACKENDS, KVM_MODULE_BY_FLAG
-from .layout import BOOT_MARKS, LOWER_DIR, PORT_DIR, SHELL_PORTS, WRITABLE_EXPORTS
+from .layout import BOOT_MARKS, LOWER_DIR, PORT_DIR, REPLY_ROLE, SHELL_PORTS, WRITABLE_EXPORTS
 from .xen import dom0_script
 
 FORMAT_VERSION = "1"
@@ -414,12 +414,11 @@ g=/sys/kernel/debug/sched/wakeup_granularity_ns
 [ -w $g ] && echo {WAKEUP_GRANULARITY_NS} > $g
 # A Xen dom0 (nestedkvm.xen=TREE) starts its host's services before the first command.
 {dom0_script()}cd /
-for port in {' '.join(SHELL_PORTS.values())}; do
-  dev={PORT_DIR}/port.$port
-  [ -e $dev ] || {{ echo "nestedkvm: no virtio port $port" > /dev/console; continue; }}
-  # The shell reads the port; what it and its commands print goes through a pipe that `cat`
-  # copies to the port, so no command holds a descriptor it could read the next command from.
-  (while :; do {{ {AGENT_SHELL} 3>&- 2>/dev/console | {BUSYBOX} cat >&3 3>&-; }} 3<>$dev <&3; sleep 0.2; done) &
+for pair in {' '.join(f"{SHELL_PORTS[ask]}:{SHELL_PORTS[reply]}" for ask, reply in REPLY_ROLE.items())}; do
+  ask={PORT_DIR}/port.${{pair%%:*}} reply={PORT_DIR}/port.${{pair#*:}}
+  [ -e $ask ] && [ -e $reply ] || {{ echo "nestedkvm: no virtio ports $pair" > /dev/console; continue; }}
+  # Commands in on one port, read-only; replies out on the other, write-only (layout.REPLY_ROLE).
+  (while :; do {AGENT_SHELL} <$ask >$reply 2>/dev/console; sleep 0.2; done) &
 done
 read up _ < /proc/uptime; echo "stage2=$up" >> {BOOT_MARKS}
 echo "nestedkvm: stage2 up" > /dev/console

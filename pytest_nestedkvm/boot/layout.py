@@ -8,20 +8,26 @@ from typing import Literal
 
 # The 9p tags of the host's exports are EXPORT_TAG + their number.
 EXPORT_TAG = "nk"
-# A guest's byte streams, by role: its two shells (main and control), its serial console and
-# its QMP monitor. The built-in init starts a root shell on each of SHELL_PORTS. Below L1
+# A guest's byte streams, by role: its two shells (main and control), each with the port its
+# commands come in on and the port its replies go out on, its serial console and its QMP
+# monitor. The built-in init starts a root shell on each pair of SHELL_PORTS. Below L1
 # every role travels through each parent as a virtio port of its own (qemu.passthrough_port):
 # the console is logged as it comes, the others are sockets the link hands to the channel
 # and to QMP (SOCKET_ROLES). "serial": a disk image's console to log in on (--nested-login).
-Role = Literal["cmd", "ctl", "console", "qmp", "serial"]
+Role = Literal["cmd", "cmd-reply", "ctl", "ctl-reply", "console", "qmp", "serial"]
 CMD: Role = "cmd"
+CMD_REPLY: Role = "cmd-reply"
 CTL: Role = "ctl"
+CTL_REPLY: Role = "ctl-reply"
 CONSOLE: Role = "console"
 QMP: Role = "qmp"
 SERIAL: Role = "serial"
-ROLES: tuple[Role, ...] = (CMD, CTL, CONSOLE, QMP)
-SOCKET_ROLES: tuple[Role, ...] = (CMD, CTL, QMP)
-SHELL_PORTS: dict[Role, str] = {CMD: "nestedkvm.cmd", CTL: "nestedkvm.ctl"}
+ROLES: tuple[Role, ...] = (CMD, CMD_REPLY, CTL, CTL_REPLY, CONSOLE, QMP)
+SOCKET_ROLES: tuple[Role, ...] = (CMD, CMD_REPLY, CTL, CTL_REPLY, QMP)
+# Replies leave on a port of their own, which the shell opens write-only: a virtio port has
+# one opener at a time, so nothing a command starts can read the next command off its stdout.
+REPLY_ROLE: dict[Role, Role] = {CMD: CMD_REPLY, CTL: CTL_REPLY}
+SHELL_PORTS: dict[Role, str] = {role: f"nestedkvm.{role}" for role in (CMD, CMD_REPLY, CTL, CTL_REPLY)}
 # Where the guest links each named virtio port as port.<name> (udev would use /dev/virtio-ports).
 PORT_DIR = "/run/nestedkvm"
 # In a parent that is a user's disk image (no built-in init): what the plugin brings for the built-in

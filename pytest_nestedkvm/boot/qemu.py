@@ -224,11 +224,14 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
         argv += kernel_args(spec, append)
     argv += ["-chardev", f"{ends.chardev(spec.level, kind.console_role)},id=console", "-serial", "chardev:console",
              "-chardev", f"{ends.chardev(spec.level, 'qmp')},id=qmp", "-mon", "chardev=qmp,mode=control"]
-    if ports:
-        argv += ["-device", "virtio-serial-pci,id=vser"]
+    # A virtio-serial controller per level: QEMU announces each port with three control messages
+    # (add, name, open) and drops any that finds none of the guest's 32 buffers free; with 16
+    # ports on one controller, the last port never opened on the host side.
     for index, (level, role, name) in enumerate(ports):
+        if index == 0 or ports[index - 1][0] != level:
+            argv += ["-device", f"virtio-serial-pci,id=vser{level}"]
         argv += ["-chardev", f"{ends.chardev(level, role)},id=port{index}",
-                 "-device", f"virtserialport,bus=vser.0,chardev=port{index},name={name}"]
+                 "-device", f"virtserialport,bus=vser{level}.0,chardev=port{index},name={name}"]
     # multidevs=forbid on L0: a filesystem mounted below a host directory (a procfs a chroot
     # build left there) is not served; the guest gets an error for it. Inside a guest the
     # mounts below an export are the plugin's own (the modules tmpfs under /usr), and what a

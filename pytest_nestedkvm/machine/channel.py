@@ -12,8 +12,8 @@ Bytes before the start marker (late output of an earlier command's background
 job, messages of the shell itself) are dropped. A command runs in a subshell (its
 `exit`, `cd` and `set` stay there) with stdin from /dev/null, no positional
 parameters and no variable holding the nonce, so it cannot forge a marker. stdout
-goes to the shell's own stdout (the stream; in the built-in guest a pipe that
-`cat` copies to the port); stderr is spooled to one of 64 files used in turn
+goes to the shell's own stdout (the stream; in the built-in guest a reply port the
+shell opened write-only, apart from the port it reads commands from); stderr is spooled to one of 64 files used in turn
 (truncated on reuse, as cheap as one file: a job left behind writes into its own
 command's file, which comes round again only 64 commands later) and sent after
 the first marker. `true` costs one fork, no exec. (Spooling stdout as well would also keep a job's stdout out of a
@@ -43,12 +43,14 @@ from ..base.errors import (
     LoginFailed,
     printable,
 )
-from ..boot.layout import CMD, CTL, SERIAL, ChannelKind
+from ..boot.layout import CMD, CTL, REPLY_ROLE, SERIAL, ChannelKind
 from . import ssh
 from .console import serial_login
 from .ssh import sshd_script
 
 if TYPE_CHECKING:
+    import socket
+
     from .link import Link
 
 MARK = b"\n@@NK"
@@ -433,12 +435,32 @@ class Channel:
             self.control.run(f"__nk_kill {shell_pid}", Deadline.after(KILL_GRACE))  # the command's budget is spent
 
 
+class SplitStream:
+    """A shell's commands go out on one stream and its replies come back on another."""
+
+    def __init__(self, commands: socket.socket, replies: socket.socket) -> None:
+        self.commands, self.replies = commands, replies
+
+    def sendall(self, data: bytes, /) -> None:
+        self.commands.sendall(data)
+
+    def recv(self, size: int, /) -> bytes:
+        return self.replies.recv(size)
+
+    def settimeout(self, timeout: float | None, /) -> None:
+        self.commands.settimeout(timeout)
+        self.replies.settimeout(timeout)
+
+
 class AgentChannel(Channel):
-    """The built-in guest: its init runs a root shell on each of two virtio-serial ports."""
+    """The built-in guest: its init runs a root shell on each of two pairs of virtio-serial ports
+    (commands in, replies out: layout.REPLY_ROLE)."""
 
     def open(self, deadline: Deadline) -> None:
         link, check = self.setup.link, self.setup.check
-        self._open_pair((link.stream(CMD, deadline, check), link.stream(CTL, deadline, check)), deadline)
+        cmd, ctl = (SplitStream(link.stream(role, deadline, check), link.stream(REPLY_ROLE[role], deadline, check))
+                    for role in (CMD, CTL))
+        self._open_pair((cmd, ctl), deadline)
 
     def host_key(self, public_line: str, deadline: Deadline) -> str | None:
         return self.run_ok(sshd_script(public_line), deadline).strip().splitlines()[-1]

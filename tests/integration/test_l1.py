@@ -70,12 +70,17 @@ def test_stdin_is_not_the_channel(l1: Guest) -> None:
 
 def test_nor_is_stdout_nor_any_other_descriptor_a_command_gets(l1: Guest) -> None:
     # A background job of one command that reads its stdout must not take the next command off
-    # the port (and answer it in its place): stdout is a pipe's write end; no descriptor is the port.
+    # the port (and answer it in its place): stdout is the reply port, opened write-only, and no
+    # descriptor is the port the commands come in on.
     l1.succeed("(head -c 100 <&1 > /tmp/taken 2>/tmp/why &); true")
     assert l1.succeed("echo the next command ran") == "the next command ran\n"
     assert l1.succeed("sleep 0.2; cat /tmp/taken") == ""
-    assert "vport" not in l1.succeed("ls -l /proc/self/fd/")
-    assert "Device or resource busy" in l1.fail("head -c 1 /proc/$$/fd/0")  # the shell's: it opens once
+    assert l1.succeed("grep ^flags: /proc/self/fdinfo/1").split()[1][-1] == "1"  # octal: O_WRONLY
+    assert l1.run("head -c 1 <&1").exit_status != 0
+    commands_port = l1.succeed("readlink /run/nestedkvm/port.nestedkvm.cmd").strip()
+    assert commands_port.startswith("/dev/vport") and commands_port not in l1.succeed("ls -l /proc/self/fd/")
+    for fd in (0, 1):  # the shell's own: a virtio port has one opener at a time
+        assert "Device or resource busy" in l1.fail(f"head -c 1 /proc/$$/fd/{fd}")
 
 
 def test_a_command_that_hides_tmp_does_not_stop_the_next_ones_running(l1: Guest) -> None:

@@ -1,5 +1,5 @@
 """Unit tests for the channel kinds behind `Channel`: the class per kind, its traits, and AgentChannel
-over a fake link whose "cmd" and "ctl" streams are socketpairs to real local shells."""
+over a fake link whose shells' streams are socketpairs to real local shells."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from pytest_nestedkvm.base.deadline import PANIC_REPLY, Deadline
 from pytest_nestedkvm.base.errors import ChannelError, CommandTimeout, GuestSilent
-from pytest_nestedkvm.boot.layout import CHANNEL_NEEDS, ChannelKind
+from pytest_nestedkvm.boot.layout import CHANNEL_NEEDS, REPLY_ROLE, ChannelKind
 from pytest_nestedkvm.machine.channel import (
     CHANNELS,
     PANIC,
@@ -35,28 +35,36 @@ def fine() -> None:
 
 
 class ShellLink:
-    """The part of a Link that AgentChannel uses: each stream is a local `sh` on a socketpair."""
+    """The part of a Link that AgentChannel uses: each shell is a local `sh` that reads its commands
+    from one socketpair and writes its replies to another, as the built-in guest's shells do."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.asked: list[tuple[str, object]] = []
-        self.shells: list[tuple[subprocess.Popen[bytes], socket.socket]] = []
+        self.shells: list[tuple[subprocess.Popen[bytes], socket.socket, socket.socket]] = []
+        self.replies: dict[str, socket.socket] = {}
 
     def stream(self, role: str, deadline: Deadline, check: object) -> socket.socket:
         self.asked.append((role, check))
+        if role in self.replies:
+            return self.replies.pop(role)
         ours, theirs = socket.socketpair()
+        reply_ours, reply_theirs = socket.socketpair()
         process = subprocess.Popen(
-            ["/bin/sh"], stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.DEVNULL,
+            ["/bin/sh"], stdin=theirs.fileno(), stdout=reply_theirs.fileno(), stderr=subprocess.DEVNULL,
             start_new_session=True,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(self.tmp_path), "LC_ALL": "C"},
         )
         theirs.close()
-        self.shells.append((process, ours))
+        reply_theirs.close()
+        self.shells.append((process, ours, reply_ours))
+        self.replies[REPLY_ROLE[role]] = reply_ours  # type: ignore[index]
         return ours
 
     def stop(self) -> None:
-        for process, sock in self.shells:
-            sock.close()
+        for process, commands, replies in self.shells:
+            commands.close()
+            replies.close()
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -111,7 +119,7 @@ def test_broken_is_not_open_before_open_and_run_refuses(link: ShellLink) -> None
 
 
 def test_agent_open_connects_cmd_then_ctl_with_the_guests_check(agent: AgentChannel, link: ShellLink) -> None:
-    assert link.asked == [("cmd", fine), ("ctl", fine)]
+    assert link.asked == [("cmd", fine), ("cmd-reply", fine), ("ctl", fine), ("ctl-reply", fine)]
     assert agent.shell is not None and agent.control is not None
     assert agent.shell.shell_pid == link.shells[0][0].pid
     assert agent.control.shell_pid == link.shells[1][0].pid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import shlex
@@ -23,6 +24,7 @@ from pytest_nestedkvm.boot.qemu import (
     shell_line,
 )
 from pytest_nestedkvm.boot.view import Export, View
+from pytest_nestedkvm.config.settings import MAX_LEVELS
 
 RUN_ROOT = Path("/var/lib/nk/run")
 VIEW = View(
@@ -52,6 +54,19 @@ FULL = GuestSpec(
 MINIMAL = GuestSpec(level=1, qemu="qemu-system-x86_64", accel="tcg", cpu="max", memory_mib=1024, smp=1)
 
 
+# L1's agent shells: each reads commands from one port and replies on another.
+L1_SHELL_PORTS = [
+    "-chardev", "socket,path=/var/lib/nk/run/l1/cmd.sock,server=on,wait=off,id=port0",
+    "-device", "virtserialport,bus=vser1.0,chardev=port0,name=nestedkvm.cmd",
+    "-chardev", "socket,path=/var/lib/nk/run/l1/cmd-reply.sock,server=on,wait=off,id=port1",
+    "-device", "virtserialport,bus=vser1.0,chardev=port1,name=nestedkvm.cmd-reply",
+    "-chardev", "socket,path=/var/lib/nk/run/l1/ctl.sock,server=on,wait=off,id=port2",
+    "-device", "virtserialport,bus=vser1.0,chardev=port2,name=nestedkvm.ctl",
+    "-chardev", "socket,path=/var/lib/nk/run/l1/ctl-reply.sock,server=on,wait=off,id=port3",
+    "-device", "virtserialport,bus=vser1.0,chardev=port3,name=nestedkvm.ctl-reply",
+]
+
+
 def test_golden_argv() -> None:
     assert build_argv(FULL, ENDS) == [
         "/usr/bin/qemu-system-x86_64",
@@ -71,7 +86,7 @@ def test_golden_argv() -> None:
         "-initrd", "/root/.cache/pytest-nestedkvm/initramfs-6.1.0-18-amd64-0123456789abcdef.cpio",
         "-append",
         "console=ttyS0 panic=-1 rdinit=/init mitigations=off i8042.noaux i8042.nomux i8042.nopnp "
-        "i8042.dumbkbd 8250.nr_uarts=1 cryptomgr.notests pci=noearly nestedkvm.ports=6 "
+        "i8042.dumbkbd 8250.nr_uarts=1 cryptomgr.notests pci=noearly nestedkvm.ports=10 "
         "nestedkvm.mount=nk0:/etc nestedkvm.mount=nk1:/usr nestedkvm.mount=tmpfs:/tmp "
         "nestedkvm.mount=tmpfs:/run nestedkvm.mount=tmpfs:/mnt nestedkvm.mount=tmpfs:/var/tmp "
         "nestedkvm.mount=tmpfs:/var/log nestedkvm.mount=nk2:/home/nk/project "
@@ -80,19 +95,21 @@ def test_golden_argv() -> None:
         "-serial", "chardev:console",
         "-chardev", "socket,path=/var/lib/nk/run/l1/qmp.sock,server=on,wait=off,id=qmp",
         "-mon", "chardev=qmp,mode=control",
-        "-device", "virtio-serial-pci,id=vser",
-        "-chardev", "socket,path=/var/lib/nk/run/l1/cmd.sock,server=on,wait=off,id=port0",
-        "-device", "virtserialport,bus=vser.0,chardev=port0,name=nestedkvm.cmd",
-        "-chardev", "socket,path=/var/lib/nk/run/l1/ctl.sock,server=on,wait=off,id=port1",
-        "-device", "virtserialport,bus=vser.0,chardev=port1,name=nestedkvm.ctl",
-        "-chardev", "socket,path=/var/lib/nk/run/l2/cmd.sock,server=on,wait=off,id=port2",
-        "-device", "virtserialport,bus=vser.0,chardev=port2,name=nestedkvm.l2.cmd",
-        "-chardev", "socket,path=/var/lib/nk/run/l2/ctl.sock,server=on,wait=off,id=port3",
-        "-device", "virtserialport,bus=vser.0,chardev=port3,name=nestedkvm.l2.ctl",
-        "-chardev", "socket,path=/var/lib/nk/run/l2/console.sock,server=on,wait=off,id=port4",
-        "-device", "virtserialport,bus=vser.0,chardev=port4,name=nestedkvm.l2.console",
-        "-chardev", "socket,path=/var/lib/nk/run/l2/qmp.sock,server=on,wait=off,id=port5",
-        "-device", "virtserialport,bus=vser.0,chardev=port5,name=nestedkvm.l2.qmp",
+        "-device", "virtio-serial-pci,id=vser1",
+        *L1_SHELL_PORTS,
+        "-device", "virtio-serial-pci,id=vser2",
+        "-chardev", "socket,path=/var/lib/nk/run/l2/cmd.sock,server=on,wait=off,id=port4",
+        "-device", "virtserialport,bus=vser2.0,chardev=port4,name=nestedkvm.l2.cmd",
+        "-chardev", "socket,path=/var/lib/nk/run/l2/cmd-reply.sock,server=on,wait=off,id=port5",
+        "-device", "virtserialport,bus=vser2.0,chardev=port5,name=nestedkvm.l2.cmd-reply",
+        "-chardev", "socket,path=/var/lib/nk/run/l2/ctl.sock,server=on,wait=off,id=port6",
+        "-device", "virtserialport,bus=vser2.0,chardev=port6,name=nestedkvm.l2.ctl",
+        "-chardev", "socket,path=/var/lib/nk/run/l2/ctl-reply.sock,server=on,wait=off,id=port7",
+        "-device", "virtserialport,bus=vser2.0,chardev=port7,name=nestedkvm.l2.ctl-reply",
+        "-chardev", "socket,path=/var/lib/nk/run/l2/console.sock,server=on,wait=off,id=port8",
+        "-device", "virtserialport,bus=vser2.0,chardev=port8,name=nestedkvm.l2.console",
+        "-chardev", "socket,path=/var/lib/nk/run/l2/qmp.sock,server=on,wait=off,id=port9",
+        "-device", "virtserialport,bus=vser2.0,chardev=port9,name=nestedkvm.l2.qmp",
         "-fsdev", "local,id=fs0,path=/var/lib/nk/run/etc,security_model=none,readonly=on,multidevs=forbid",
         "-device", "virtio-9p-pci,fsdev=fs0,mount_tag=nk0",
         "-fsdev", "local,id=fs1,path=/usr,security_model=none,readonly=on,multidevs=forbid",
@@ -116,11 +133,8 @@ def test_golden_minimal_argv() -> None:
         "-chardev", "socket,path=/var/lib/nk/run/l1/console.sock,server=on,wait=on,id=console",
         "-serial", "chardev:console",
         "-chardev", "socket,path=/var/lib/nk/run/l1/qmp.sock,server=on,wait=off,id=qmp",
-        "-mon", "chardev=qmp,mode=control", "-device", "virtio-serial-pci,id=vser",
-        "-chardev", "socket,path=/var/lib/nk/run/l1/cmd.sock,server=on,wait=off,id=port0",
-        "-device", "virtserialport,bus=vser.0,chardev=port0,name=nestedkvm.cmd",
-        "-chardev", "socket,path=/var/lib/nk/run/l1/ctl.sock,server=on,wait=off,id=port1",
-        "-device", "virtserialport,bus=vser.0,chardev=port1,name=nestedkvm.ctl",
+        "-mon", "chardev=qmp,mode=control", "-device", "virtio-serial-pci,id=vser1",
+        *L1_SHELL_PORTS,
         "-device", "pvpanic-pci",
         "-nic", "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:0-:22", "-snapshot",
     ]
@@ -133,7 +147,9 @@ def test_golden_inner_guest_uses_parent_ports() -> None:
         "pipe,path=/run/nestedkvm/port.nestedkvm.l2.console,id=console",
         "pipe,path=/run/nestedkvm/port.nestedkvm.l2.qmp,id=qmp",
         "pipe,path=/run/nestedkvm/port.nestedkvm.l2.cmd,id=port0",
-        "pipe,path=/run/nestedkvm/port.nestedkvm.l2.ctl,id=port1",
+        "pipe,path=/run/nestedkvm/port.nestedkvm.l2.cmd-reply,id=port1",
+        "pipe,path=/run/nestedkvm/port.nestedkvm.l2.ctl,id=port2",
+        "pipe,path=/run/nestedkvm/port.nestedkvm.l2.ctl-reply,id=port3",
     ]
     assert option_values(argv, "-name") == ["nestedkvm-l2"]
     assert option_values(argv, "-serial") == ["chardev:console"]
@@ -145,7 +161,7 @@ def test_inner_guest_boots_quietly_on_its_serial_console() -> None:
     spec = dataclasses.replace(FULL, level=2, deepest=2)
     append = option_values(build_argv(spec, ParentEnds()), "-append")[0].split()
     assert "loglevel=5" in append and "console=ttyS0" in append
-    assert "nestedkvm.ports=2" in append
+    assert "nestedkvm.ports=4" in append
     l1_append = option_values(build_argv(dataclasses.replace(FULL, deepest=2), ENDS), "-append")[0].split()
     assert not any(arg.startswith("loglevel=") for arg in l1_append)
 
@@ -228,12 +244,12 @@ def test_sockets_and_console_live_in_the_run_dir(tmp_path: Path) -> None:
     ends = HostEnds(tmp_path / "run")
     argv = build_argv(MINIMAL, ends)
     chardevs = option_values(argv, "-chardev")
-    assert len(chardevs) == 4
+    assert len(chardevs) == 6
     paths = ends.paths(1)
     assert paths.run_dir == tmp_path / "run" / "l1"
     assert all(c.startswith("socket,") and "server=on" in c.split(",") for c in chardevs)
-    assert {chardev_path(c) for c in chardevs} == {paths.qmp, paths.end("cmd"), paths.end("ctl"),
-                                                   paths.end("console")}
+    assert {chardev_path(c) for c in chardevs} == {paths.qmp, paths.end("cmd"), paths.end("cmd-reply"),
+                                                   paths.end("ctl"), paths.end("ctl-reply"), paths.end("console")}
     # Only the console makes QEMU wait for a client; the console log itself is the plugin's.
     waiting = [chardev_path(c) for c in chardevs if "wait=on" in c.split(",")]
     assert waiting == [paths.end("console")]
@@ -245,16 +261,16 @@ def test_deeper_levels_sockets_live_in_their_own_run_dirs(tmp_path: Path) -> Non
     ends = HostEnds(tmp_path / "run")
     argv = build_argv(dataclasses.replace(MINIMAL, deepest=3), ends)
     chardevs = option_values(argv, "-chardev")
-    assert len(chardevs) == 2 + 2 + 4 + 4
+    assert len(chardevs) == 2 + 4 + 6 + 6  # console and QMP, L1's shells, and each deeper level's streams
     by_dir: dict[Path, set[str]] = {}
     for chardev in chardevs:
         path = chardev_path(chardev)
         by_dir.setdefault(path.parent, set()).add(path.name)
-    everything = {"console.sock", "qmp.sock", "cmd.sock", "ctl.sock"}
+    everything = {"console.sock", "qmp.sock", "cmd.sock", "cmd-reply.sock", "ctl.sock", "ctl-reply.sock"}
     assert by_dir == {ends.paths(1).run_dir: everything, ends.paths(2).run_dir: everything,
                       ends.paths(3).run_dir: everything}
     names = [d.split("name=")[1] for d in option_values(argv, "-device") if d.startswith("virtserialport,")]
-    assert len(names) == len(set(names)) == 10
+    assert len(names) == len(set(names)) == 16
     assert [chardev_path(c) for c in chardevs if "wait=on" in c.split(",")] == [ends.paths(1).end("console")]
 
 
@@ -366,20 +382,23 @@ def test_a_view_without_exports_adds_only_its_tmpfs_dirs_and_links() -> None:
     argv = build_argv(spec, ENDS)
     assert "-fsdev" not in argv
     assert option_values(argv, "-append") == [
-        " ".join([BASE_APPEND, "nestedkvm.ports=2", *TMPFS_MOUNTS, "nestedkvm.link=/bin:usr/bin"])]
+        " ".join([BASE_APPEND, "nestedkvm.ports=4", *TMPFS_MOUNTS, "nestedkvm.link=/bin:usr/bin"])]
 
 
 def test_append_without_extra_has_no_trailing_space() -> None:
     argv = build_argv(dataclasses.replace(FULL, append="", deepest=1, view=None), ENDS)
-    assert option_values(argv, "-append") == [" ".join([BASE_APPEND, "nestedkvm.ports=2", *TMPFS_MOUNTS])]
+    assert option_values(argv, "-append") == [" ".join([BASE_APPEND, "nestedkvm.ports=4", *TMPFS_MOUNTS])]
     argv = build_argv(dataclasses.replace(FULL, append="", deepest=1, view=VIEW), ENDS)
-    assert option_values(argv, "-append") == [BASE_APPEND + " nestedkvm.ports=2 " + " ".join(FULL.view_args())]
+    assert option_values(argv, "-append") == [BASE_APPEND + " nestedkvm.ports=4 " + " ".join(FULL.view_args())]
 
 
 def test_append_counts_every_port() -> None:
-    argv = build_argv(dataclasses.replace(FULL, deepest=4), ENDS)
+    argv = build_argv(dataclasses.replace(FULL, deepest=MAX_LEVELS), ENDS)
     ports = [d for d in option_values(argv, "-device") if d.startswith("virtserialport,")]
-    assert len(ports) == 2 + 3 * 4
+    assert len(ports) == 4 + 3 * 6  # L1's two shells (in and out each), and six streams per deeper level
+    # A controller per level, so that QEMU's three control messages per port fit the guest's 32 buffers.
+    buses = collections.Counter(port.split(",")[1] for port in ports)
+    assert len(buses) == MAX_LEVELS and max(buses.values()) * 3 <= 32
     assert f"nestedkvm.ports={len(ports)}" in option_values(argv, "-append")[0].split()
 
 
@@ -449,5 +468,6 @@ def test_a_disk_image_carries_the_streams_of_the_guests_inside_it_without_agent_
                      disks=(Disk(Path("/img/disk.qcow2"), "qcow2"),), channel="ssh", deepest=2)
     argv = build_argv(spec, HostEnds(Path("/run/nk")))
     names = [arg.rsplit("name=", 1)[1] for arg in argv if arg.startswith("virtserialport")]
-    assert names == ["nestedkvm.l2.cmd", "nestedkvm.l2.ctl", "nestedkvm.l2.console", "nestedkvm.l2.qmp"]
-    assert "virtio-serial-pci,id=vser" in argv and "-kernel" not in argv
+    assert names == ["nestedkvm.l2.cmd", "nestedkvm.l2.cmd-reply", "nestedkvm.l2.ctl", "nestedkvm.l2.ctl-reply",
+                     "nestedkvm.l2.console", "nestedkvm.l2.qmp"]
+    assert "virtio-serial-pci,id=vser2" in argv and "-kernel" not in argv
