@@ -21,6 +21,7 @@ from .base.errors import CommandTimeout
 from .base.host import Accel
 from .config.plan import scaled_timeout, timeout_note
 from .config.settings import Settings
+from .machine.channel import CommandResult
 from .machine.guest import Guest
 from .session import SESSION_KEY, NestedSession, reported
 from .suites import kselftests, kut, xtf
@@ -64,6 +65,18 @@ class SuiteItem(pytest.Item):
     def keep_output(self, stdout: str, stderr: str) -> None:
         """The runner's output as the log, its stderr (when any) after a separator line."""
         self.keep_log(stdout + (f"\n--- stderr ---\n{stderr}" if stderr.strip() else ""))
+
+    def run_runner(self, guest: Guest, command: str, limit: float, base: float) -> CommandResult:
+        """The suite's runner `command` in `guest`, its output kept as the log; a failure that says so
+        where it outlived `limit` (the channel killed it; `base` is the suite's own timeout)."""
+        try:
+            result = guest.run(command, timeout=limit)
+        except CommandTimeout as exc:
+            self.keep_log(_text(exc.stdout) + _text(exc.stderr))
+            raise SuiteFailure(f"FAIL {self.name} (did not end within {limit:g} s and was killed; "
+                               f"timeout {self.scaling_note(base)})") from None
+        self.keep_output(result.stdout, result.stderr)
+        return result
 
     def timeout_for(self, seconds: float) -> float:
         """The suite's own timeout scaled to this host's pace and the level, kept as a JUnit property."""
@@ -118,13 +131,7 @@ class KutItem(SuiteItem):
         # x86/run's timeout(1) ends QEMU at `timeout`; the channel's own limit is the backstop for a
         # runner that hangs around it (QEMU probes, a stuck kill), and kills everything left.
         backstop = timeout + scaled_timeout(SUITE_BACKSTOP, self.pace, self.level)
-        try:
-            result = guest.run(command, timeout=backstop)
-        except CommandTimeout as exc:
-            self.keep_log(_text(exc.stdout) + _text(exc.stderr))
-            raise SuiteFailure(f"FAIL {test.name} (did not end within {backstop:g} s and was killed; "
-                               f"timeout {self.scaling_note(base)})") from None
-        self.keep_output(result.stdout, result.stderr)
+        result = self.run_runner(guest, command, backstop, base)
         verdict = kut.outcome(test, result.exit_status, result.stdout, result.stderr, timeout)
         self.conclude(verdict.verdict, verdict.message,
                       f"; timeout {self.scaling_note(base)}" if result.exit_status == 124 else "")
@@ -164,13 +171,7 @@ class XtfItem(SuiteItem):
 
     def run_in(self, guest: Guest) -> None:
         timeout = self.timeout_for(xtf.TIMEOUT)
-        try:
-            result = guest.run(xtf.guest_command(self.tree, self.name), timeout=timeout)
-        except CommandTimeout as exc:
-            self.keep_log(_text(exc.stdout) + _text(exc.stderr))
-            raise SuiteFailure(f"FAIL {self.name} (did not end within {timeout:g} s and was killed; timeout "
-                               f"{self.scaling_note(xtf.TIMEOUT)})") from None
-        self.keep_output(result.stdout, result.stderr)
+        result = self.run_runner(guest, xtf.guest_command(self.tree, self.name), timeout, xtf.TIMEOUT)
         verdict = xtf.outcome(self.name, result.exit_status, result.stdout + result.stderr)
         self.conclude(verdict.verdict, verdict.message)
 

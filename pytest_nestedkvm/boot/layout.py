@@ -14,20 +14,22 @@ EXPORT_TAG = "nk"
 # every role travels through each parent as a virtio port of its own (qemu.passthrough_port):
 # the console is logged as it comes, the others are sockets the link hands to the channel
 # and to QMP (SOCKET_ROLES). "serial": a disk image's console to log in on (--nested-login).
-Role = Literal["cmd", "cmd-reply", "ctl", "ctl-reply", "console", "qmp", "serial"]
+Role = Literal["cmd", "cmd-out", "ctl", "ctl-out", "console", "qmp", "serial"]
 CMD: Role = "cmd"
-CMD_REPLY: Role = "cmd-reply"
+CMD_OUT: Role = "cmd-out"
 CTL: Role = "ctl"
-CTL_REPLY: Role = "ctl-reply"
+CTL_OUT: Role = "ctl-out"
 CONSOLE: Role = "console"
 QMP: Role = "qmp"
 SERIAL: Role = "serial"
-ROLES: tuple[Role, ...] = (CMD, CMD_REPLY, CTL, CTL_REPLY, CONSOLE, QMP)
-SOCKET_ROLES: tuple[Role, ...] = (CMD, CMD_REPLY, CTL, CTL_REPLY, QMP)
+ROLES: tuple[Role, ...] = (CMD, CMD_OUT, CTL, CTL_OUT, CONSOLE, QMP)
+SOCKET_ROLES: tuple[Role, ...] = (CMD, CMD_OUT, CTL, CTL_OUT, QMP)
 # Replies leave on a port of their own, which the shell opens write-only: a virtio port has
 # one opener at a time, so nothing a command starts can read the next command off its stdout.
-REPLY_ROLE: dict[Role, Role] = {CMD: CMD_REPLY, CTL: CTL_REPLY}
-SHELL_PORTS: dict[Role, str] = {role: f"nestedkvm.{role}" for role in (CMD, CMD_REPLY, CTL, CTL_REPLY)}
+# Role names stay within "console"'s length: each is a socket's file name under the run
+# directory, and a UNIX socket's path has at most 107 bytes.
+REPLY_ROLE: dict[Role, Role] = {CMD: CMD_OUT, CTL: CTL_OUT}
+SHELL_PORTS: dict[Role, str] = {role: f"nestedkvm.{role}" for role in (CMD, CMD_OUT, CTL, CTL_OUT)}
 # Where the guest links each named virtio port as port.<name> (udev would use /dev/virtio-ports).
 PORT_DIR = "/run/nestedkvm"
 # In a parent that is a user's disk image (no built-in init): what the plugin brings for the built-in

@@ -119,7 +119,7 @@ def test_broken_is_not_open_before_open_and_run_refuses(link: ShellLink) -> None
 
 
 def test_agent_open_connects_cmd_then_ctl_with_the_guests_check(agent: AgentChannel, link: ShellLink) -> None:
-    assert link.asked == [("cmd", fine), ("cmd-reply", fine), ("ctl", fine), ("ctl-reply", fine)]
+    assert link.asked == [("cmd", fine), ("cmd-out", fine), ("ctl", fine), ("ctl-out", fine)]
     assert agent.shell is not None and agent.control is not None
     assert agent.shell.shell_pid == link.shells[0][0].pid
     assert agent.control.shell_pid == link.shells[1][0].pid

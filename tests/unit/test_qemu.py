@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pytest_nestedkvm.base.host import QEMU_SANDBOX
-from pytest_nestedkvm.boot.layout import EXPORT_TAG, TMPFS_DIRS
+from pytest_nestedkvm.boot.layout import EXPORT_TAG, ROLES, TMPFS_DIRS
 from pytest_nestedkvm.boot.qemu import (
     BASE_APPEND,
     Disk,
@@ -58,12 +58,12 @@ MINIMAL = GuestSpec(level=1, qemu="qemu-system-x86_64", accel="tcg", cpu="max", 
 L1_SHELL_PORTS = [
     "-chardev", "socket,path=/var/lib/nk/run/l1/cmd.sock,server=on,wait=off,id=port0",
     "-device", "virtserialport,bus=vser1.0,chardev=port0,name=nestedkvm.cmd",
-    "-chardev", "socket,path=/var/lib/nk/run/l1/cmd-reply.sock,server=on,wait=off,id=port1",
-    "-device", "virtserialport,bus=vser1.0,chardev=port1,name=nestedkvm.cmd-reply",
+    "-chardev", "socket,path=/var/lib/nk/run/l1/cmd-out.sock,server=on,wait=off,id=port1",
+    "-device", "virtserialport,bus=vser1.0,chardev=port1,name=nestedkvm.cmd-out",
     "-chardev", "socket,path=/var/lib/nk/run/l1/ctl.sock,server=on,wait=off,id=port2",
     "-device", "virtserialport,bus=vser1.0,chardev=port2,name=nestedkvm.ctl",
-    "-chardev", "socket,path=/var/lib/nk/run/l1/ctl-reply.sock,server=on,wait=off,id=port3",
-    "-device", "virtserialport,bus=vser1.0,chardev=port3,name=nestedkvm.ctl-reply",
+    "-chardev", "socket,path=/var/lib/nk/run/l1/ctl-out.sock,server=on,wait=off,id=port3",
+    "-device", "virtserialport,bus=vser1.0,chardev=port3,name=nestedkvm.ctl-out",
 ]
 
 
@@ -100,12 +100,12 @@ def test_golden_argv() -> None:
         "-device", "virtio-serial-pci,id=vser2",
         "-chardev", "socket,path=/var/lib/nk/run/l2/cmd.sock,server=on,wait=off,id=port4",
         "-device", "virtserialport,bus=vser2.0,chardev=port4,name=nestedkvm.l2.cmd",
-        "-chardev", "socket,path=/var/lib/nk/run/l2/cmd-reply.sock,server=on,wait=off,id=port5",
-        "-device", "virtserialport,bus=vser2.0,chardev=port5,name=nestedkvm.l2.cmd-reply",
+        "-chardev", "socket,path=/var/lib/nk/run/l2/cmd-out.sock,server=on,wait=off,id=port5",
+        "-device", "virtserialport,bus=vser2.0,chardev=port5,name=nestedkvm.l2.cmd-out",
         "-chardev", "socket,path=/var/lib/nk/run/l2/ctl.sock,server=on,wait=off,id=port6",
         "-device", "virtserialport,bus=vser2.0,chardev=port6,name=nestedkvm.l2.ctl",
-        "-chardev", "socket,path=/var/lib/nk/run/l2/ctl-reply.sock,server=on,wait=off,id=port7",
-        "-device", "virtserialport,bus=vser2.0,chardev=port7,name=nestedkvm.l2.ctl-reply",
+        "-chardev", "socket,path=/var/lib/nk/run/l2/ctl-out.sock,server=on,wait=off,id=port7",
+        "-device", "virtserialport,bus=vser2.0,chardev=port7,name=nestedkvm.l2.ctl-out",
         "-chardev", "socket,path=/var/lib/nk/run/l2/console.sock,server=on,wait=off,id=port8",
         "-device", "virtserialport,bus=vser2.0,chardev=port8,name=nestedkvm.l2.console",
         "-chardev", "socket,path=/var/lib/nk/run/l2/qmp.sock,server=on,wait=off,id=port9",
@@ -147,9 +147,9 @@ def test_golden_inner_guest_uses_parent_ports() -> None:
         "pipe,path=/run/nestedkvm/port.nestedkvm.l2.console,id=console",
         "pipe,path=/run/nestedkvm/port.nestedkvm.l2.qmp,id=qmp",
         "pipe,path=/run/nestedkvm/port.nestedkvm.l2.cmd,id=port0",
-        "pipe,path=/run/nestedkvm/port.nestedkvm.l2.cmd-reply,id=port1",
+        "pipe,path=/run/nestedkvm/port.nestedkvm.l2.cmd-out,id=port1",
         "pipe,path=/run/nestedkvm/port.nestedkvm.l2.ctl,id=port2",
-        "pipe,path=/run/nestedkvm/port.nestedkvm.l2.ctl-reply,id=port3",
+        "pipe,path=/run/nestedkvm/port.nestedkvm.l2.ctl-out,id=port3",
     ]
     assert option_values(argv, "-name") == ["nestedkvm-l2"]
     assert option_values(argv, "-serial") == ["chardev:console"]
@@ -227,6 +227,12 @@ def test_run_paths_layout(tmp_path: Path) -> None:
     assert paths.console == tmp_path / "run" / "console.log"  # written by the plugin, not by QEMU
 
 
+def test_no_socket_name_is_longer_than_the_consoles() -> None:
+    # A UNIX socket's path has at most 107 bytes, and the run directory lies under TMPDIR: a role
+    # name longer than "console" made the sessions of test_stopping.py (TMPDIR in pytest's tmp_path) fail.
+    assert max(len(RunPaths(Path("/r")).end(role).name) for role in ROLES) == len("console.sock")
+
+
 def test_host_ends_console_chardevs() -> None:
     # L1's QEMU waits for the plugin's console reader, so no boot line is lost; deeper levels'
     # consoles are connected while L1 starts, long before their QEMU prints anything.
@@ -248,8 +254,8 @@ def test_sockets_and_console_live_in_the_run_dir(tmp_path: Path) -> None:
     paths = ends.paths(1)
     assert paths.run_dir == tmp_path / "run" / "l1"
     assert all(c.startswith("socket,") and "server=on" in c.split(",") for c in chardevs)
-    assert {chardev_path(c) for c in chardevs} == {paths.qmp, paths.end("cmd"), paths.end("cmd-reply"),
-                                                   paths.end("ctl"), paths.end("ctl-reply"), paths.end("console")}
+    assert {chardev_path(c) for c in chardevs} == {paths.qmp, paths.end("cmd"), paths.end("cmd-out"),
+                                                   paths.end("ctl"), paths.end("ctl-out"), paths.end("console")}
     # Only the console makes QEMU wait for a client; the console log itself is the plugin's.
     waiting = [chardev_path(c) for c in chardevs if "wait=on" in c.split(",")]
     assert waiting == [paths.end("console")]
@@ -266,7 +272,7 @@ def test_deeper_levels_sockets_live_in_their_own_run_dirs(tmp_path: Path) -> Non
     for chardev in chardevs:
         path = chardev_path(chardev)
         by_dir.setdefault(path.parent, set()).add(path.name)
-    everything = {"console.sock", "qmp.sock", "cmd.sock", "cmd-reply.sock", "ctl.sock", "ctl-reply.sock"}
+    everything = {"console.sock", "qmp.sock", "cmd.sock", "cmd-out.sock", "ctl.sock", "ctl-out.sock"}
     assert by_dir == {ends.paths(1).run_dir: everything, ends.paths(2).run_dir: everything,
                       ends.paths(3).run_dir: everything}
     names = [d.split("name=")[1] for d in option_values(argv, "-device") if d.startswith("virtserialport,")]
@@ -468,6 +474,6 @@ def test_a_disk_image_carries_the_streams_of_the_guests_inside_it_without_agent_
                      disks=(Disk(Path("/img/disk.qcow2"), "qcow2"),), channel="ssh", deepest=2)
     argv = build_argv(spec, HostEnds(Path("/run/nk")))
     names = [arg.rsplit("name=", 1)[1] for arg in argv if arg.startswith("virtserialport")]
-    assert names == ["nestedkvm.l2.cmd", "nestedkvm.l2.cmd-reply", "nestedkvm.l2.ctl", "nestedkvm.l2.ctl-reply",
+    assert names == ["nestedkvm.l2.cmd", "nestedkvm.l2.cmd-out", "nestedkvm.l2.ctl", "nestedkvm.l2.ctl-out",
                      "nestedkvm.l2.console", "nestedkvm.l2.qmp"]
     assert "virtio-serial-pci,id=vser2" in argv and "-kernel" not in argv
