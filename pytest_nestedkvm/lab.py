@@ -133,8 +133,10 @@ class Lab:
         view = build_view(filtered_etc(cache_dir()), shared, project=self.rootdir)
         view = with_modules(view, kernel)  # for modprobe in guests
         # /boot: the kernel the guests run, for a hypervisor (or this plugin) inside them to boot
-        view = dataclasses.replace(view, links=(*view.links, ("/boot", str(guest_boot_dir(kernel)))))
-        return dataclasses.replace(files, view=view, image_formats=formats, xen=self._xen_boot())
+        boot_dir = guest_boot_dir(kernel)
+        view = dataclasses.replace(view, links=(*view.links, ("/boot", str(boot_dir))))
+        bzimage = boot_dir / f"vmlinuz-{kernel.release}" if self.settings.hypervisor == "xen" else None
+        return dataclasses.replace(files, view=view, image_formats=formats, xen=self._xen_boot(), bzimage=bzimage)
 
     def _xen_boot(self) -> XenBoot | None:
         """With --nested-hypervisor=xen: Debian's Xen packages unpacked in the cache (fetched on first

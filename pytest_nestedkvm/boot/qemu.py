@@ -26,7 +26,7 @@ from .layout import (
     Role,
 )
 from .view import Export, View
-from .xen import Hypervisor, XenBoot, check_dom0_cmdline
+from .xen import Hypervisor, XenBoot, check_dom0_cmdline, domu_argv
 
 # Kernel arguments of the built-in guest. panic=-1 + -no-reboot: a panic ends QEMU.
 # The i8042 ones skip probing a keyboard controller nobody uses; pci=noearly skips the
@@ -89,10 +89,18 @@ class GuestSpec:
     uploads: tuple[tuple[Path, str], ...] = ()
     # L1 only: boot Xen, with this guest's kernel and initramfs as dom0 (multiboot modules).
     xen: XenBoot | None = None
+    # L2 in a Xen L1: an HVM domU that `xl create` starts in dom0 (xen.domu_argv); its device model,
+    # a QEMU too, carries the same ports and exports. `kernel` is then a bzImage, `cpu` xl's cpuid=.
+    domu: bool = False
 
     @property
     def name(self) -> str:
         return f"l{self.level}"
+
+    @property
+    def runs_as(self) -> str:
+        """How this guest is virtualized, for progress lines: `tcg, -cpu max`."""
+        return f"a Xen HVM domU, cpuid {self.cpu}" if self.domu else f"{self.accel}, -cpu {self.cpu}"
 
     @property
     def hypervisor(self) -> Hypervisor:
@@ -204,6 +212,13 @@ def accel_args(accel: str, smp: int) -> list[str]:
 
 
 def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
+    """The command that runs `spec`'s guest: its QEMU, or for a domU the `xl create` of it."""
+    ports = _ports(spec)
+    append = _append(spec, len(ports))
+    if spec.domu:
+        assert spec.kernel is not None
+        return domu_argv(spec.name, spec.memory_mib, spec.smp, spec.cpu, (spec.kernel, spec.initrd, append),
+                         [*device_args(spec, ends, ports), *spec.extra_args])
     argv = [spec.qemu, "-name", f"nestedkvm-{spec.name}", "-nodefaults", "-no-user-config",
             "-display", "none", "-no-reboot", "-action", "panic=exit-failure",
             "-machine", "q35", *accel_args(spec.accel, spec.smp), "-cpu", spec.cpu,
@@ -212,18 +227,40 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
         argv += ["-sandbox", QEMU_SANDBOX]
     if spec.firmware is not None:
         argv += ["-bios", str(spec.firmware)]
-    kind = CHANNEL_NEEDS[spec.channel]
-    # The built-in init's shells, and the streams of every deeper level (a disk image carries them too).
-    ports = [(spec.level, role, name) for role, name in SHELL_PORTS.items()] if kind.agent_ports else []
-    ports += [(level, role, passthrough_port(level, role))
-              for level in range(spec.level + 1, spec.deepest + 1) for role in ROLES]
     if spec.kernel is not None:
-        base = BASE_APPEND if spec.xen is None else DOM0_APPEND
-        append = " ".join(filter(None, (base, boot_loglevel(spec.level), f"nestedkvm.ports={len(ports)}",
-                                        *spec.view_args(), spec.append)))
         argv += kernel_args(spec, append)
-    argv += ["-chardev", f"{ends.chardev(spec.level, kind.console_role)},id=console", "-serial", "chardev:console",
-             "-chardev", f"{ends.chardev(spec.level, 'qmp')},id=qmp", "-mon", "chardev=qmp,mode=control"]
+    argv += device_args(spec, ends, ports)
+    for index, disk in enumerate(spec.disks):
+        argv += ["-drive", f"file={disk.path},format={disk.format},if=virtio,index={index},media=disk"]
+    argv += ["-device", "pvpanic-pci", "-nic", USER_NIC, "-snapshot", *spec.extra_args]
+    return argv
+
+
+Port = tuple[int, Role, str]  # the level whose stream it carries, the role, the port's name
+
+
+def _ports(spec: GuestSpec) -> list[Port]:
+    """The virtio ports of `spec`'s guest: the built-in init's shells, and the streams of every
+    deeper level (a disk image carries them too)."""
+    ports = ([(spec.level, role, name) for role, name in SHELL_PORTS.items()]
+             if CHANNEL_NEEDS[spec.channel].agent_ports else [])
+    return ports + [(level, role, passthrough_port(level, role))
+                    for level in range(spec.level + 1, spec.deepest + 1) for role in ROLES]
+
+
+def _append(spec: GuestSpec, ports: int) -> str:
+    """The built-in guest's kernel command line."""
+    base = BASE_APPEND if spec.xen is None else DOM0_APPEND
+    return " ".join(filter(None, (base, boot_loglevel(spec.level), f"nestedkvm.ports={ports}",
+                                  *spec.view_args(), spec.append)))
+
+
+def device_args(spec: GuestSpec, ends: Ends, ports: list[Port]) -> list[str]:
+    """The guest's devices that a KVM guest's QEMU and a domU's device model share: console, QMP,
+    virtio ports and 9p exports (not the network: Debian's qemu-system-xen has no user networking)."""
+    kind = CHANNEL_NEEDS[spec.channel]
+    argv = ["-chardev", f"{ends.chardev(spec.level, kind.console_role)},id=console", "-serial", "chardev:console",
+            "-chardev", f"{ends.chardev(spec.level, 'qmp')},id=qmp", "-mon", "chardev=qmp,mode=control"]
     # A virtio-serial controller per level: QEMU announces each port with three control messages
     # (add, name, open) and drops any that finds none of the guest's 32 buffers free; with 16
     # ports on one controller, the last port never opened on the host side.
@@ -241,9 +278,6 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
         argv += ["-fsdev", f"local,id=fs{index},path={export.source},security_model=none,readonly=on,"
                  f"multidevs={multidevs}",
                  "-device", f"virtio-9p-pci,fsdev=fs{index},mount_tag={EXPORT_TAG}{index}"]
-    for index, disk in enumerate(spec.disks):
-        argv += ["-drive", f"file={disk.path},format={disk.format},if=virtio,index={index},media=disk"]
-    argv += ["-device", "pvpanic-pci", "-nic", USER_NIC, "-snapshot", *spec.extra_args]
     return argv
 
 

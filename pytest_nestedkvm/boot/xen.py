@@ -252,3 +252,38 @@ for arg in $cmdline; do
   esac
 done
 """
+
+
+# No serial= (xl would add a -serial of its own before the device model's arguments, and the
+# console's would become ttyS1): the domU's ttyS0 is the console that device_args ends on dom0's port.
+DOMU_SETTINGS = ('type="hvm"', 'vga="none"', "vnc=0",
+                 # A reboot (a panic with panic=-1 too) ends the domain, as -no-reboot ends a QEMU:
+                 # `xl create -F` returns, and the next test gets a fresh L2.
+                 'on_poweroff="destroy"', 'on_reboot="destroy"', 'on_crash="destroy"')
+XL_EMPTY_CONFIG = "/dev/null"  # every setting is an argument of xl create
+
+
+def xl_string(value: str) -> str:
+    """`value` as an xl.cfg string; ValueError where xl could not read it back."""
+    if any(c in value for c in '"\\\n'):
+        raise ValueError(f"{value!r} cannot be an xl.cfg string (it holds a quote, a backslash or a newline)")
+    return f'"{value}"'
+
+
+def domain_name(guest: str) -> str:
+    """The domU's name in dom0's `xl list` (a KVM guest's QEMU has the same -name)."""
+    return f"nestedkvm-{guest}"
+
+
+def domu_argv(name: str, memory_mib: int, vcpus: int, cpuid: str, boot: tuple[Path, Path | None, str],
+              device_model_args: list[str]) -> list[str]:
+    """`xl create -F` of an HVM domU, its whole config on the command line (one KEY=VALUE each; a
+    later one wins): xl returns when the domain is gone. `boot`: the bzImage (QEMU's loader for
+    a Xen HVM guest takes no PVH vmlinux), the initramfs and the kernel command line."""
+    kernel, initrd, cmdline = boot
+    settings = [f"name={xl_string(domain_name(name))}", *DOMU_SETTINGS, f"memory={memory_mib}",
+                f"vcpus={vcpus}", f"cpuid={xl_string(cpuid)}", f"kernel={xl_string(str(kernel))}",
+                *([f"ramdisk={xl_string(str(initrd))}"] if initrd is not None else []),
+                f"cmdline={xl_string(cmdline)}",
+                f"device_model_args=[{', '.join(xl_string(arg) for arg in device_model_args)}]"]
+    return ["xl", "create", "-F", XL_EMPTY_CONFIG, *settings]

@@ -62,6 +62,7 @@ class BootFiles:
     image_formats: Mapping[Path, DiskFormat] = field(default_factory=dict)  # of the user's disk images
     uploads: tuple[tuple[Path, str], ...] = ()  # copied into a --nested-l1-image for L2 (GuestSpec.uploads)
     xen: XenBoot | None = None  # --nested-hypervisor=xen: what L1 boots (its args are the plan's, xen_args)
+    bzimage: Path | None = None  # the kernel as a bzImage, for a Xen domU (its QEMU boots no PVH vmlinux)
 
 
 def in_image(kernel: Path, initrd: Path, firmware: Path | None, seeds: Mapping[int, Path],
@@ -82,9 +83,9 @@ def skip_reason(level: int, settings: Settings, report: HostReport) -> str | Non
         return "QEMU not found: apt-get install qemu-system-x86"
     if level >= 2 and not report.nesting_possible:
         return f"L{level} needs nested virtualization, which this host cannot provide: {report.nesting_fix}"
-    if level >= 2 and settings.hypervisor == "xen":
-        return (f"L{level} inside a Xen L1 (a domU started with xl) is not supported yet: with "
-                "--nested-hypervisor=xen the session provides L1 (dom0) only")
+    if level >= 3 and settings.hypervisor == "xen":
+        return (f"L{level} inside a Xen domU is not supported yet: with --nested-hypervisor=xen the session "
+                "provides L1 (dom0) and L2 (an HVM domU)")
     if settings.l2_image is not None and level > 2:
         return (f"L{level} inside a --nested-l2-image is not supported yet: the plugin starts deeper levels "
                 "inside its built-in guests and inside a --nested-l1-image only")
@@ -129,12 +130,24 @@ def builtin_spec(level: int, settings: Settings, report: HostReport, files: Boot
     first = 2 if settings.l1_image is not None else 1  # the first level that boots the built-in guest
     xen = (dataclasses.replace(files.xen, args=xen_args(common, report))
            if level == 1 and settings.hypervisor == "xen" and files.xen is not None else None)
+    if level == 2 and settings.hypervisor == "xen":
+        return _domu(common, settings, report, files)
     return dataclasses.replace(
         common, kernel=files.kernel, initrd=files.initrd, append=settings.append,
         view=files.view if level == first or files.view is None else files.view.one_level_down(),
         firmware=files.firmware if xen is None else None, deepest=settings.levels, disks=l2_image_disks, xen=xen,
         uploads=files.uploads if level == first else (),
     )
+
+
+def _domu(common: GuestSpec, settings: Settings, report: HostReport, files: BootFiles) -> GuestSpec:
+    """L2 in a Xen L1: an HVM domU of the built-in guest. Its cpuid= is xl's: under TCG without
+    RDTSCP, whose length Xen cannot tell without SVM's next-RIP (QEMU's SVM lacks it), and Xen
+    crashed the domU on its first RDTSCP."""
+    cpuid = common.cpu + (",rdtscp=0" if report.pace == "tcg" and settings.l2_cpu is None else "")
+    return dataclasses.replace(
+        common, domu=True, qemu="xl", cpu=cpuid, kernel=files.bzimage, initrd=files.initrd, append=settings.append,
+        view=None if files.view is None else files.view.one_level_down(), deepest=2)
 
 
 # The oldest QEMU measured to run Xen's PV dom0 under TCG with Xen's SMAP on (see xen_args).

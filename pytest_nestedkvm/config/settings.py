@@ -39,6 +39,7 @@ MAX_SHARDS = 1000  # more CI jobs than that, each booting its own guests, is a t
 # Debian 6.1 kernel (7.9 MiB), 80 MiB panics "System is deadlocked on memory", 96 MiB boots.
 KERNEL_UNPACK_FACTOR = 4
 KERNEL_BASE_MIB = 64
+XEN_MIB = 64  # what a Xen L1 keeps for itself beside dom0 and the domUs (its heap, the domUs' page tables)
 
 
 @dataclass(frozen=True)
@@ -184,11 +185,16 @@ class Settings:
 
     def memory_for(self, level: int) -> int:
         """MiB for a guest at `level`: explicit value, else a default that halves with depth and is
-        never more than half of what its parent has."""
+        never more than half of what its parent has (a Xen domU's parent: L1's memory beside dom0's)."""
         if level <= len(self.memory):
             return self.memory[level - 1]
         default = max(2048 >> (level - 1), 256)
-        return default if level == 1 else min(default, self.memory_for(level - 1) // 2)
+        return default if level == 1 else min(default, self.parent_mib(level) // 2)
+
+    def parent_mib(self, level: int) -> int:
+        """MiB the parent of `level` has to give its guests."""
+        parent = self.memory_for(level - 1)
+        return parent - dom0_mib(parent) - XEN_MIB if level == 2 and self.hypervisor == "xen" else parent
 
     def cpu_for(self, level: int, host_plan: str) -> str:
         """-cpu for `level`: L1 follows the host plan, deeper levels take all their parent has."""
@@ -278,6 +284,14 @@ def _check_xen(settings: Settings) -> None:
         raise ConfigError(f"{settings._given('hypervisor')}: L1 boots Xen with the built-in guest as dom0, and a "
                           f"--nested-l1-image boots its own system: drop --nested-l1-image or use "
                           "--nested-hypervisor=kvm", option="hypervisor")
+    if settings.hypervisor == "xen" and settings.l2_image is not None:
+        raise ConfigError(f"{settings._given('l2_image')}: L2 in a Xen L1 is the built-in guest as an HVM domU; "
+                          "a --nested-l2-image there is not supported yet: drop it or use --nested-hypervisor=kvm",
+                          option="l2_image")
+    if settings.hypervisor == "xen" and settings.levels >= 2 and settings.memory_for(2) > settings.parent_mib(2):
+        raise ConfigError(f"{settings._given('memory')}: L2 (a Xen domU) gets {settings.memory_for(2)} MiB, and "
+                          f"L1's Xen has {settings.parent_mib(2)} MiB beside dom0's {dom0_mib(settings.memory_for(1))} "
+                          f"(half of L1's) and its own {XEN_MIB}: give L1 more memory or L2 less", option="memory")
 
 
 def _check_idle_options(settings: Settings) -> None:

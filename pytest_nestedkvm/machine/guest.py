@@ -34,13 +34,14 @@ from ..base.errors import (
 )
 from ..boot.layout import CHANNEL_NEEDS, CONSOLE, PORT_DIR
 from ..boot.qemu import SSH_GUEST_PORT, GuestSpec, build_argv, shell_line
+from ..boot.xen import domain_name
 from . import forensics, hosting, ssh
 from .channel import DEFAULT_OUTPUT_LIMIT, ChannelSetup, CommandResult, channel_class
 from .commands import GuestApi
 from .console import Console
 from .forensics import ConsoleMark, Evidence, Trouble
 from .link import DEFAULT_CONSOLE_LIMIT, HostLink, Link, ParentLink
-from .process import QEMU_ENV, HostProcess, Process, ProcessInGuest
+from .process import QEMU_ENV, DomuProcess, HostProcess, Process, ProcessInGuest
 from .qmp import Qmp
 from .ssh import SessionKey
 
@@ -268,7 +269,9 @@ def new_guest(
         link = ParentLink(parent.link, spec.level)
         # A parent without the built-in init (a user's disk image) is made ready for this QEMU first.
         hosted = None if CHANNEL_NEEDS[parent.spec.channel].agent_ports else partial(hosting.prepare, parent, spec)
-        process = ProcessInGuest(parent, f"{PORT_DIR}/{spec.name}", prepare=hosted)
+        workdir = f"{PORT_DIR}/{spec.name}"
+        process = (DomuProcess(parent, workdir, domain_name(spec.name)) if spec.domu
+                   else ProcessInGuest(parent, workdir, prepare=hosted))
     argv = build_argv(spec, link.ends)
     if edit_argv is not None:
         edit_argv(argv)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..base.errors import BootError, HostError, LevelUnavailable
 from ..base.host import KVM_MODULE_BY_FLAG, parse_nested
+from ..boot.xen import domain_name
 from .guest import Guest
 
 log = logging.getLogger("pytest_nestedkvm.pool")
@@ -57,8 +58,8 @@ class GuestPool:
             guest.close()
         self._boot(guest)
         if parent is not None:
-            verify_kvm(parent, guest)
-        self.progress(f"L{level} ready in {guest.boot_seconds:.1f} s ({guest.spec.accel}, -cpu {guest.spec.cpu})")
+            (verify_domu if guest.spec.domu else verify_kvm)(parent, guest)
+        self.progress(f"L{level} ready in {guest.boot_seconds:.1f} s ({guest.spec.runs_as})")
         try:
             self.hooks.guest_ready(guest)
         except BaseException:
@@ -128,3 +129,18 @@ def verify_kvm(parent: Guest, guest: Guest) -> None:
     if not (kvm["present"] and kvm["enabled"]):
         raise HostError(f"L{guest.level}'s QEMU is not using KVM (query-kvm: {kvm}): it fell back to emulation "
                         f"inside {where}")
+
+
+def verify_domu(parent: Guest, guest: Guest) -> None:
+    """Prove, before a test sees the domU `guest`, that Xen runs it hardware-virtualized: its
+    domain is HVM (`xl list -l` in dom0) and its kernel found itself on Xen HVM."""
+    domain = domain_name(guest.name)
+    config = parent.succeed(f"xl list -l {domain}")
+    if '"type": "hvm"' not in config:
+        kind = next((line.strip() for line in config.splitlines() if '"type":' in line), "no type")
+        raise HostError(f"L{guest.level} ({domain}) is not an HVM domU of L{parent.level}'s Xen: "
+                        f"`xl list -l` says {kind}")
+    detected = guest.run("dmesg | grep -m1 'Hypervisor detected'").stdout.strip()
+    if not detected.endswith("Hypervisor detected: Xen HVM"):
+        raise HostError(f"L{guest.level}'s kernel does not see Xen HVM under it ({detected or 'no hypervisor line'}): "
+                        "it needs CONFIG_XEN_PVHVM to tell")

@@ -312,3 +312,33 @@ class ProcessInGuest:
         if self.started_in is None or self.parent_lost:
             return ""
         return self.parent.run(f"tail -n {lines} {self.workdir}/qemu.log 2>/dev/null").stdout.rstrip()
+
+
+class DomuProcess(ProcessInGuest):
+    """A Xen domU: `xl create -F` in dom0 (its argv, see xen.domu_argv), which returns once the
+    domain is gone. Killing xl would leave the domain running, holding dom0's ports through its
+    device model: stopping destroys the domain, and a start destroys one an earlier stop missed."""
+
+    def __init__(self, parent: ParentGuest, workdir: str, domain: str) -> None:
+        super().__init__(parent, workdir)
+        self.domain = domain
+
+    def _destroy(self, timeout: float) -> None:
+        self.parent.run(f"xl destroy {shlex.quote(self.domain)} 2>/dev/null", timeout=timeout)
+
+    def start(self, argv: list[str], env: Mapping[str, str] | None, deadline: Deadline) -> None:
+        self._destroy(deadline.remaining())
+        super().start(argv, None, deadline)  # dom0's environment: xl and its helpers are on the init's PATH
+
+    def stop(self) -> None:
+        if self.started_in is not None and not self.parent_lost and self.exit_status() is None:
+            self._destroy(self.parent_grace * 3)  # xl create -F returns, its exit is recorded
+        super().stop()
+
+    def output(self, lines: int) -> str:
+        """xl's last lines, then its device model's (QEMU's own complaints)."""
+        xl = super().output(lines)
+        if self.started_in is None or self.parent_lost:
+            return xl
+        model = self.parent.run(f"tail -n {lines} /var/log/xen/qemu-dm-{shlex.quote(self.domain)}.log 2>/dev/null")
+        return "\n".join(filter(None, (xl, model.stdout.rstrip())))

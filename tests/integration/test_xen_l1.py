@@ -1,6 +1,7 @@
 """Xen as L1 against real QEMU: Xen boots with the built-in guest as its PV dom0, which answers
 commands on the usual channel, runs the toolstack from Debian's packages unpacked in the cache,
-and has HVM support to give domUs; nothing of Xen is installed on L0."""
+and has HVM support to give domUs; L2 is an HVM domU of the built-in guest with the same channel;
+a domU's panic costs L2 and a dom0's costs L1; nothing of Xen is installed on L0."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from pytest_nestedkvm.config.settings import Settings
 from pytest_nestedkvm.lab import Lab
-from pytest_nestedkvm.machine.guest import Guest
+from pytest_nestedkvm.machine.guest import Guest, exit_error
 
 pytestmark = [pytest.mark.nested(level=1)]
 DPKG_STATUS = Path("/var/lib/dpkg/status")
@@ -28,7 +29,7 @@ def host_state() -> tuple[str, list[str]]:
 @pytest.fixture(scope="module")
 def xen_lab() -> Iterator[Lab]:
     before = host_state()
-    with Lab(Settings.from_sources({"hypervisor": "xen"}, env={})) as lab:
+    with Lab(Settings.from_sources({"hypervisor": "xen", "levels": "2"}, env={})) as lab:
         yield lab
     assert host_state() == before
 
@@ -89,6 +90,34 @@ def test_a_pvh_domu_boots_the_built_in_kernel_to_user_space(xen_lab: Lab, dom0: 
         assert "Booting kernel on Xen PVH" in dom0.succeed(f"cat {log}")
     finally:
         dom0.run("xl destroy probe")
+
+
+@pytest.mark.nested(level=2)
+def test_l2_is_an_hvm_domu_on_the_usual_channel_and_sees_its_view(xen_lab: Lab, dom0: Guest) -> None:
+    l2 = xen_lab.guest(2)
+    assert l2.succeed("echo from the domU") == "from the domU\n"
+    assert l2.succeed("cat /sys/hypervisor/type") == "xen\n"
+    assert "Hypervisor detected: Xen HVM" in l2.succeed("dmesg | grep 'Hypervisor detected'")
+    assert '"type": "hvm"' in dom0.succeed("xl list -l nestedkvm-l2")
+    assert l2.qemu_argv[:4] == ["xl", "create", "-F", "/dev/null"] and 'type="hvm"' in l2.qemu_argv
+    project = Path(__file__).resolve()  # the project is exported to every level, read-only
+    assert l2.succeed(f"head -c 3 {project}") == project.read_text()[:3]
+    assert l2.run(f"touch {project.parent}/nestedkvm-probe").exit_status != 0
+    assert "nestedkvm: stage2 up" in l2.console_log.read_text(errors="replace")  # its serial port, logged on L0
+
+
+@pytest.mark.nested(level=2)
+def test_a_domu_panic_costs_l2_only_and_the_next_is_created_anew(xen_lab: Lab) -> None:
+    l2, dom0 = xen_lab.guest(2), xen_lab.guest(1)
+    dom0_boots = dom0.boots
+    l2.crash()
+    assert not l2.alive and dom0.alive and dom0.boots == dom0_boots
+    crashed = exit_error(l2)
+    assert crashed.panicked and "Kernel panic - not syncing: sysrq triggered crash)" in str(crashed)
+    assert "nestedkvm-l2" not in dom0.succeed("xl list")  # on_reboot=destroy: the domain is gone
+    fresh = xen_lab.guest(2)
+    assert fresh is l2 and fresh.boots == 2 and fresh.succeed("echo again") == "again\n"
+    assert xen_lab.guest(1) is dom0 and dom0.boots == dom0_boots
 
 
 def test_a_dom0_panic_is_a_crash_and_the_next_guest_is_a_fresh_xen(xen_lab: Lab) -> None:

@@ -17,7 +17,7 @@ class FakeGuest:
     """An L1 whose first `failures` starts end in a reset."""
 
     def __init__(self, failures: int) -> None:
-        self.spec = SimpleNamespace(accel="kvm", cpu="host")
+        self.spec = SimpleNamespace(accel="kvm", cpu="host", domu=False, runs_as="kvm, -cpu host")
         self.level, self.parent, self.boot_seconds, self.alive = 1, None, 1.0, False
         self.failures, self.starts, self.closes = failures, 0, 0
 

@@ -16,7 +16,8 @@ from test_plan import FILES, host, settings
 from pytest_nestedkvm.base.errors import ConfigError, HostError
 from pytest_nestedkvm.base.host import QemuInfo
 from pytest_nestedkvm.boot import xen
-from pytest_nestedkvm.boot.qemu import HostEnds, build_argv
+from pytest_nestedkvm.boot.layout import PORT_DIR
+from pytest_nestedkvm.boot.qemu import HostEnds, ParentEnds, build_argv
 from pytest_nestedkvm.boot.xen import XEN_PACKAGES, XenBoot, check_image, has_multiboot_header, hypervisor_image
 from pytest_nestedkvm.config.plan import builtin_spec, skip_reason
 
@@ -192,12 +193,62 @@ def test_smap_is_off_only_under_tcg_of_a_qemu_before_10_and_a_comma_in_a_module_
         "console=com1 dom0_mem=1024M,max:1024M")
 
 
-def test_kvm_l1_keeps_its_kernel_and_deeper_levels_of_a_xen_l1_are_skipped() -> None:
+def test_kvm_l1_keeps_its_kernel_and_levels_below_a_xen_domu_are_skipped() -> None:
     spec = builtin_spec(1, settings(), host(), XEN_FILES)
     assert spec.hypervisor == "kvm" and spec.xen is None and spec.kernel == FILES.kernel
-    assert skip_reason(2, settings(hypervisor="xen", levels="2"), host()) == (
-        "L2 inside a Xen L1 (a domU started with xl) is not supported yet: with --nested-hypervisor=xen the "
-        "session provides L1 (dom0) only")
+    assert skip_reason(2, settings(hypervisor="xen", levels="2"), host()) is None
+    assert skip_reason(3, settings(hypervisor="xen", levels="3"), host()) == (
+        "L3 inside a Xen domU is not supported yet: with --nested-hypervisor=xen the session provides L1 (dom0) "
+        "and L2 (an HVM domU)")
+
+
+# -- L2 as a domU ------------------------------------------------------------------------------
+
+BZIMAGE = Path("/home/nk/.cache/nestedkvm/boot-6.1/vmlinuz-6.1")
+DOMU_FILES = dataclasses.replace(XEN_FILES, bzimage=BZIMAGE)
+
+
+def xl_settings(argv: list[str]) -> dict[str, str]:
+    assert argv[:4] == ["xl", "create", "-F", "/dev/null"]  # xl returns when the domain is gone
+    return dict(arg.split("=", 1) for arg in argv[4:])
+
+
+def test_l2_of_a_xen_l1_is_an_hvm_domu_of_the_bzimage_whose_device_model_carries_its_ports() -> None:
+    spec = builtin_spec(2, settings(hypervisor="xen", levels="2"), host("tcg", "max"), DOMU_FILES)
+    assert spec.domu and spec.kernel == BZIMAGE and spec.memory_mib == 480  # half of L1's 2048 beside dom0 and Xen
+    assert spec.runs_as == "a Xen HVM domU, cpuid host,rdtscp=0"
+    config = xl_settings(build_argv(spec, ParentEnds()))
+    assert {key: config[key] for key in ("name", "type", "memory", "vcpus", "cpuid", "kernel", "on_reboot")} == {
+        "name": '"nestedkvm-l2"', "type": '"hvm"', "memory": "480", "vcpus": "1", "cpuid": '"host,rdtscp=0"',
+        "kernel": f'"{BZIMAGE}"', "on_reboot": '"destroy"'}  # a panic (panic=-1 reboots) ends the domain
+    assert "serial" not in config  # xl's -serial would come first and make the console ttyS1
+    assert config["cmdline"].startswith('"console=ttyS0 panic=-1 ') and " nestedkvm.ports=4 " in config["cmdline"]
+    model = config["device_model_args"]
+    port = f"{PORT_DIR}/port.nestedkvm.l2"
+    for expected in (f'"pipe,path={port}.console,id=console", "-serial", "chardev:console"',
+                     f'"pipe,path={port}.qmp,id=qmp", "-mon", "chardev=qmp,mode=control"',
+                     '"virtserialport,bus=vser2.0,chardev=port1,name=nestedkvm.cmd-out"',
+                     '"virtio-9p-pci,fsdev=fs0,mount_tag=nk0"'):
+        assert expected in model
+    assert "-nic" not in model and "pvpanic" not in model  # no user networking in Debian's qemu-system-xen
+
+
+def test_on_hardware_the_domu_keeps_the_hosts_cpuid_and_quotes_are_refused() -> None:
+    spec = builtin_spec(2, settings(hypervisor="xen", levels="2"), host(), DOMU_FILES)
+    assert xl_settings(build_argv(spec, ParentEnds()))["cpuid"] == '"host"'
+    with pytest.raises(ValueError, match=r"cannot be an xl.cfg string \(it holds a quote"):
+        build_argv(dataclasses.replace(spec, append='say="hi"'), ParentEnds())
+
+
+def test_a_domu_larger_than_what_xen_has_beside_dom0_and_an_l2_image_are_refused(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    image.write_bytes(b"QFI\xfb" + bytes(508))
+    with pytest.raises(ConfigError, match=r"^--nested-memory=2048,1024 \(from command line\): L2 \(a Xen domU\) gets "
+                                          r"1024 MiB, and L1's Xen has 960 MiB beside dom0's 1024"):
+        settings(hypervisor="xen", levels="2", memory="2048,1024")
+    with pytest.raises(ConfigError, match=r"L2 in a Xen L1 is the built-in guest as an HVM domU; a "
+                                          r"--nested-l2-image there is not supported yet"):
+        settings(hypervisor="xen", levels="2", l2_image=str(image))
 
 
 def test_a_dom0_command_line_xen_would_cut_is_refused() -> None:
