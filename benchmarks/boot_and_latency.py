@@ -1,12 +1,14 @@
 """Boot and command-latency figures for the built-in guests (prints a table, writes JSON).
 
-    python benchmarks/boot_and_latency.py [--levels 3] [--runs 3] [--commands 200]
+    python benchmarks/boot_and_latency.py [--levels 3] [--runs 3] [--commands 200] [--xen]
 
 Each run boots a fresh chain L1 -> L2 -> ... through the plugin's own pool, so the
 figures are what a test session sees. "ready" is QEMU start to the first command
 result for L1, and parent ready to first command result for deeper levels.
 Medians over runs; latency is the median and p95 over `--commands` round trips (a tenth
-of them for the 1000-line pipe, a shell loop echoing into `cat`).
+of them for the 1000-line pipe, a shell loop echoing into `cat`). With --xen each run then
+boots a Xen chain too (--nested-hypervisor=xen: L1 is Xen with its dom0, L2 an HVM domU), its
+figures named "xen L1 ...": the two hypervisors side by side, on the same machine in the same run.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ def session_for(**options: str) -> Lab:
     return Lab(Settings.from_sources(options, env={}))
 
 
-def one_run(levels: int, commands: int) -> dict[str, object]:
-    session = session_for(levels=str(levels))
+def one_run(levels: int, commands: int, hypervisor: str = "kvm") -> dict[str, object]:
+    session = session_for(levels=str(levels), hypervisor=hypervisor)
+    name = "" if hypervisor == "kvm" else f"{hypervisor} "
     figures: dict[str, object] = {}
     try:
         for level in range(1, levels + 1):
@@ -47,10 +50,10 @@ def one_run(levels: int, commands: int) -> dict[str, object]:
             guest = session.guest(level)
             # L1: QEMU start to first command result. Deeper: parent ready to first command result,
             # which includes starting QEMU inside the parent and checking that it uses KVM.
-            figures[f"L{level} ready s"] = guest.boot_seconds if level == 1 else time.monotonic() - started
+            figures[f"{name}L{level} ready s"] = guest.boot_seconds if level == 1 else time.monotonic() - started
             for command in LATENCY_COMMANDS:
-                figures[f"L{level} {command!r}"] = latency(guest, command, commands)
-            figures[f"L{level} 1000-line pipe"] = latency(guest, PIPE_COMMAND, max(10, commands // 10))
+                figures[f"{name}L{level} {command!r}"] = latency(guest, command, commands)
+            figures[f"{name}L{level} 1000-line pipe"] = latency(guest, PIPE_COMMAND, max(10, commands // 10))
     finally:
         session.close()
     return figures
@@ -78,8 +81,10 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--commands", type=int, default=200)
+    parser.add_argument("--xen", action="store_true", help="also a Xen L1 and its L2 domU in each run")
     args = parser.parse_args()
-    runs = [one_run(args.levels, args.commands) for _ in range(args.runs)]
+    runs = [one_run(args.levels, args.commands)
+            | (one_run(min(args.levels, 2), args.commands, "xen") if args.xen else {}) for _ in range(args.runs)]
     summary, rows = summarize(runs)
     machine = f"{os.cpu_count()} cores, {platform.machine()}, {platform.node()}"
     print(f"pytest-nestedkvm boot/latency, {args.runs} runs, {args.commands} commands each ({machine})")

@@ -49,6 +49,10 @@ def pytest_nestedkvm_qemu_argv(config: pytest.Config, spec: GuestSpec, argv: lis
         def pytest_nestedkvm_qemu_argv(config, spec, argv):
             if spec.level == 1:
                 argv += ["-device", "virtio-rng-pci"]
+
+    For a Xen domU (`spec.domu`, L2 with --nested-hypervisor=xen) the argv is
+    `xl create -F /dev/null KEY=VALUE ...`, its whole config: append an xl.cfg
+    setting (`argv.append("vcpus=2")`); a later one wins.
     """
 
 

@@ -6,6 +6,7 @@ directory of .deb files the user filled offline) and unpacked with `dpkg-deb -x`
 plugin's cache, once per set of package versions, under a file lock. The guests see the cache
 read-only at the same path; dom0's init lays the tree's `usr/lib` over its own (a read-only
 overlay), so the toolstack finds its libraries and helpers at the paths it was built with.
+L2 is an HVM domU that `xl create` starts in dom0 (domu_argv).
 """
 
 from __future__ import annotations

@@ -812,7 +812,7 @@ OPTIONS: tuple[Option, ...] = (
            "xfail with that reason", "FILE",
            parse=_known_failures),
     Option("hypervisor", "what L1 hosts its guests with: kvm (L1 is Linux with KVM) or xen (L1 boots Xen, the "
-           "built-in guest is its dom0) (default kvm)", "kvm|xen", parse=_choice(HYPERVISORS)),
+           "built-in guest is its dom0 and L2 an HVM domU) (default kvm)", "kvm|xen", parse=_choice(HYPERVISORS)),
     Option("xen", "the Xen that L1 boots with --nested-hypervisor=xen: xen/xen or xen.gz of a Xen build, a "
            "multiboot image (default: Debian's xen-hypervisor-4.17-amd64, unpacked in the plugin's cache)", "PATH",
            parse=lambda raw: check_xen_image(_existing_file(raw))),

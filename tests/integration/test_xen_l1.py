@@ -14,7 +14,7 @@ import pytest
 
 from pytest_nestedkvm.config.settings import Settings
 from pytest_nestedkvm.lab import Lab
-from pytest_nestedkvm.machine.guest import Guest, exit_error
+from pytest_nestedkvm.machine.guest import Guest
 
 pytestmark = [pytest.mark.nested(level=1)]
 DPKG_STATUS = Path("/var/lib/dpkg/status")
@@ -106,20 +106,6 @@ def test_l2_is_an_hvm_domu_on_the_usual_channel_and_sees_its_view(xen_lab: Lab, 
     assert "nestedkvm: stage2 up" in l2.console_log.read_text(errors="replace")  # its serial port, logged on L0
 
 
-@pytest.mark.nested(level=2)
-def test_a_domu_panic_costs_l2_only_and_the_next_is_created_anew(xen_lab: Lab) -> None:
-    l2, dom0 = xen_lab.guest(2), xen_lab.guest(1)
-    dom0_boots = dom0.boots
-    l2.crash()
-    assert not l2.alive and dom0.alive and dom0.boots == dom0_boots
-    crashed = exit_error(l2)
-    assert crashed.panicked and "Kernel panic - not syncing: sysrq triggered crash)" in str(crashed)
-    assert "nestedkvm-l2" not in dom0.succeed("xl list")  # on_reboot=destroy: the domain is gone
-    fresh = xen_lab.guest(2)
-    assert fresh is l2 and fresh.boots == 2 and fresh.succeed("echo again") == "again\n"
-    assert xen_lab.guest(1) is dom0 and dom0.boots == dom0_boots
-
-
 def test_a_dom0_panic_is_a_crash_and_the_next_guest_is_a_fresh_xen(xen_lab: Lab) -> None:
     guest = xen_lab.guest(1)
     guest.crash()
@@ -136,3 +122,41 @@ def test_nested_xen_boots_a_gzipped_xen_of_ones_own(xen_lab: Lab) -> None:
         kernel = guest.qemu_argv[guest.qemu_argv.index("-kernel") + 1]
         assert kernel != str(packed) and Path(kernel).name.startswith("xen-image-")  # decompressed in the cache
         assert "xen_version            : 4.17" in guest.succeed("xl info")
+
+
+@pytest.mark.nested(level=2)
+@pytest.mark.usefixtures("no_qemu_left")
+def test_a_domu_panic_and_a_xen_panic_each_cost_one_test(pytester: pytest.Pytester) -> None:
+    """In a session: a domU's panic costs its test and L2 only; Xen's own panic (`xl debug-keys N`
+    with nmi=fatal: an NMI Xen cannot place is fatal) costs its test and L1, with the (XEN) lines."""
+    pytester.makeconftest(
+        """
+        import dataclasses
+
+        def pytest_nestedkvm_guest_spec(config, level, spec):
+            if level == 1:
+                return dataclasses.replace(spec, xen=dataclasses.replace(spec.xen, args=spec.xen.args + " nmi=fatal"))
+        """
+    )
+    pytester.makepyfile(
+        """
+        def test_a_domu_panics(l2):
+            l2.run("echo c > /proc/sysrq-trigger", timeout=120)
+
+        def test_b_a_fresh_domu_in_the_same_dom0(l1, l2):
+            assert l1.boots == 1 and l2.boots == 2
+            assert l1.succeed("xl list | grep -c nestedkvm-l2") == "1\\n"
+
+        def test_c_xen_panics(l1):
+            l1.run("xl debug-keys N; sleep 60", timeout=120)
+
+        def test_d_a_fresh_xen(l1):
+            assert l1.boots == 2 and "nmi=fatal" in l1.succeed("xl info | grep xen_commandline")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nested-hypervisor=xen", "--nested-levels=2")
+    result.assert_outcomes(passed=2, failed=2)
+    out = result.stdout.str()
+    assert "L2 kernel panic during this test: " in out and "sysrq triggered crash" in out
+    assert "L1 hypervisor panic during this test: (XEN) Panic on CPU 0:" in out
+    assert "(XEN) FATAL TRAP: vec 2, NMI" in out  # the console slice in the report
