@@ -58,20 +58,33 @@ def test_a_wedged_l1_fails_its_test_at_once_and_the_next_test_gets_a_fresh_l1(
     assert "timed out" not in result.stdout.str()
 
 
+# L1's first TSC estimate 0.4 % below the host's rate (under TCG L1's TSC runs at the host's): within
+# the 1 % that Linux refines. A fixed 2590000 was 12.6 % off on a 2300 MHz host, never refined there.
 SKEWED_TSC = """
 import dataclasses
+import re
+from pathlib import Path
+
+HOST_MHZ = float(re.search(r"cpu MHz\\s*:\\s*([0-9.]+)", Path("/proc/cpuinfo").read_text()).group(1))
 
 def pytest_nestedkvm_guest_spec(config, level, spec):
     if level == 1:
-        return dataclasses.replace(spec, append=(spec.append + " tsc_early_khz=2590000").strip())
+        return dataclasses.replace(spec, append=(spec.append + f" tsc_early_khz={int(HOST_MHZ * 996)}").strip())
     return None
 """
 
-L2_SLEEPS = """
+# Without the "Refined" line by now, L1's kernel never refined its estimate: Linux drops a refinement
+# more than 1 % off the first estimate (a loaded machine can measure that).
+# The init not waiting would show the line still (printed after kvm_amd loaded) and the KVM warning.
+NOT_REFINED = "L1's kernel kept its first TSC estimate this boot (its refinement was dropped): the case is not reached"
+L2_SLEEPS = f"""
+import pytest
+
 def test_l2_keeps_its_timer(l1, l2):
     l2.succeed("sleep 0.1", timeout=30)
     log = l1.console_log.read_text(errors="replace")
-    assert "Refined TSC clocksource calibration" in log
+    if "Refined TSC clocksource calibration" not in log:
+        pytest.skip({NOT_REFINED!r})
     assert "user requested TSC rate below hardware speed" not in log
 """
 
@@ -83,4 +96,6 @@ def test_l2_keeps_its_timer_when_l1s_first_tsc_estimate_is_off(pytester: pytest.
     pytester.makeconftest(SKEWED_TSC)
     pytester.makepyfile(L2_SLEEPS)
     result = pytester.runpytest_subprocess("--nested-levels=2", "--nested-emulator-reruns=0", "-p", "no:cacheprovider")
+    if result.parseoutcomes().get("skipped"):
+        pytest.skip(NOT_REFINED)
     result.assert_outcomes(passed=1)
