@@ -26,7 +26,7 @@ from .layout import (
     Role,
 )
 from .view import Export, View
-from .xen import Hypervisor, XenBoot, check_dom0_cmdline, domu_argv
+from .xen import Hypervisor, XenBoot, check_dom0_cmdline, domain_name, domu_argv
 
 # Kernel arguments of the built-in guest. panic=-1 + -no-reboot: a panic ends QEMU.
 # The i8042 ones skip probing a keyboard controller nobody uses; pci=noearly skips the
@@ -219,7 +219,7 @@ def build_argv(spec: GuestSpec, ends: Ends) -> list[str]:
         assert spec.kernel is not None
         return domu_argv(spec.name, spec.memory_mib, spec.smp, spec.cpu, (spec.kernel, spec.initrd, append),
                          [*device_args(spec, ends, ports), *spec.extra_args])
-    argv = [spec.qemu, "-name", f"nestedkvm-{spec.name}", "-nodefaults", "-no-user-config",
+    argv = [spec.qemu, "-name", domain_name(spec.name), "-nodefaults", "-no-user-config",
             "-display", "none", "-no-reboot", "-action", "panic=exit-failure",
             "-machine", "q35", *accel_args(spec.accel, spec.smp), "-cpu", spec.cpu,
             "-m", str(spec.memory_mib), "-smp", str(spec.smp)]

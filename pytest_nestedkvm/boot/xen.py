@@ -272,7 +272,7 @@ def xl_string(value: str) -> str:
 
 
 def domain_name(guest: str) -> str:
-    """The domU's name in dom0's `xl list` (a KVM guest's QEMU has the same -name)."""
+    """The guest's name for its hypervisor: a KVM guest's QEMU -name, a domU's in dom0's `xl list`."""
     return f"nestedkvm-{guest}"
 
 
