@@ -22,6 +22,8 @@ TIMEOUT = 60.0  # seconds per instance at hardware speed (scaled for TCG): XTF's
 # xtf-runner's exit statuses (exit_code() there), and the status of a runner that failed itself.
 STATUSES = {0: "SUCCESS", 3: "SKIP", 4: "ERROR", 5: "FAILURE", 6: "CRASH"}
 RESULT_LINE = "Test result:"
+PANIC = "PANIC:"  # XTF's own panic handler (an unhandled exception), between lines of asterisks
+FAIL_LINE = "Fail"  # how XTF's tests start the line of each failed check
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ def outcome(name: str, status: int, output: str) -> SuiteResult:
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     result = next((i for i in range(len(lines) - 1, -1, -1) if RESULT_LINE in lines[i]), None)
     said = lines[result - 1] if result else ""  # the test's own last words before its verdict
+    if result and result >= 2 and said[:1].islower():  # they go on from the line before (a wrapped message)
+        said = f"{lines[result - 2]} {said}"
     verdict = STATUSES.get(status)
     if verdict == "SUCCESS":
         return SuiteResult("passed", f"SUCCESS {name}")
@@ -88,8 +92,17 @@ def outcome(name: str, status: int, output: str) -> SuiteResult:
         why = said if result is not None else "Xen lacks the virtualization this environment needs (xl info virt_caps)"
         return SuiteResult("skipped", f"SKIP {name}: {why}")
     if verdict == "CRASH":
+        panic = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith(PANIC)), None)
+        if panic is not None:  # XTF's own panic: "PANIC: Unhandled exception at e033:...", then the vector
+            after = lines[panic + 1] if panic + 1 < len(lines) and not lines[panic + 1].startswith("*") else ""
+            return SuiteResult("failed", f"CRASH {name}: {lines[panic]}" + (f" {after}" if after else ""))
         return SuiteResult("failed", f"CRASH {name} (no '{RESULT_LINE}' line: the domain crashed or was destroyed)")
     if verdict is not None:
+        # A test that checks many cases prints a "Fail ..." line for each: the first says most.
+        fails = [line for line in lines if line.startswith(FAIL_LINE)]
+        if fails:
+            more = f" (first of {len(fails)} '{FAIL_LINE}' lines)" if len(fails) > 1 else ""
+            return SuiteResult("failed", f"{verdict} {name}: {fails[0]}{more}")
         return SuiteResult("failed", f"{verdict} {name}" + (f": {said}" if said else ""))
     last = lines[-1] if lines else "no output"
     return SuiteResult("failed", f"FAIL {name} ({RUNNER} exited with status {status}: {last})")
