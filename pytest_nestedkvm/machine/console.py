@@ -25,8 +25,10 @@ from ..base.errors import printable
 # emulator's reset.
 ProblemKind = Literal["kernel panic", "kernel oops", "kernel BUG", "kernel WARN", "hypervisor panic",
                       "kernel problem"]
+XEN_PREFIX = "(XEN) "
+XEN_PANIC = XEN_PREFIX + "Panic on CPU"
 PANICS: tuple[tuple[str, ProblemKind], ...] = (
-    ("Kernel panic - not syncing", "kernel panic"), ("(XEN) Panic on CPU", "hypervisor panic"),
+    ("Kernel panic - not syncing", "kernel panic"), (XEN_PANIC, "hypervisor panic"),
     ("(XEN) Hardware Dom0 crashed", "hypervisor panic"),
 )
 PROBLEMS: tuple[tuple[str, ProblemKind], ...] = (
@@ -64,6 +66,18 @@ def stall_kind(line: str) -> str:
     return next((kind for fragment, kind in STALL_KINDS if fragment in line), "stall")
 
 
+def _line(data: bytes, match: re.Match[bytes]) -> str:
+    """The matched line; Xen's panic header ("(XEN) Panic on CPU 0:") with its reason, which Xen
+    prints on the next line ("(XEN) FATAL TRAP: vec 2, NMI")."""
+    line = match.group(0).decode("utf-8", "replace").strip()
+    if XEN_PANIC in line:
+        after = data[match.end():].lstrip(b"\r\n").split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+        reason = after.removeprefix(XEN_PREFIX).strip()
+        if after.startswith(XEN_PREFIX) and reason.strip("*"):
+            return f"{line} {reason}"
+    return line
+
+
 class Console:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -92,8 +106,9 @@ class Console:
     def first_problem(self, start: int = 0) -> str | None:
         """The first panic/oops/BUG/WARN line printed at or after byte `start`, not counting
         stall lines (`BUG: soft lockup`): those are first_stall's."""
-        lines = (m.group(0) for m in PROBLEM.finditer(self._bytes(start)) if not STALL.match(m.group(0)))
-        return next((line.decode("utf-8", "replace").strip() for line in lines), None)
+        data = self._bytes(start)
+        found = (m for m in PROBLEM.finditer(data) if not STALL.match(m.group(0)))
+        return next((_line(data, m) for m in found), None)
 
     def first_panic(self, start: int = 0) -> str | None:
         """The first kernel (or Xen) panic line at or after byte `start` (a WARN may come before it)."""
@@ -113,8 +128,9 @@ class Console:
         return None, start + data.rfind(b"\n") + 1
 
     def _first(self, pattern: re.Pattern[bytes], start: int) -> str | None:
-        match = pattern.search(self._bytes(start))
-        return match.group(0).decode("utf-8", "replace").strip() if match else None
+        data = self._bytes(start)
+        match = pattern.search(data)
+        return _line(data, match) if match else None
 
     def _bytes(self, start: int) -> bytes:
         try:

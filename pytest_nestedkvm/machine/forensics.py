@@ -77,6 +77,7 @@ class Evidence:
     console_start: int = 0  # console bytes before this boot
     console_ready: int = 0  # console bytes before it was ready
     emulated: bool = False  # its virtualization is emulated (TCG, or KVM on TCG's SVM)
+    process: str = "QEMU"  # what runs it, in messages: "xl create" for a Xen domU (its device model is a QEMU)
     wedged: GuestWedged | None = None  # taken as wedged (a stall line, or no answer)
     channel_trouble: str | None = None  # why its command channel stopped working, if it did
     boots: int = 1  # how many times it was started
@@ -157,9 +158,9 @@ def _what_happened(guest: Evidence, problem: str | None, status: int | None) -> 
     event = _exit_event(guest) if status is not None else None
     if event is not None:
         kind, source = event
-        return kind, f"{kind} during this test ({source}; QEMU exit status {status})"
+        return kind, f"{kind} during this test ({source}; {guest.process} exit status {status})"
     if status is not None:
-        return "qemu exited", f"QEMU exited with status {status} during this test (no panic on its console)"
+        return "qemu exited", f"{guest.process} exited with status {status} during this test (no panic on its console)"
     broken = guest.channel_trouble or "its QEMU runs but its shell does not answer"
     if guest.emulated:  # a guest that froze whole: the emulator's, as a stall is
         return "wedged", f"wedged: no answer during this test (its virtualization is emulated): {broken}"
@@ -195,7 +196,7 @@ def exit_error(guest: Evidence) -> GuestCrashed:
     what = f"{problem_kind(problem)}: {problem}" if problem else "no kernel panic on the console"
     qemu_said = _qemu_said(guest)
     return GuestCrashed(
-        f"{guest.name} QEMU exited with status {status} ({what})"
+        f"{guest.name} {guest.process} exited with status {status} ({what})"
         + (f"\nQEMU said:\n{qemu_said}" if qemu_said else "")
         + f"\nlast console lines:\n{guest.console.tail()}",
         level=guest.level, exit_status=status,

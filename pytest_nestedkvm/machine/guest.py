@@ -356,7 +356,8 @@ def evidence_of(guest: Guest) -> Evidence:
     """What forensics may read of `guest` without asking its QEMU or its shell anything."""
     return Evidence(guest.level, guest.name, guest.console, console_start=guest.console_start,
                     console_ready=guest.console_ready, emulated=guest.emulated, wedged=guest.wedged,
-                    channel_trouble=guest.channel_trouble, boots=guest.boots, boot_timeout=guest.boot_timeout)
+                    channel_trouble=guest.channel_trouble, boots=guest.boots, boot_timeout=guest.boot_timeout,
+                    process="xl create" if guest.spec.domu else "QEMU")
 
 
 def mark(guests: Mapping[int, Guest], number: int, tag_kernel_log: bool) -> dict[int, ConsoleMark]:

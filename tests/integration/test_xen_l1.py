@@ -158,5 +158,5 @@ def test_a_domu_panic_and_a_xen_panic_each_cost_one_test(pytester: pytest.Pytest
     result.assert_outcomes(passed=2, failed=2)
     out = result.stdout.str()
     assert "L2 kernel panic during this test: " in out and "sysrq triggered crash" in out
-    assert "L1 hypervisor panic during this test: (XEN) Panic on CPU 0:" in out
+    assert "L1 hypervisor panic during this test: (XEN) Panic on CPU 0: FATAL TRAP: vec 2, NMI" in out  # why, too
     assert "(XEN) FATAL TRAP: vec 2, NMI" in out  # the console slice in the report

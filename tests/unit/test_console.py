@@ -351,4 +351,7 @@ def test_xens_own_end_is_a_panic_not_a_reset(tmp_path: Path) -> None:
     assert Console(log).first_panic() == "(XEN) Hardware Dom0 crashed: rebooting machine in 5 seconds."
     assert Console(log).first_problem() == "(XEN) Hardware Dom0 crashed: rebooting machine in 5 seconds."
     log.write_bytes(b"(XEN) ****************************************\n(XEN) Panic on CPU 0:\n(XEN) FATAL TRAP\n")
-    assert Console(log).first_panic() == "(XEN) Panic on CPU 0:"
+    assert Console(log).first_panic() == "(XEN) Panic on CPU 0: FATAL TRAP"
+    assert Console(log).first_problem() == "(XEN) Panic on CPU 0: FATAL TRAP"
+    log.write_bytes(b"(XEN) Panic on CPU 0:\r\n(XEN) ****************************************\r\n")
+    assert Console(log).first_panic() == "(XEN) Panic on CPU 0:"  # no reason line: the header alone

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -74,6 +75,7 @@ class FakeGuest:
     emulated: bool = False
     wedged: Any = None
     runs_on: bool = False  # answers its control shell after a stall line
+    spec: Any = field(default_factory=lambda: SimpleNamespace(domu=None))  # a Xen domU: domu is set
     link: FakeLink = field(init=False)
 
     def __post_init__(self) -> None:
@@ -243,6 +245,17 @@ def test_dead_qemu_with_nothing_else_to_go_on_reports_its_exit_status(make: Any)
     trouble = trouble_since(guests, marks)
     assert trouble is not None and trouble.kind == "qemu exited"
     assert trouble.headline == "L1 QEMU exited with status 1 during this test (no panic on its console)"
+
+
+def test_a_domu_that_ended_names_xl_not_qemu(make: Any) -> None:
+    """A Xen domU's process is `xl create -F` in dom0: its exit is xl's, whatever its device model did."""
+    guest = make(2, spec=SimpleNamespace(domu=object()))
+    guests, marks = marked(guest)
+    guest.process.status = 0
+    trouble = trouble_since(guests, marks)
+    assert trouble is not None and trouble.headline == (
+        "L2 xl create exited with status 0 during this test (no panic on its console)")
+    assert str(exit_error(guest)).startswith("l2 xl create exited with status 0 (no kernel panic")
 
 
 def test_a_running_guest_whose_shell_broke_is_unresponsive(make: Any) -> None:
