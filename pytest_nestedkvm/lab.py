@@ -26,21 +26,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from .base.errors import BootError, LevelUnavailable, NestedKvmError
+from .base.errors import BootError, HostError, LevelUnavailable, NestedKvmError
 from .base.host import HARDWARE_BACKENDS, HostReport, QemuInfo, enable_nested, find_qemu, probe
 from .boot.cloudinit import write_nocloud_seed
 from .boot.initramfs import Kernel, boot_image, build_initramfs, cache_dir, guest_boot_dir
 from .boot.kernel_tree import boot_kernel, modules_share, with_modules
-from .boot.qemu import QBOOT, GuestSpec
+from .boot.layout import CONSOLE
+from .boot.qemu import QBOOT, GuestSpec, RunPaths
 from .boot.view import build_view, filtered_etc, python_dirs
 from .boot.xen import TREE_HYPERVISOR, XenBoot, hypervisor_image, unpacked_packages
 from .config import plan
-from .config.settings import Settings, image_format
+from .config.settings import MAX_LEVELS, Settings, image_format
 from .machine.guest import Guest, new_guest
 from .machine.pool import GuestPool, LifecycleHooks
 from .machine.ssh import SessionKey, make_session_key
 
 RUN_DIR_PREFIX = "nestedkvm-"
+MKDTEMP_RANDOM = 8  # the random characters tempfile.mkdtemp adds to a prefix
+SOCKET_PATH_MAX = 107  # bytes in a UNIX socket's path: sun_path's 108, less the terminating NUL
 
 
 def _same_spec(level: int, spec: GuestSpec) -> GuestSpec:
@@ -100,8 +103,10 @@ class Lab:
     def run_root(self) -> Path:
         _remove_stale_run_dirs()
         _interrupt_on_ending_signals()
+        prefix = f"{RUN_DIR_PREFIX}{os.getpid()}-"
+        check_socket_room(Path(tempfile.gettempdir()) / f"{prefix}{'x' * MKDTEMP_RANDOM}")
         # 0700, private to this process; the pid in the name lets a later session clean up after a SIGKILL.
-        return Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
+        return Path(tempfile.mkdtemp(prefix=prefix))
 
     @functools.cached_property
     def ssh_key(self) -> SessionKey:
@@ -261,6 +266,18 @@ def _interrupt_on_ending_signals() -> None:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def check_socket_room(run_root: Path) -> None:
+    """HostError, before anything is made, where the deepest guest's sockets under `run_root` would
+    have a path longer than a UNIX socket's (QEMU would refuse each boot with a line of its own)."""
+    longest = RunPaths(run_root / f"l{MAX_LEVELS}").end(CONSOLE)  # no socket name is longer (layout)
+    if len(os.fsencode(longest)) > SOCKET_PATH_MAX:
+        temp = run_root.parent
+        raise HostError(f"the temporary directory {temp} is too long for the guests' sockets: {longest} would "
+                        f"be {len(os.fsencode(longest))} bytes, and a UNIX socket's path has at most "
+                        f"{SOCKET_PATH_MAX}: point TMPDIR at a directory of at most "
+                        f"{SOCKET_PATH_MAX - (len(os.fsencode(longest)) - len(os.fsencode(temp)))} bytes (e.g. /tmp)")
 
 
 def _remove_stale_run_dirs() -> None:

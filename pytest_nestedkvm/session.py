@@ -29,7 +29,6 @@ T = TypeVar("T")
 SESSION_PLUGIN = "nestedkvm-session"
 SESSION_KEY = pytest.StashKey["NestedSession"]()
 MARKS = pytest.StashKey[dict[int, ConsoleMark]]()
-RUN_DIR_PREFIX = "nestedkvm-"
 PLAN_OUTPUT = "nestedkvm_plan"  # what a pytest-xdist worker hands its controller
 # Fixture name -> the guest level it needs.
 LEVEL_FIXTURES = {"l1": 1, "l2": 2}

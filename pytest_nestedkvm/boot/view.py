@@ -48,7 +48,7 @@ HOME_SECRETS = (
     ".bash_history", ".zsh_history", ".python_history", ".psql_history", ".mysql_history", ".lesshst",
     ".viminfo",
 )
-# Each session's private run directory: session.RUN_DIR_PREFIX, its pid, a random part.
+# Each session's private run directory: lab.RUN_DIR_PREFIX, its pid, a random part.
 RUN_DIR = re.compile(r"nestedkvm-[0-9]+-[A-Za-z0-9_]+")
 
 @dataclass(frozen=True)
