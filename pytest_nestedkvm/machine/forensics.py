@@ -192,7 +192,8 @@ def exit_error(guest: Evidence) -> GuestCrashed:
     status = guest.exit_status
     # The panic that ended it, else the first problem line: a WARN while booting named "kernel WARN",
     # not taken for the reason QEMU exited (it was "kernel problem" either way).
-    problem = guest.console.first_panic(guest.console_start) or guest.console.first_problem(guest.console_start)
+    panic = guest.console.first_panic(guest.console_start)
+    problem = panic or guest.console.first_problem(guest.console_start)
     what = f"{problem_kind(problem)}: {problem}" if problem else "no kernel panic on the console"
     qemu_said = _qemu_said(guest)
     return GuestCrashed(
@@ -200,7 +201,7 @@ def exit_error(guest: Evidence) -> GuestCrashed:
         + (f"\nQEMU said:\n{qemu_said}" if qemu_said else "")
         + f"\nlast console lines:\n{guest.console.tail()}",
         level=guest.level, exit_status=status,
-        panicked=guest.console.first_panic(guest.console_start) is not None,
+        panicked=panic is not None,
     )
 
 
