@@ -15,6 +15,7 @@ import pytest
 CONFTEST = '''
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -31,6 +32,7 @@ BOOTS = Path("boots.txt")  # one word per boot to come: "ok" or "reset"
 class Guest:
     level, console_start, console_ready, stopped_on_purpose, channel_trouble = 1, 0, 0, False, None
     name, boots, boot_timeout = "l1", 1, 60.0
+    spec = SimpleNamespace(domu=None)  # a KVM guest, not a Xen domU
 
     def __init__(self):
         self.emulated = not Path("hardware-kvm").exists()
