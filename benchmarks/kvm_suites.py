@@ -47,10 +47,33 @@ def run(option: str, tree: Path, level: int, extra: list[str]) -> tuple[float, P
     return time.monotonic() - start, junit
 
 
-def table(junit: Path) -> tuple[collections.Counter[str], collections.Counter[str], list[str], list[str]]:
+XTF_ENVS = ("pv64", "pv32pae", "hvm64", "hvm32pae", "hvm32pse", "hvm32")  # XTF's own order
+SHORT = {"passed": "pass", "skipped": "skip", "xfailed": "xfail", "failure": "FAIL", "error": "ERROR"}
+
+
+def xtf_grid(verdicts: list[tuple[str, str, str]]) -> str:
+    """One row per test (and variation), one column per environment: the verdicts at a glance."""
+    rows: dict[str, dict[str, str]] = {}
+    for name, outcome, message in verdicts:
+        env, _, test = name.removeprefix("test-").partition("-")
+        word = SHORT[outcome]
+        if outcome == "failure" and message.startswith("CRASH"):
+            word = "CRASH"
+        if outcome == "xfailed" and "[NOTRUN]" in message:
+            word = "not run"
+        rows.setdefault(test, {})[env] = word
+    lines = ["| test | " + " | ".join(XTF_ENVS) + " |", "|---|" + "---|" * len(XTF_ENVS)]
+    lines += [f"| {test} | " + " | ".join(cells.get(env, "") for env in XTF_ENVS) + " |"
+              for test, cells in rows.items()]
+    return "\n".join(lines)
+
+
+def table(junit: Path) -> tuple[collections.Counter[str], collections.Counter[str], list[str],
+                                list[tuple[str, str, str]]]:
     counts: collections.Counter[str] = collections.Counter()
     skips: collections.Counter[str] = collections.Counter()
-    failed, verdicts = [], []
+    failed: list[str] = []
+    verdicts: list[tuple[str, str, str]] = []  # (name, outcome, message)
     for case in ET.parse(junit).getroot().iter("testcase"):
         outcome = "passed"
         for tag in ("failure", "error", "skipped"):
@@ -62,15 +85,18 @@ def table(junit: Path) -> tuple[collections.Counter[str], collections.Counter[st
                     skips[_reason(message)] += 1
                 elif outcome in ("failure", "error"):
                     failed.append(f"{case.get('name')}: {message[:140]}")
-                verdicts.append(f"| {case.get('name')} | {outcome} | {message[:140]} |")
+                verdicts.append((case.get("name", ""), outcome, message))
         if outcome == "passed":
-            verdicts.append(f"| {case.get('name')} | passed | |")
+            verdicts.append((case.get("name", ""), "passed", ""))
         counts[outcome] += 1
     return counts, skips, failed, verdicts
 
 
 def _reason(message: str) -> str:
     """A skip message without the test's name, so equal reasons count together."""
+    words = message.split(" ", 2)
+    if len(words) == 3 and words[0] == "SKIP" and words[1].endswith(":"):  # XTF's "SKIP <instance>: <reason>"
+        return words[2]
     inner = message.partition("(")[2].rpartition(")")[0] if "(" in message else message
     return inner or message
 
@@ -111,7 +137,7 @@ def main() -> int:
             for line in failed:
                 print(f"  {line}")
             if xtf:
-                print("\n| instance | verdict | message |\n|---|---|---|", *verdicts, sep="\n")
+                print("\n" + xtf_grid(verdicts))
             sys.stdout.flush()
     return 0
 

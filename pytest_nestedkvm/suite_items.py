@@ -257,7 +257,8 @@ class SuitesPlugin:
                     reason = f"known failure ({known.path.name}:{entry.line}): {entry.reason}"
                     # raises=: only the suite's own verdict is absorbed; a guest that did not boot,
                     # crashed or lost its channel is the error it is.
-                    item.add_marker(pytest.mark.xfail(reason=reason, strict=False, raises=SuiteFailure))
+                    item.add_marker(pytest.mark.xfail(reason=reason, strict=False, raises=SuiteFailure,
+                                                      run=entry.run))
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(

@@ -808,8 +808,9 @@ OPTIONS: tuple[Option, ...] = (
            "(test-hvm64-example, ...) becomes a test item that XTF's runner runs as a domU of the Xen L1, its "
            "category a marker (xtf_functional, ...)", "DIR", parse=_xtf_tree),
     Option("known_failures", "known failures of --nested-kut, --nested-kselftests and --nested-xtf, one "
-           "'<suite>:<test> <reason>' line each (suite kut, kselftests or xtf): a listed test that fails is an "
-           "xfail with that reason", "FILE",
+           "'<suite>:<test> <reason>' line each (suite kut, kselftests or xtf; the test may be a shell pattern "
+           "such as xtf:test-hvm32pae-*): a listed test that fails is an xfail with that reason; a reason that "
+           "starts with 'hangs:' is an xfail that is not run", "FILE",
            parse=_known_failures),
     Option("hypervisor", "what L1 hosts its guests with: kvm (L1 is Linux with KVM) or xen (L1 boots Xen, the "
            "built-in guest is its dom0 and L2 an HVM domU) (default kvm)", "kvm|xen", parse=_choice(HYPERVISORS)),

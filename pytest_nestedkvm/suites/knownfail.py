@@ -4,28 +4,38 @@
     kut:msr                  Expected #GP on WRMSR(MSR_FS_BASE, non-canonical) is not raised under TCG
     kselftests:x86_64/amx_test   TCG has no AMX
     xtf:test-hvm64-lbr-tsx-vmentry   no LBR under TCG
+    xtf:test-hvm32pae-*              hangs: spins at its first CPUID under TCG
 
-Each entry is `<suite>:<test name>`, whitespace, then the reason (required). A listed test
-that fails or times out is an xfail with that reason; one that passes is an XPASS. A listed
-test whose guest does not boot, crashes or stops answering is not an xfail: that is an error
-of the guests, not the known failure.
+Each entry is `<suite>:<test name>`, whitespace, then the reason (required). The name may be a
+shell pattern (`*`, `?`, `[...]`); a test's own entry wins over a pattern, and of two patterns
+the first in the file. A listed test that fails or times out is an xfail with that reason; one
+that passes is an XPASS. A reason that starts with `hangs:` is an xfail that is not run at all:
+a test known to hang would only cost its timeout. A listed test whose guest does not boot,
+crashes or stops answering is not an xfail: that is an error of the guests, not the known failure.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
 
 SuiteName = Literal["kut", "kselftests", "xtf"]
 SUITES: tuple[SuiteName, ...] = ("kut", "kselftests", "xtf")
+HANGS = "hangs:"  # a reason that starts so: the test is not run
 
 
 @dataclass(frozen=True)
 class Entry:
     reason: str
     line: int  # where it is in the file, for the xfail reason
+
+    @property
+    def run(self) -> bool:
+        """False for a test known to hang: its xfail is not run."""
+        return not self.reason.startswith(HANGS)
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,12 @@ class KnownFailures:
     entries: Mapping[tuple[str, str], Entry] = field(default_factory=dict)  # (suite, name) -> entry
 
     def lookup(self, suite: SuiteName, name: str) -> Entry | None:
-        return self.entries.get((suite, name))
+        """The test's own entry, else the first pattern (in file order) that matches its name."""
+        exact = self.entries.get((suite, name))
+        if exact is not None:
+            return exact
+        return next((entry for (listed, pattern), entry in self.entries.items()
+                     if listed == suite and fnmatchcase(name, pattern)), None)
 
     def __str__(self) -> str:  # how settings show the value in an error message
         return str(self.path)
@@ -54,8 +69,9 @@ def parse(text: str, path: Path) -> KnownFailures:
         if not colon or suite not in SUITES or not name:
             raise ValueError(f"{where}: {key!r} is not <suite>:<test name> with suite one of "
                              f"{', '.join(SUITES)}: write e.g. 'kut:msr <reason>'")
-        if not reason:
-            raise ValueError(f"{where}: {key} has no reason: write why it fails after the name")
+        if not reason or reason.removeprefix(HANGS).strip() == "":
+            raise ValueError(f"{where}: {key} has no reason: write why it fails after the name"
+                             + (f" (and after '{HANGS}')" if reason else ""))
         if (suite, name) in entries:
             raise ValueError(f"{where}: {key} is listed twice (first on line {entries[suite, name].line}): "
                              "keep one entry")

@@ -169,8 +169,9 @@ def test_kselftests_at_l1(pytester: pytest.Pytester, kselftests_dir: Path, kerne
 
 
 XTF_TARBALL = REPO.parent / "shared" / "xtf-453490d.tar.xz"
-# XTF's checks of itself and its example, each in a PV and an HVM environment, and its nested-SVM test.
-XTF_SET = "pv64-selftest or hvm64-selftest or pv64-example or hvm64-example or hvm64-nested-svm"
+# XTF's checks of itself and its example, each in a PV and an HVM environment, and its nested-SVM test;
+# and the hvm32pae example, which hangs under TCG: the known-failure file's pattern keeps it from running.
+XTF_SET = "pv64-selftest or hvm64-selftest or pv64-example or hvm64-example or hvm64-nested-svm or hvm32pae-example"
 
 
 @pytest.fixture(scope="session")
@@ -186,7 +187,10 @@ def test_xtf_instances_run_as_domus_of_a_xen_l1(pytester: pytest.Pytester, xtf_t
                               f"--nested-known-failures={KNOWN_TCG}", "-k", XTF_SET)
     for name in ("test-hvm64-selftest", "test-pv64-example", "test-hvm64-example", "test-hvm64-nested-svm"):
         assert cases[name] == ("passed", ""), (name, cases[name])
-    result.assert_outcomes(passed=4, xfailed=1)
+    result.assert_outcomes(passed=4, xfailed=2)
     assert cases["test-pv64-selftest"][0] == "skipped" and "known failure" in cases["test-pv64-selftest"][1]
+    verdict, message = cases["test-hvm32pae-example"]
+    assert verdict == "skipped" and message.startswith("[NOTRUN] known failure (known-failures-tcg.txt:"), message
+    assert "hangs: spins at its first CPUID" in message
     log = sections(pytester)["xtf::test-pv64-selftest"]["xtf test-pv64-selftest log (L1)"]
     assert "Test: Userspace execution" in log and "Combined test results:" in log  # XTF's console, kept

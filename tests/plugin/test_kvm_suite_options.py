@@ -162,7 +162,8 @@ def test_without_test_paths_only_the_suites_are_collected(pytester: pytest.Pytes
 def test_known_failures_are_xfail_markers_with_their_reason(pytester: pytest.Pytester, tmp_path: Path) -> None:
     kut = kut_tree(tmp_path / "kut")
     known = tmp_path / "known.txt"
-    known.write_text("# this machine\nkut:vmx  no VMX under TCG\nkselftests:x86_64/amx_test  no AMX\n")
+    known.write_text("# this machine\nkut:vmx  no VMX under TCG\nkselftests:x86_64/amx_test  no AMX\n"
+                     "kut:tsx-*  hangs: never ends here\n")
     pytester.makeconftest("""
 def pytest_collection_finish(session):
     for item in session.items:
@@ -173,21 +174,40 @@ def pytest_collection_finish(session):
                                            f"--nested-known-failures={known}", "--collect-only", "-q", "-s")
     assert "XFAIL kut::msr None" in result.outlines
     assert ("XFAIL kut::vmx {'reason': 'known failure (known.txt:2): no VMX under TCG', 'strict': False, "
-            "'raises': <class 'pytest_nestedkvm.suite_items.SuiteFailure'>}" in result.outlines)
+            "'raises': <class 'pytest_nestedkvm.suite_items.SuiteFailure'>, 'run': True}" in result.outlines)
+    assert ("XFAIL kut::tsx-ctrl {'reason': 'known failure (known.txt:4): hangs: never ends here', 'strict': False, "
+            "'raises': <class 'pytest_nestedkvm.suite_items.SuiteFailure'>, 'run': False}" in result.outlines)
+
+
+def run_vmx_on_a_qemu_that_never_boots(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                       tmp_path: Path, known_failures: str) -> pytest.RunResult:
+    """kut::vmx with `known_failures`, where QEMU answers --version and then exits at once."""
+    kut = kut_tree(tmp_path / "kut")
+    known = tmp_path / "known.txt"
+    known.write_text(known_failures)
+    fake_qemu(monkeypatch, tmp_path)
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--nested-kut={kut}", "-k", "vmx", "-rx",
+                                         f"--nested-known-failures={known}", "--nested-emulator-reruns=0")
 
 
 def test_a_known_failure_whose_guest_never_boots_is_an_error_not_an_xfail(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    kut = kut_tree(tmp_path / "kut")
-    known = tmp_path / "known.txt"
-    known.write_text("kut:vmx  no VMX under TCG\n")
-    fake_qemu(monkeypatch, tmp_path)  # answers --version, then exits at once: L1 never boots
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--nested-kut={kut}", "-k", "vmx",
-                                           f"--nested-known-failures={known}", "--nested-emulator-reruns=0")
+    result = run_vmx_on_a_qemu_that_never_boots(pytester, monkeypatch, tmp_path, "kut:vmx  no VMX under TCG\n")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     outcomes = result.parseoutcomes()
     assert "xfailed" not in outcomes and outcomes.get("errors", 0) + outcomes.get("failed", 0) == 1, outcomes
+
+
+def test_a_known_failure_that_hangs_is_not_run(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not run at all: no guest can boot here, and the item still ends as its xfail."""
+    result = run_vmx_on_a_qemu_that_never_boots(pytester, monkeypatch, tmp_path, "kut:v*  hangs: spins forever here\n")
+    assert result.ret == pytest.ExitCode.OK
+    assert result.parseoutcomes() == {"xfailed": 1, "deselected": 2}
+    result.stdout.fnmatch_lines(
+        ["XFAIL at setup of kut::vmx - [[]NOTRUN] known failure (known.txt:1): hangs: spins forever here"])
 
 
 # --- XTF -----------------------------------------------------------------------------------------

@@ -387,6 +387,23 @@ def test_known_failure_file(tmp_path: Path) -> None:
     assert known.lookup("kselftests", "x86_64/amx_test") == knownfail.Entry("no AMX in TCG", 4)
     assert known.lookup("xtf", "test-hvm64-lbr-tsx-vmentry") == knownfail.Entry("no LBR in TCG", 5)
     assert known.lookup("kut", "amx_test") is None
+    assert known.lookup("kut", "msr").run  # type: ignore[union-attr]
+
+
+def test_known_failure_patterns_and_tests_known_to_hang(tmp_path: Path) -> None:
+    text = ("xtf:test-hvm32pae-*  hangs: spins at its first CPUID\n"
+            "xtf:test-hvm32pae-cpuid  fails on its own\n"
+            "xtf:test-*-cpuid*  second pattern\n"
+            "kut:vmx_*  no VMX\n")
+    known = knownfail.parse(text, tmp_path / "known.txt")
+    pae = known.lookup("xtf", "test-hvm32pae-argo")
+    assert pae == knownfail.Entry("hangs: spins at its first CPUID", 1) and not pae.run
+    assert known.lookup("xtf", "test-hvm32pae-cpuid") == knownfail.Entry("fails on its own", 2)  # its own entry
+    assert known.lookup("xtf", "test-hvm32pae-cpuid-faulting") == knownfail.Entry("hangs: spins at its first CPUID", 1)
+    assert known.lookup("xtf", "test-pv64-cpuid-faulting") == knownfail.Entry("second pattern", 3)
+    assert known.lookup("xtf", "test-hvm32-example") is None
+    assert known.lookup("kut", "test-hvm32pae-argo") is None  # a pattern is of its own suite
+    assert known.lookup("kut", "vmx_apic_passthrough_tpr_threshold_test") == knownfail.Entry("no VMX", 4)
 
 
 @pytest.mark.parametrize(("text", "error"), [
@@ -394,6 +411,8 @@ def test_known_failure_file(tmp_path: Path) -> None:
     ("kvm:msr reason\n", r"k.txt:1: 'kvm:msr' is not <suite>:<test name>"),
     ("# c\nkut:msr\n", r"k.txt:2: kut:msr has no reason: write why it fails after the name"),
     ("kut:msr a\nkut:msr b\n", r"k.txt:2: kut:msr is listed twice \(first on line 1\): keep one entry"),
+    ("xtf:test-hvm32pae-*  hangs: \n", r"k.txt:1: xtf:test-hvm32pae-\* has no reason: write why it fails after the "
+                                       r"name \(and after 'hangs:'\)"),
 ])
 def test_known_failure_file_errors_name_the_line(text: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):
