@@ -5,6 +5,8 @@
 #   build_suites.sh kselftests        tools/testing/selftests/kvm of that same tree
 #   build_suites.sh kut TARBALL       kvm-unit-tests from a source tarball (configured and built)
 #   build_suites.sh xtf TARBALL       the Xen Test Framework from a source tarball (built in place)
+#   build_suites.sh qemu-backports    bookworm-backports' QEMU (a newer TCG than bookworm's 7.2),
+#                                     fetched and unpacked, never installed; prints its binary
 # A build is keyed by its inputs (source version, config fragment, tarball), so a changed fragment
 # builds anew and an unchanged one costs nothing. Builds happen in DIR.partial and are renamed to
 # DIR when they succeed: an interrupted build never looks finished.
@@ -116,6 +118,37 @@ build_xtf() {
   echo "$dir"
 }
 
+fetch_qemu_backports() {
+  # apt with a sources list and package lists of its own, in the cache: the system's apt sources,
+  # lists and installed packages stay as they are.
+  local apt="$cache/.apt-backports" version dir start
+  local opts=(-o "Dir::Etc::sourcelist=$apt/sources.list" -o Dir::Etc::sourceparts=-
+              -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o APT::Sandbox::User=root)
+  command -v apt-get >/dev/null || { log "qemu-backports needs Debian's apt-get"; exit 2; }
+  mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
+  echo "deb http://deb.debian.org/debian bookworm-backports main" > "$apt/sources.list"
+  if ! apt-get "${opts[@]}" update -qq >&2; then
+    dir=$(ls -d "$cache"/qemu-backports-*/ 2>/dev/null | sort -V | tail -1)  # offline: the one fetched before
+    [ -n "$dir" ] && { echo "${dir%/}/usr/bin/qemu-system-x86_64"; return; }
+    log "cannot fetch bookworm-backports' package lists: reach deb.debian.org, or use your own QEMU"; exit 2
+  fi
+  version=$(apt-cache "${opts[@]}" show qemu-system-x86 | sed -n 's/^Version: //p' | sort -V | tail -1)
+  [ -n "$version" ] || { log "bookworm-backports offers no qemu-system-x86"; exit 2; }
+  dir="$cache/qemu-backports-${version//[:+~]/_}"
+  if [ -x "$dir/usr/bin/qemu-system-x86_64" ]; then echo "$dir/usr/bin/qemu-system-x86_64"; return; fi
+  start=$SECONDS
+  rm -rf "$dir.partial" && mkdir -p "$dir.partial/debs"
+  (cd "$dir.partial/debs" && apt-get "${opts[@]}" download -qq "qemu-system-x86=$version" "qemu-system-data=$version" >&2)
+  for deb in "$dir.partial"/debs/*.deb; do dpkg-deb -x "$deb" "$dir.partial"; done
+  # Its libraries are bookworm's: a missing one shows here, not in the first guest's boot.
+  "$dir.partial/usr/bin/qemu-system-x86_64" --version >&2 ||
+    { log "QEMU $version from bookworm-backports does not run on this system"; exit 2; }
+  rm -rf "$dir.partial/debs"
+  mv "$dir.partial" "$dir"
+  log "QEMU $version from bookworm-backports unpacked in $((SECONDS - start)) s"
+  echo "$dir/usr/bin/qemu-system-x86_64"
+}
+
 # One build at a time per cache: a second caller waits, then finds the result built.
 mkdir -p "$cache"
 exec 9>"$cache/.lock"
@@ -126,5 +159,6 @@ case "${1:-}" in
   kselftests) build_kselftests ;;
   kut) build_kut "${2:-}" ;;
   xtf) build_xtf "${2:-}" ;;
-  *) echo "usage: $0 kernel | kselftests | kut TARBALL | xtf TARBALL" >&2; exit 2 ;;
+  qemu-backports) fetch_qemu_backports ;;
+  *) echo "usage: $0 kernel | kselftests | kut TARBALL | xtf TARBALL | qemu-backports" >&2; exit 2 ;;
 esac

@@ -194,3 +194,16 @@ def test_xtf_instances_run_as_domus_of_a_xen_l1(pytester: pytest.Pytester, xtf_t
     assert "hangs: spins at its first CPUID" in message
     log = sections(pytester)["xtf::test-pv64-selftest"]["xtf test-pv64-selftest log (L1)"]
     assert "Test: Userspace execution" in log and "Combined test results:" in log  # XTF's console, kept
+
+
+def test_xtfs_selftest_and_example_pass_in_pv_and_hvm_on_a_newer_qemu(pytester: pytest.Pytester,
+                                                                        xtf_tree: Path) -> None:
+    """With bookworm-backports' QEMU (10.0) as L0's QEMU, XTF's own checks pass in both kinds of domU:
+    QEMU 7.2's TCG crashes test-pv64-selftest (a known failure in the test above), Xen does not."""
+    qemu = build("qemu-backports")
+    result, cases = run_inner(pytester, "--nested-hypervisor=xen", f"--nested-xtf={xtf_tree}",
+                              f"--nested-qemu={qemu}", "-k", "pv64-selftest or hvm64-selftest or pv64-example "
+                              "or hvm64-example")
+    assert cases == {f"test-{env}-{test}": ("passed", "") for env in ("pv64", "hvm64")
+                     for test in ("selftest", "example")}, cases
+    result.assert_outcomes(passed=4)
