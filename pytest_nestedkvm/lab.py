@@ -272,12 +272,13 @@ def check_socket_room(run_root: Path) -> None:
     """HostError, before anything is made, where the deepest guest's sockets under `run_root` would
     have a path longer than a UNIX socket's (QEMU would refuse each boot with a line of its own)."""
     longest = RunPaths(run_root / f"l{MAX_LEVELS}").end(CONSOLE)  # no socket name is longer (layout)
-    if len(os.fsencode(longest)) > SOCKET_PATH_MAX:
+    size = len(os.fsencode(longest))
+    if size > SOCKET_PATH_MAX:
         temp = run_root.parent
+        room = SOCKET_PATH_MAX - (size - len(os.fsencode(temp)))  # what the rest of the path leaves TMPDIR
         raise HostError(f"the temporary directory {temp} is too long for the guests' sockets: {longest} would "
-                        f"be {len(os.fsencode(longest))} bytes, and a UNIX socket's path has at most "
-                        f"{SOCKET_PATH_MAX}: point TMPDIR at a directory of at most "
-                        f"{SOCKET_PATH_MAX - (len(os.fsencode(longest)) - len(os.fsencode(temp)))} bytes (e.g. /tmp)")
+                        f"be {size} bytes, and a UNIX socket's path has at most {SOCKET_PATH_MAX}: point TMPDIR "
+                        f"at a directory of at most {room} bytes (e.g. /tmp)")
 
 
 def _remove_stale_run_dirs() -> None:

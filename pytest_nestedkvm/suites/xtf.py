@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def guest_command(tree: Path, name: str) -> str:
 def outcome(name: str, status: int, output: str) -> SuiteResult:
     """XTF's verdict for instance `name`, from xtf-runner's exit status and output."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    result = next((i for i in range(len(lines) - 1, -1, -1) if RESULT_LINE in lines[i]), None)
+    result = _last(lines, lambda line: RESULT_LINE in line)
     said = lines[result - 1] if result else ""  # the test's own last words before its verdict
     if result and result >= 2 and said[:1].islower():  # they go on from the line before (a wrapped message)
         said = f"{lines[result - 2]} {said}"
@@ -92,7 +93,7 @@ def outcome(name: str, status: int, output: str) -> SuiteResult:
         why = said if result is not None else "Xen lacks the virtualization this environment needs (xl info virt_caps)"
         return SuiteResult("skipped", f"SKIP {name}: {why}")
     if verdict == "CRASH":
-        panic = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith(PANIC)), None)
+        panic = _last(lines, lambda line: line.startswith(PANIC))
         if panic is not None:  # XTF's own panic: "PANIC: Unhandled exception at e033:...", then the vector
             after = lines[panic + 1] if panic + 1 < len(lines) and not lines[panic + 1].startswith("*") else ""
             return SuiteResult("failed", f"CRASH {name}: {lines[panic]}" + (f" {after}" if after else ""))
@@ -106,3 +107,8 @@ def outcome(name: str, status: int, output: str) -> SuiteResult:
         return SuiteResult("failed", f"{verdict} {name}" + (f": {said}" if said else ""))
     last = lines[-1] if lines else "no output"
     return SuiteResult("failed", f"FAIL {name} ({RUNNER} exited with status {status}: {last})")
+
+
+def _last(lines: list[str], wanted: Callable[[str], bool]) -> int | None:
+    """The index of the last of `lines` that is `wanted`, if any."""
+    return next((i for i in range(len(lines) - 1, -1, -1) if wanted(lines[i])), None)
